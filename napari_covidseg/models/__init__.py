@@ -1,0 +1,6 @@
+"""Segmentation networks.  Each module registers one network; this list is the one place to add one."""
+
+from .registry import CLASS_NAMES, NetworkSpec, Recipe, get_network, network_names, register  # noqa: F401
+
+# one line per network, in the order the GUI lists them
+from . import unet  # noqa: F401,E402

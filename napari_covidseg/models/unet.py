@@ -1,0 +1,106 @@
+"""Plain 2D U-Net baseline (Ronneberger et al. 2015), the "U-Net" row of every paper's table.
+
+Readings chosen
+---------------
+* 4 down-samplings (5 levels), two 3x3 Conv-BN-ReLU per level, max pooling, transposed-conv
+  up-sampling, concatenation skips: the original design with BatchNorm added, as the papers'
+  re-implementations do.  Padding keeps sizes; inputs that are not multiples of 16 are padded by
+  the inference code and cropped back (``forward`` also pads/crops itself so any size works).
+* Base width 64 as in the original (31 M parameters); the shipped variant uses ``base=16``.
+* Loss: BCE + soft Dice on the two sigmoid channels (lung, infection).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..preprocessing import Preprocessing
+from .losses import bce_loss, soft_dice_loss
+from .registry import NetworkSpec, Recipe, register
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int):
+    """Pad the trailing spatial dims of ``x`` (reflect where possible) to a multiple; returns (x, crop slices)."""
+    spatial = x.shape[2:]
+    pads = []
+    for size in reversed(spatial):
+        extra = (-size) % multiple
+        pads += [extra // 2, extra - extra // 2]
+    if not any(pads):
+        return x, None
+    mode = "reflect" if all(p < s for p, s in zip(pads[::2] + pads[1::2], list(reversed(spatial)) * 2)) else "replicate"
+    x = F.pad(x, pads, mode=mode)
+    crop = tuple(slice(pads[2 * i], pads[2 * i] + s) for i, s in enumerate(reversed(spatial)))[::-1]
+    return x, crop
+
+
+def crop_to(x: torch.Tensor, crop):
+    if crop is None:
+        return x
+    return x[(slice(None), slice(None)) + tuple(crop)]
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, base: int = 64, depth: int = 4):
+        super().__init__()
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.encoders = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.encoders.append(nn.Sequential(conv_bn_relu(cin, w), conv_bn_relu(w, w)))
+            cin = w
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for w_low, w_high in zip(widths[::-1][:-1], widths[::-1][1:]):
+            self.ups.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
+            self.decoders.append(nn.Sequential(conv_bn_relu(2 * w_high, w_high), conv_bn_relu(w_high, w_high)))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        x, crop = pad_to_multiple(x, 2**self.depth)
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for up, dec in zip(self.ups, self.decoders):
+            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+        return {"logits": crop_to(self.head(x), crop)}
+
+
+class BCEDiceLoss(nn.Module):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0):
+        super().__init__()
+        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+
+    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0):
+        logits = outputs["logits"]
+        bce = bce_loss(logits, target)
+        dice = soft_dice_loss(logits, target)
+        total = self.bce_weight * bce + self.dice_weight * dice
+        return total, {"bce": float(bce.detach()), "dice": float(dice.detach())}
+
+
+SPEC = register(
+    NetworkSpec(
+        name="unet",
+        title="U-Net (baseline)",
+        build=UNet,
+        dims=2,
+        loss=BCEDiceLoss,
+        preprocessing=Preprocessing(hu_min=-1250.0, hu_max=250.0, normalisation="minmax", inplane_size=(256, 256)),
+        recipe=Recipe(optimizer="adam", lr=1e-3, weight_decay=1e-4, schedule="poly", epochs=100, batch_size=8,
+                      input_size=(256, 256), augmentation=("flip", "rotate", "scale")),
+        default_kwargs={"base": 64},
+        shipped_kwargs={"base": 16},
+        paper="Ronneberger, Fischer, Brox. U-Net. MICCAI 2015 (baseline in all four papers)",
+        stride=16,
+    )
+)
