@@ -1,0 +1,181 @@
+"""Prediction-vs-ground-truth overlay, per-slice metrics and worst-slice ranking (pure numpy).
+
+The Compare widget shows where a prediction agrees with the ground truth as one Labels layer:
+1 = true positive (green), 2 = false negative (red: missed), 3 = false positive (yellow: extra).
+The colours are fixed (not napari's random label colours) so that a screenshot means the same
+thing to every reader.  Any non-zero voxel counts as foreground in both masks, so a lung mask
+with 1 = left and 2 = right lung compares as one lung.
+
+The metric formulas live in :mod:`napari_covidseg.metrics` (shared with training, so the GUI and
+the training log can never disagree); this module only applies them slice by slice, ranks
+slices and writes the CSV report.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from . import metrics
+from .errors import InputError
+
+BACKGROUND, TRUE_POSITIVE, FALSE_NEGATIVE, FALSE_POSITIVE = 0, 1, 2, 3
+OVERLAY_RGB = {
+    TRUE_POSITIVE: (0, 255, 0),
+    FALSE_NEGATIVE: (255, 0, 0),
+    FALSE_POSITIVE: (255, 255, 0),
+}
+OVERLAY_NAMES = {
+    TRUE_POSITIVE: "true positive",
+    FALSE_NEGATIVE: "false negative (missed)",
+    FALSE_POSITIVE: "false positive (extra)",
+}
+# Metrics shown for a slice and for the volume, in table order: (key, label).
+METRIC_COLUMNS = (
+    ("dice", "Dice"),
+    ("iou", "IoU"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("precision", "Precision"),
+    ("hd95_mm", "HD95 (mm)"),
+)
+_RATIO_METRICS = {
+    "dice": metrics.dice,
+    "iou": metrics.iou,
+    "sensitivity": metrics.sensitivity,
+    "specificity": metrics.specificity,
+    "precision": metrics.precision,
+}
+
+
+def overlay_color_dict() -> Dict[Optional[int], tuple]:
+    """RGBA (0-1 floats) per overlay value, background transparent: for DirectLabelColormap."""
+    colors: Dict[Optional[int], tuple] = {None: (0.0, 0.0, 0.0, 0.0), BACKGROUND: (0.0, 0.0, 0.0, 0.0)}
+    for value, rgb in OVERLAY_RGB.items():
+        colors[value] = tuple(c / 255.0 for c in rgb) + (1.0,)
+    return colors
+
+
+def check_same_shape(pred: np.ndarray, gt: np.ndarray, pred_name: str = "prediction", gt_name: str = "ground truth"):
+    """Raise :class:`InputError` unless the two masks have the same shape."""
+    if np.shape(pred) != np.shape(gt):
+        raise InputError(
+            f"'{pred_name}' has shape {np.shape(pred)} but '{gt_name}' has shape {np.shape(gt)}: "
+            "compare a prediction with the ground truth of the same CT."
+        )
+
+
+def overlay_labels(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """uint8 array: 1 where both are foreground, 2 where only ``gt`` is, 3 where only ``pred`` is."""
+    check_same_shape(pred, gt)
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    out = np.zeros(p.shape, dtype=np.uint8)
+    out[p & g] = TRUE_POSITIVE
+    out[g & ~p] = FALSE_NEGATIVE
+    out[p & ~g] = FALSE_POSITIVE
+    return out
+
+
+def _finite_or_nan(value) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else float("nan")
+
+
+def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], with_hd95: bool = True) -> Dict[str, float]:
+    """Dice, IoU, sensitivity, specificity, precision and (optionally) HD95 in mm of one region.
+
+    ``pred`` and ``gt`` are a slice (2D, spacing (y, x)) or a volume (3D, spacing (z, y, x)).
+    When both are empty nothing can be measured and every value is NaN (shown as "n/a"), so an
+    empty slice never looks like a perfect or a failed one.  HD95 is NaN when either is empty.
+    """
+    check_same_shape(pred, gt)
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    keys = [k for k, _ in METRIC_COLUMNS if with_hd95 or k != "hd95_mm"]
+    if not p.any() and not g.any():
+        return {k: float("nan") for k in keys}
+    values = {k: float(fn(p, g)) for k, fn in _RATIO_METRICS.items()}
+    if with_hd95:
+        values["hd95_mm"] = _finite_or_nan(metrics.hd95(p, g, tuple(spacing))) if (p.any() and g.any()) else float("nan")
+    return values
+
+
+def per_slice_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], with_hd95: bool = False) -> Dict[str, np.ndarray]:
+    """One array per metric, one value per axial slice (axis 0); NaN where both are empty.
+
+    Also holds the voxel counts ``gt_voxels`` and ``pred_voxels`` per slice.  HD95 per slice is
+    optional because it needs a distance transform per slice (slow on full-size CT).
+    """
+    check_same_shape(pred, gt)
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    n = p.shape[0]
+    keys = [k for k, _ in METRIC_COLUMNS if with_hd95 or k != "hd95_mm"]
+    out = {k: np.full(n, np.nan) for k in keys}
+    out["gt_voxels"] = g.reshape(n, -1).sum(axis=1)
+    out["pred_voxels"] = p.reshape(n, -1).sum(axis=1)
+    slice_spacing = tuple(spacing)[1:]
+    for z in np.flatnonzero((out["gt_voxels"] > 0) | (out["pred_voxels"] > 0)):
+        for k, v in region_metrics(p[z], g[z], slice_spacing, with_hd95=with_hd95).items():
+            out[k][z] = v
+    return out
+
+
+def rank_worst_slices(slice_dice: np.ndarray) -> np.ndarray:
+    """Slice indices ordered by Dice ascending, skipping NaN (slices empty in both masks).
+
+    Ties keep slice order, so "Next worst" walks equally bad slices from top to bottom.
+    """
+    slice_dice = np.asarray(slice_dice, dtype=float)
+    candidates = np.flatnonzero(~np.isnan(slice_dice))
+    order = np.argsort(slice_dice[candidates], kind="stable")
+    return candidates[order]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    value = float(value)
+    return "" if math.isnan(value) else f"{value:.10g}"
+
+
+def write_comparison_csv(
+    path,
+    slice_metrics: Dict[str, np.ndarray],
+    volume_metrics: Dict[str, float],
+    overwrite: bool = False,
+) -> Path:
+    """Write per-slice metrics and the whole-volume summary to one CSV file.
+
+    Rows: a header ``slice,<metrics...>,gt_voxels,pred_voxels``, one row per slice (empty cells
+    where a metric is undefined), then a ``volume`` row with the whole-volume values: one
+    rectangular table that spreadsheets and ``pandas.read_csv`` read as is.
+    Refuses to replace an existing file unless ``overwrite`` (the GUI asks first).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; choose another file name (nothing was written).")
+    metric_keys = [k for k, _ in METRIC_COLUMNS if k in slice_metrics or k in volume_metrics]
+    n = len(slice_metrics["dice"])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["slice"] + metric_keys + ["gt_voxels", "pred_voxels"])
+        for z in range(n):
+            row = [z] + [_fmt(slice_metrics[k][z]) if k in slice_metrics else "" for k in metric_keys]
+            row += [_fmt(slice_metrics["gt_voxels"][z]), _fmt(slice_metrics["pred_voxels"][z])]
+            writer.writerow(row)
+        writer.writerow(
+            ["volume"]
+            + [_fmt(volume_metrics.get(k)) for k in metric_keys]
+            + [_fmt(int(np.sum(slice_metrics["gt_voxels"]))), _fmt(int(np.sum(slice_metrics["pred_voxels"])))]
+        )
+    tmp.replace(path)
+    return path

@@ -1,0 +1,124 @@
+"""Small Qt helpers shared by the review widgets (Compare, Correct and save, Quantify).
+
+Slice navigation goes through the layer's scale and translate, so "slice z" means the same
+voxel plane whatever the layer's spacing; file-overwrite questions go through one function so
+tests can answer them without a modal dialog.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtWidgets import QComboBox, QMessageBox
+
+
+def _axis(viewer, layer) -> int:
+    """The viewer dimension that walks the layer's first (z) axis."""
+    return viewer.dims.ndim - layer.ndim
+
+
+def current_slice(viewer, layer) -> int:
+    """Index, in ``layer.data``, of the axial slice the viewer shows."""
+    axis = _axis(viewer, layer)
+    world = float(viewer.dims.point[axis])
+    z = (world - float(layer.translate[0])) / float(layer.scale[0])
+    return int(np.clip(round(z), 0, layer.data.shape[0] - 1))
+
+
+def go_to_slice(viewer, layer, z: int) -> None:
+    """Show the layer's slice ``z`` (a data index)."""
+    axis = _axis(viewer, layer)
+    viewer.dims.set_point(axis, float(layer.translate[0]) + int(z) * float(layer.scale[0]))
+
+
+def ask_overwrite(parent, path) -> bool:
+    """Ask whether ``path`` may be replaced; False unless the user says Yes."""
+    answer = QMessageBox.question(
+        parent,
+        "Replace file?",
+        f"{path} already exists.\nReplace it?",
+        QMessageBox.Yes | QMessageBox.No,
+        QMessageBox.No,
+    )
+    return answer == QMessageBox.Yes
+
+
+def free_path(path) -> Path:
+    """``path`` if no file is there, else the first free ``<stem>_2<suffix>``, ``_3``, ..."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    name = path.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else path.suffix
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    k = 2
+    while (path.parent / f"{stem}_{k}{suffix}").exists():
+        k += 1
+    return path.parent / f"{stem}_{k}{suffix}"
+
+
+class LayerCombo(QComboBox):
+    """A drop-down of the viewer's layers of one kind, kept current as layers come and go.
+
+    ``list_layers(viewer)`` gives the candidates (e.g. ``labels_layers``).  The selection is kept
+    by layer identity across refreshes, so renaming or adding a layer does not switch what the
+    user picked; ``prefer`` (a callable on a layer) chooses the initial pick among candidates.
+    """
+
+    def __init__(self, viewer, list_layers, allow_none: bool = False, prefer=None, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self._list_layers = list_layers
+        self._allow_none = allow_none
+        self._prefer = prefer
+        self._layers = []
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        events = viewer.layers.events
+        for emitter in (events.inserted, events.removed, events.moved):
+            emitter.connect(self.refresh)
+        self.activated.connect(lambda index: setattr(self, "_user_none", self.current_layer() is None))
+        self.refresh()
+
+    def refresh(self, event=None):
+        previous = self.current_layer()
+        layers = list(self._list_layers(self.viewer))
+        for layer in layers:
+            try:
+                layer.events.name.disconnect(self.refresh)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+            layer.events.name.connect(self.refresh)
+        self.blockSignals(True)
+        self.clear()
+        self._layers = ([None] if self._allow_none else []) + layers
+        for layer in self._layers:
+            self.addItem("(none)" if layer is None else layer.name)
+        if previous is not None and previous in self._layers:
+            index = self._layers.index(previous)
+        elif previous is None and self._allow_none and self._picked_none:
+            index = 0
+        else:
+            preferred = [l for l in layers if self._prefer is not None and self._prefer(l)]
+            index = self._layers.index(preferred[0]) if preferred else (0 if self._layers else -1)
+        self.setCurrentIndex(index)
+        self.blockSignals(False)
+        if self.current_layer() is not previous:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+    @property
+    def _picked_none(self) -> bool:
+        """True once the user chose "(none)" on purpose (kept across refreshes)."""
+        return getattr(self, "_user_none", False)
+
+    def current_layer(self):
+        index = self.currentIndex()
+        if 0 <= index < len(self._layers):
+            return self._layers[index]
+        return None
+
+    def set_layer(self, layer) -> None:
+        if layer in self._layers:
+            self.setCurrentIndex(self._layers.index(layer))
+        self._user_none = layer is None

@@ -1,0 +1,436 @@
+"""Compare-to-ground-truth dock widget: where and how much a prediction disagrees with the truth.
+
+The user picks a prediction and a ground-truth Labels layer.  The widget adds an overlay layer
+"<pred> vs <gt>" (green = true positive, red = missed, yellow = extra), a table of Dice, IoU,
+sensitivity, specificity, precision and HD95 for the slice on screen and for the whole volume,
+and a per-slice Dice plot with the current slice marked (click it to jump there).  "Worst slice"
+and "Next worst" walk the slices from the lowest Dice up, which is where a reviewer should look
+first.  Everything follows the data: changing the slice updates the slice column, painting into
+either layer updates everything after a short pause (debounced so the brush stays fluid), and
+the whole-volume HD95, the one slow number, is computed in a worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QColor, QPixmap
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import metrics
+from ..errors import CovidsegError
+from ..overlay import (
+    METRIC_COLUMNS,
+    OVERLAY_NAMES,
+    OVERLAY_RGB,
+    check_same_shape,
+    overlay_color_dict,
+    overlay_labels,
+    per_slice_metrics,
+    rank_worst_slices,
+    region_metrics,
+    write_comparison_csv,
+)
+from .common import add_labels_like, labels_layers, notify_error
+from ._review import LayerCombo, ask_overwrite, current_slice, go_to_slice
+
+EDIT_DEBOUNCE_MS = 250  # recompute this long after the last brush dab
+OVERLAY_OPACITY = 0.6
+
+
+def overlay_name(pred_name: str, gt_name: str) -> str:
+    return f"{pred_name} vs {gt_name}"
+
+
+def format_metric(key: str, value) -> str:
+    """Table text: 3 decimals for ratios, 0.1 mm for HD95, 'n/a' for undefined."""
+    if value is None:
+        return "computing..."
+    value = float(value)
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.1f}" if key == "hd95_mm" else f"{value:.3f}"
+
+
+class SliceDicePlot(FigureCanvasQTAgg):
+    """Dice per axial slice (NaN slices left blank) with a vertical line at the current slice."""
+
+    def __init__(self, on_click=None, parent=None):
+        self.figure = Figure(figsize=(4.0, 1.9), tight_layout=True)
+        super().__init__(self.figure)
+        self.setParent(parent)
+        self.setMinimumHeight(160)
+        self.ax = self.figure.add_subplot(1, 1, 1)
+        self.marker = None
+        self._on_click = on_click
+        self.mpl_connect("button_press_event", self._clicked)
+        self.show_dice(np.array([]), 0)
+
+    def show_dice(self, slice_dice: np.ndarray, current: int):
+        ax = self.ax
+        ax.clear()
+        ax.set_xlabel("slice", fontsize=8)
+        ax.set_ylabel("Dice", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(True, alpha=0.3)
+        if len(slice_dice):
+            z = np.arange(len(slice_dice))
+            ax.plot(z, slice_dice, "-", color="tab:blue", lw=1.2)
+            ax.plot(z, slice_dice, ".", color="tab:blue", ms=3)
+            ax.set_xlim(-0.5, len(slice_dice) - 0.5)
+        self.marker = ax.axvline(current, color="tab:red", lw=1.2)
+        self.draw_idle()
+
+    def move_marker(self, current: int):
+        if self.marker is not None:
+            self.marker.set_xdata([current, current])
+            self.draw_idle()
+
+    def _clicked(self, event):
+        if event.inaxes is self.ax and event.xdata is not None and self._on_click is not None:
+            self._on_click(int(round(event.xdata)))
+
+
+class CompareWidget(QWidget):
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.pred_layer = None
+        self.gt_layer = None
+        self.overlay_layer = None
+        self.slice_dice = np.array([])
+        self.volume_metrics: Dict[str, Optional[float]] = {}
+        self.slice_values: Dict[str, float] = {}
+        self.ranking = np.array([], dtype=int)
+        self.rank_position = -1
+        self._generation = 0  # bumps on every recompute; stale HD95 results are dropped
+        self._hd95_worker = None
+
+        self.pred_combo = LayerCombo(napari_viewer, labels_layers)
+        self.gt_combo = LayerCombo(napari_viewer, labels_layers)
+        self.compare_button = QPushButton("Compare")
+        self.compare_button.setToolTip("Add the overlay layer and compute the metrics")
+        self.compare_button.clicked.connect(self.compare)
+
+        form = QFormLayout()
+        form.addRow("Prediction", self.pred_combo)
+        form.addRow("Ground truth", self.gt_combo)
+
+        legend = QHBoxLayout()
+        for value, rgb in OVERLAY_RGB.items():
+            swatch = QLabel()
+            pix = QPixmap(12, 12)
+            pix.fill(QColor(*rgb))
+            swatch.setPixmap(pix)
+            legend.addWidget(swatch)
+            legend.addWidget(QLabel(OVERLAY_NAMES[value]))
+            legend.addSpacing(6)
+        legend.addStretch(1)
+
+        self.table = QTableWidget(len(METRIC_COLUMNS), 2)
+        self.table.setHorizontalHeaderLabels(["This slice", "Volume"])
+        self.table.setVerticalHeaderLabels([label for _, label in METRIC_COLUMNS])
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.setMinimumHeight(self.table.verticalHeader().length() + self.table.horizontalHeader().height() + 6)
+        for row in range(len(METRIC_COLUMNS)):
+            for col in range(2):
+                item = QTableWidgetItem("")
+                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                self.table.setItem(row, col, item)
+
+        self.plot = SliceDicePlot(on_click=self.go_to_slice)
+
+        self.worst_button = QPushButton("Worst slice")
+        self.worst_button.setToolTip("Go to the slice with the lowest Dice")
+        self.worst_button.clicked.connect(self.go_to_worst)
+        self.next_worst_button = QPushButton("Next worst")
+        self.next_worst_button.setToolTip("Go to the slice with the next lowest Dice (cycles)")
+        self.next_worst_button.clicked.connect(self.go_to_next_worst)
+        self.export_button = QPushButton("Export CSV...")
+        self.export_button.setToolTip("Per-slice metrics and the volume summary as a CSV file")
+        self.export_button.clicked.connect(self.export_csv_dialog)
+        nav = QHBoxLayout()
+        nav.addWidget(self.worst_button)
+        nav.addWidget(self.next_worst_button)
+        nav.addWidget(self.export_button)
+
+        self.status = QLabel("Pick a prediction and its ground truth, then press Compare.")
+        self.status.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.compare_button)
+        layout.addLayout(legend)
+        layout.addWidget(self.table)
+        layout.addWidget(QLabel("Dice per slice (click to go to a slice)"))
+        layout.addWidget(self.plot)
+        layout.addLayout(nav)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self._set_result_buttons(False)
+
+        self._edit_timer = QTimer(self)
+        self._edit_timer.setSingleShot(True)
+        self._edit_timer.setInterval(EDIT_DEBOUNCE_MS)
+        self._edit_timer.timeout.connect(self.recompute)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+
+    # --- setup -------------------------------------------------------------------------------
+    def _set_result_buttons(self, enabled: bool):
+        for button in (self.worst_button, self.next_worst_button, self.export_button):
+            button.setEnabled(enabled)
+
+    def _connect_layer(self, layer, connect: bool):
+        for name in ("paint", "labels_update", "data"):
+            emitter = getattr(layer.events, name, None)
+            if emitter is None:
+                continue
+            if connect:
+                emitter.connect(self._on_edit)
+            else:
+                emitter.disconnect(self._on_edit)
+
+    def compare(self):
+        """Compare the chosen layers: add/update the overlay layer and all the numbers."""
+        pred, gt = self.pred_combo.current_layer(), self.gt_combo.current_layer()
+        try:
+            if pred is None or gt is None:
+                raise CovidsegError("Choose a prediction and a ground-truth Labels layer to compare.")
+            if pred is gt:
+                raise CovidsegError("The prediction and the ground truth are the same layer: pick two different layers.")
+            check_same_shape(pred.data, gt.data, pred.name, gt.name)
+        except CovidsegError as error:
+            notify_error(error)
+            self.status.setText(str(error))
+            return
+        for layer in (self.pred_layer, self.gt_layer):
+            if layer is not None:
+                self._connect_layer(layer, False)
+        self.pred_layer, self.gt_layer = pred, gt
+        self.rank_position = -1
+        self.overlay_layer = None
+        for layer in (pred, gt):
+            self._connect_layer(layer, True)
+        self.recompute()
+
+    def _spacing(self):
+        return tuple(float(s) for s in self.pred_layer.scale[-3:])
+
+    def _ensure_overlay(self, overlay: np.ndarray):
+        name = overlay_name(self.pred_layer.name, self.gt_layer.name)
+        layer = self.overlay_layer
+        if layer is None or layer not in self.viewer.layers:
+            layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if layer is not None and layer.data.shape == overlay.shape:
+            layer.data = overlay
+        else:
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            layer = add_labels_like(self.viewer, overlay, name, self.pred_layer)
+        self._apply_overlay_style(layer)
+        self.overlay_layer = layer
+        # Keep the prediction active so the brush paints the prediction, not the overlay.
+        self.viewer.layers.selection.active = self.pred_layer
+
+    @staticmethod
+    def _apply_overlay_style(layer):
+        from napari.utils.colormaps import DirectLabelColormap
+
+        layer.colormap = DirectLabelColormap(color_dict=overlay_color_dict())
+        layer.opacity = OVERLAY_OPACITY
+        layer.editable = False  # an overlay edited by hand would no longer mean anything
+
+    # --- computation -------------------------------------------------------------------------
+    def recompute(self):
+        """Recompute the overlay, per-slice Dice and volume metrics (HD95 in a worker)."""
+        if self.pred_layer is None or self.gt_layer is None:
+            return
+        pred, gt = np.asarray(self.pred_layer.data), np.asarray(self.gt_layer.data)
+        try:
+            check_same_shape(pred, gt, self.pred_layer.name, self.gt_layer.name)
+        except CovidsegError as error:
+            notify_error(error)
+            self.status.setText(str(error))
+            return
+        self._generation += 1
+        p, g = pred != 0, gt != 0
+        self._ensure_overlay(overlay_labels(p, g))
+        self.slice_dice = np.asarray(metrics.per_slice_dice(p, g), dtype=float)
+        self.ranking = rank_worst_slices(self.slice_dice)
+        self.volume_metrics = dict(region_metrics(p, g, self._spacing(), with_hd95=False))
+        if p.any() and g.any():
+            self.volume_metrics["hd95_mm"] = None  # filled in by the worker
+            self._start_hd95(p, g, self._spacing(), self._generation)
+        else:
+            self.volume_metrics["hd95_mm"] = float("nan")
+        self._set_result_buttons(True)
+        self.update_slice_metrics()
+        self.plot.show_dice(self.slice_dice, self.current_slice())
+        self._show_volume_column()
+        n_bad = len(self.ranking)
+        self.status.setText(
+            f"{self.pred_layer.name} vs {self.gt_layer.name}: {n_bad} slices hold foreground; "
+            f"volume Dice {format_metric('dice', self.volume_metrics['dice'])}."
+        )
+
+    def _start_hd95(self, p, g, spacing, generation):
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(metrics.hd95, p, g, spacing)
+        worker.returned.connect(lambda value, gen=generation: self._hd95_done(gen, value))
+        worker.errored.connect(lambda error, gen=generation: self._hd95_failed(gen, error))
+        self._hd95_worker = worker
+        worker.start()
+
+    def _hd95_done(self, generation: int, value):
+        if generation != self._generation:
+            return
+        value = float(value)
+        self.volume_metrics["hd95_mm"] = value if math.isfinite(value) else float("nan")
+        self._show_volume_column()
+
+    def _hd95_failed(self, generation: int, error):
+        if generation != self._generation:
+            return
+        self.volume_metrics["hd95_mm"] = float("nan")
+        self._show_volume_column()
+        notify_error(f"HD95 could not be computed: {error}")
+
+    def hd95_pending(self) -> bool:
+        return self.volume_metrics.get("hd95_mm", 0.0) is None
+
+    def current_slice(self) -> int:
+        layer = self.pred_layer
+        if layer is None:
+            return int(self.viewer.dims.current_step[0]) if self.viewer.dims.ndim else 0
+        return current_slice(self.viewer, layer)
+
+    def update_slice_metrics(self):
+        """Fill the "This slice" column for the slice on screen."""
+        if self.pred_layer is None or self.gt_layer is None:
+            return
+        z = self.current_slice()
+        pred, gt = np.asarray(self.pred_layer.data), np.asarray(self.gt_layer.data)
+        if pred.shape != gt.shape or not (0 <= z < pred.shape[0]):
+            return
+        self.slice_values = region_metrics(pred[z], gt[z], self._spacing()[1:], with_hd95=True)
+        self.table.horizontalHeaderItem(0).setText(f"Slice {z}")
+        for row, (key, _) in enumerate(METRIC_COLUMNS):
+            self.table.item(row, 0).setText(format_metric(key, self.slice_values.get(key, float("nan"))))
+
+    def _show_volume_column(self):
+        for row, (key, _) in enumerate(METRIC_COLUMNS):
+            self.table.item(row, 1).setText(format_metric(key, self.volume_metrics.get(key, float("nan"))))
+
+    # --- events ------------------------------------------------------------------------------
+    def _on_step(self, event=None):
+        if self.pred_layer is None:
+            return
+        self.update_slice_metrics()
+        self.plot.move_marker(self.current_slice())
+
+    def _on_edit(self, event=None):
+        self._edit_timer.start()
+
+    def _on_layer_removed(self, event):
+        layer = event.value
+        if layer is self.overlay_layer:
+            self.overlay_layer = None
+        if layer is self.pred_layer or layer is self.gt_layer:
+            self._edit_timer.stop()
+            for kept in (self.pred_layer, self.gt_layer):
+                if kept is not None:
+                    self._connect_layer(kept, False)
+            self.pred_layer = self.gt_layer = None
+            self._generation += 1
+            self._set_result_buttons(False)
+            self.status.setText(f"'{layer.name}' was removed: pick the layers again and press Compare.")
+
+    # --- navigation --------------------------------------------------------------------------
+    def go_to_slice(self, z: int):
+        if self.pred_layer is None:
+            return
+        z = int(np.clip(z, 0, self.pred_layer.data.shape[0] - 1))
+        go_to_slice(self.viewer, self.pred_layer, z)
+
+    def go_to_worst(self):
+        if not len(self.ranking):
+            self.status.setText("No slice holds foreground in either mask: there is no worst slice.")
+            return
+        self.rank_position = 0
+        self._go_to_ranked()
+
+    def go_to_next_worst(self):
+        if not len(self.ranking):
+            self.status.setText("No slice holds foreground in either mask: there is no worst slice.")
+            return
+        self.rank_position = (self.rank_position + 1) % len(self.ranking)
+        self._go_to_ranked()
+
+    def _go_to_ranked(self):
+        z = int(self.ranking[self.rank_position])
+        self.go_to_slice(z)
+        self.status.setText(
+            f"Worst slice #{self.rank_position + 1} of {len(self.ranking)}: slice {z}, "
+            f"Dice {format_metric('dice', self.slice_dice[z])}."
+        )
+
+    # --- export ------------------------------------------------------------------------------
+    def export_csv(self, path, overwrite: bool = False) -> Path:
+        """Write per-slice metrics (with per-slice HD95) and the volume summary to ``path``."""
+        if self.pred_layer is None or self.gt_layer is None:
+            raise CovidsegError("Press Compare first: there are no metrics to export yet.")
+        if self.hd95_pending() and self._hd95_worker is not None:
+            self._hd95_worker.await_workers() if hasattr(self._hd95_worker, "await_workers") else None
+        pred, gt = np.asarray(self.pred_layer.data), np.asarray(self.gt_layer.data)
+        slices = per_slice_metrics(pred, gt, self._spacing(), with_hd95=True)
+        volume = dict(self.volume_metrics)
+        if volume.get("hd95_mm") is None:
+            p, g = pred != 0, gt != 0
+            volume["hd95_mm"] = float(metrics.hd95(p, g, self._spacing())) if (p.any() and g.any()) else float("nan")
+        return write_comparison_csv(path, slices, volume, overwrite=overwrite)
+
+    def export_csv_dialog(self):
+        if self.pred_layer is None:
+            return
+        suggested = f"{overlay_name(self.pred_layer.name, self.gt_layer.name).replace(' ', '_')}_metrics.csv"
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export metrics as CSV", suggested, "CSV files (*.csv)", options=QFileDialog.DontConfirmOverwrite
+        )
+        if not path:
+            return
+        overwrite = False
+        if Path(path).exists():
+            if not ask_overwrite(self, path):
+                return
+            overwrite = True
+        try:
+            written = self.export_csv(path, overwrite=overwrite)
+        except (CovidsegError, OSError) as error:
+            notify_error(error)
+            return
+        self.status.setText(f"Metrics written to {written}")

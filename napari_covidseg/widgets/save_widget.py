@@ -1,0 +1,290 @@
+"""Correct-and-save dock widget: keep a hand-corrected mask, as a file or as training data.
+
+After fixing a prediction with napari's brush and eraser, the user saves it with the geometry of
+the CT it belongs to (affine and header from the CT layer's ``metadata[GEOMETRY_KEY]``), so the
+mask lines up with the CT in any other viewer.  The widget never writes over the source CT, asks
+before replacing any other file and otherwise suggests a free name.  "Add to training folder"
+turns the corrected case into training data in the ``pairs`` layout (see
+:mod:`napari_covidseg.training_folder`), never clobbering an existing case.  "Revert edits" puts
+back the mask as it was when it appeared in the viewer (a copy is kept for every Labels layer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import CovidsegError, DataFolderError, InputError
+from ..io.geometry import GEOMETRY_KEY, Geometry
+from ..training_folder import add_case, case_id_from_name, list_cases, suggest_case_id
+from ._review import LayerCombo, ask_overwrite, free_path
+from .common import image_layers, labels_layers, notify_error
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
+
+
+def source_paths(layer) -> list:
+    """Files a layer was read from (its geometry's source and napari's ``layer.source.path``)."""
+    paths = []
+    geometry = layer.metadata.get(GEOMETRY_KEY) if layer is not None else None
+    if isinstance(geometry, Geometry) and geometry.source_path:
+        paths.append(geometry.source_path)
+    source = getattr(getattr(layer, "source", None), "path", None)
+    if source:
+        paths.append(str(source))
+    return paths
+
+
+def ct_geometry(ct_layer, mask_shape) -> Geometry:
+    """The CT's geometry for saving a mask of ``mask_shape``; clear error if it cannot be used."""
+    geometry = ct_layer.metadata.get(GEOMETRY_KEY)
+    if not isinstance(geometry, Geometry):
+        raise InputError(
+            f"'{ct_layer.name}' has no NIfTI geometry (it was not opened with the covidseg reader): "
+            "open the CT with File > Open and 'napari-covidseg', or use the phantom sample."
+        )
+    if tuple(ct_layer.data.shape[-3:]) != tuple(mask_shape):
+        raise InputError(
+            f"The mask has shape {tuple(mask_shape)} but the CT '{ct_layer.name}' has shape "
+            f"{tuple(ct_layer.data.shape[-3:])}: pick the CT this mask was made from."
+        )
+    return geometry
+
+
+def _compact(array: np.ndarray) -> np.ndarray:
+    """A copy in the smallest unsigned type that holds it (masks are small integers)."""
+    array = np.asarray(array)
+    if array.size and array.min() >= 0:
+        top = int(array.max())
+        for dtype in (np.uint8, np.uint16):
+            if top <= np.iinfo(dtype).max:
+                return array.astype(dtype)
+    return array.copy()
+
+
+class SaveWidget(QWidget):
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._originals: Dict[int, np.ndarray] = {}  # id(layer) -> mask as it first appeared
+
+        self.mask_combo = LayerCombo(napari_viewer, labels_layers)
+        self.ct_combo = LayerCombo(napari_viewer, image_layers)
+        form = QFormLayout()
+        form.addRow("Mask", self.mask_combo)
+        form.addRow("CT", self.ct_combo)
+
+        self.save_button = QPushButton("Save as NIfTI...")
+        self.save_button.setToolTip("Write the mask with the CT's affine and header")
+        self.save_button.clicked.connect(self.save_dialog)
+        self.revert_button = QPushButton("Revert edits")
+        self.revert_button.setToolTip("Put back the mask as it was when it appeared in the viewer")
+        self.revert_button.clicked.connect(self.revert)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.save_button)
+        buttons.addWidget(self.revert_button)
+
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("training data folder")
+        browse = QPushButton("Browse...")
+        browse.clicked.connect(self.choose_folder)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder_edit, 1)
+        folder_row.addWidget(browse)
+        self.case_edit = QLineEdit()
+        self.case_edit.setPlaceholderText("case id (default: CT name)")
+        self.lung_combo = LayerCombo(napari_viewer, labels_layers, allow_none=True, prefer=lambda l: "lung" in l.name.lower())
+        self.infection_combo = LayerCombo(
+            napari_viewer, labels_layers, allow_none=True, prefer=lambda l: "infection" in l.name.lower() or "lesion" in l.name.lower()
+        )
+        self.add_button = QPushButton("Add to training folder")
+        self.add_button.setToolTip("Write images/<case>, lung/<case>, infection/<case> (.nii.gz)")
+        self.add_button.clicked.connect(self.add_to_training_folder)
+        training_form = QFormLayout()
+        training_form.addRow("Folder", folder_row)
+        training_form.addRow("Case id", self.case_edit)
+        training_form.addRow("Lung mask", self.lung_combo)
+        training_form.addRow("Infection mask", self.infection_combo)
+        training_box = QGroupBox("Add to training folder")
+        training_layout = QVBoxLayout(training_box)
+        training_layout.addLayout(training_form)
+        training_layout.addWidget(self.add_button)
+
+        self.status = QLabel("Edit a mask with the brush, then save it with its CT's geometry.")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)  # the saved path can be copied
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(training_box)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.ct_combo.currentIndexChanged.connect(self._default_case_id)
+        napari_viewer.layers.events.inserted.connect(self._on_inserted)
+        napari_viewer.layers.events.removed.connect(self._on_removed)
+        for layer in labels_layers(napari_viewer):
+            self._remember(layer)
+        self._default_case_id()
+
+    # --- original copies for "Revert edits" ---------------------------------------------------
+    def _remember(self, layer):
+        if id(layer) not in self._originals and layer in labels_layers(self.viewer):
+            self._originals[id(layer)] = _compact(layer.data)
+
+    def _on_inserted(self, event):
+        self._remember(event.value)
+
+    def _on_removed(self, event):
+        self._originals.pop(id(event.value), None)
+
+    def revert(self):
+        layer = self.mask_combo.current_layer()
+        if layer is None:
+            return
+        original = self._originals.get(id(layer))
+        if original is None or original.shape != layer.data.shape:
+            notify_error(f"No original copy of '{layer.name}' is kept, so its edits cannot be reverted.")
+            return
+        layer.data = original.astype(layer.data.dtype)
+        self.status.setText(f"'{layer.name}' is back to how it was when it appeared.")
+
+    # --- save -------------------------------------------------------------------------------
+    def _default_case_id(self, *_):
+        ct = self.ct_combo.current_layer()
+        if ct is not None and not self.case_edit.isModified():
+            self.case_edit.setText(case_id_from_name(ct.name))
+
+    def _start_folder(self) -> Path:
+        ct = self.ct_combo.current_layer()
+        for path in source_paths(ct):
+            if Path(path).parent.is_dir():
+                return Path(path).parent
+        return Path.cwd()
+
+    def save_mask(self, path, overwrite: bool = False) -> Path:
+        """Save the chosen mask to ``path`` with the chosen CT's geometry; returns the path.
+
+        Never writes over a file the CT (or the mask) was read from, even with ``overwrite``.
+        """
+        from ..io.nifti import save_volume
+
+        mask, ct = self.mask_combo.current_layer(), self.ct_combo.current_layer()
+        if mask is None or ct is None:
+            raise InputError("Choose the mask (Labels layer) to save and the CT it belongs to.")
+        path = Path(path)
+        if not path.name.lower().endswith((".nii", ".nii.gz")):
+            path = path.with_name(path.name + ".nii.gz")
+        for source in source_paths(ct):
+            if _same_file(path, source):
+                raise InputError(
+                    f"{path} is the CT '{ct.name}' itself; it is never overwritten. Choose another file name."
+                )
+        geometry = ct_geometry(ct, mask.data.shape)
+        save_volume(path, np.asarray(mask.data), geometry, overwrite=overwrite)
+        return path
+
+    def save_dialog(self):
+        mask = self.mask_combo.current_layer()
+        if mask is None:
+            notify_error("Choose the mask (Labels layer) to save.")
+            return
+        suggested = free_path(self._start_folder() / f"{case_id_from_name(mask.name)}.nii.gz")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save mask as NIfTI", str(suggested), "NIfTI (*.nii.gz *.nii)", options=QFileDialog.DontConfirmOverwrite
+        )
+        if path:
+            self.save_to(path)
+
+    def save_to(self, path) -> Optional[Path]:
+        """Save, asking before replacing an existing file (the dialog's path lands here)."""
+        path = Path(path)
+        if not path.name.lower().endswith((".nii", ".nii.gz")):
+            path = path.with_name(path.name + ".nii.gz")
+        overwrite = False
+        ct = self.ct_combo.current_layer()
+        is_ct = ct is not None and any(_same_file(path, s) for s in source_paths(ct))
+        if path.exists() and not is_ct:
+            if not ask_overwrite(self, path):
+                self.status.setText(f"Not saved: {path} exists. A free name would be {free_path(path).name}.")
+                return None
+            overwrite = True
+        try:
+            written = self.save_mask(path, overwrite=overwrite)
+        except (CovidsegError, OSError) as error:
+            notify_error(error)
+            self.status.setText(str(error))
+            return None
+        self.status.setText(f"Saved '{self.mask_combo.current_layer().name}' to {written}")
+        return written
+
+    # --- training folder --------------------------------------------------------------------
+    def choose_folder(self):
+        folder = QFileDialog.getExistingDirectory(self, "Training data folder", self.folder_edit.text() or str(Path.cwd()))
+        if folder:
+            self.folder_edit.setText(folder)
+            n = len(list_cases(folder))
+            self.status.setText(f"{folder} holds {n} case{'s' if n != 1 else ''}.")
+
+    def add_to_training_folder(self):
+        """Write the CT and the chosen masks as a new case; refuses to replace an existing one."""
+        ct = self.ct_combo.current_layer()
+        lung, infection = self.lung_combo.current_layer(), self.infection_combo.current_layer()
+        folder = self.folder_edit.text().strip()
+        case_id = self.case_edit.text().strip() or (case_id_from_name(ct.name) if ct is not None else "")
+        try:
+            if ct is None:
+                raise InputError("Choose the CT (Image layer) of the case.")
+            if not folder:
+                raise InputError("Choose a training data folder first (Browse...).")
+            if lung is None and infection is None:
+                raise InputError("Choose a lung mask, an infection mask or both: a training case needs at least one mask.")
+            geometry = ct_geometry(ct, ct.data.shape[-3:])
+            added = add_case(
+                folder,
+                case_id,
+                np.asarray(ct.data),
+                geometry,
+                lung=None if lung is None else np.asarray(lung.data),
+                infection=None if infection is None else np.asarray(infection.data),
+            )
+        except DataFolderError as error:
+            notify_error(error)
+            self.status.setText(str(error))
+            if folder and case_id:
+                try:
+                    self.case_edit.setText(suggest_case_id(folder, case_id))
+                except OSError:
+                    pass
+            return None
+        except (CovidsegError, OSError) as error:
+            notify_error(error)
+            self.status.setText(str(error))
+            return None
+        masks = " and ".join(n for n, p in (("lung", added.lung_path), ("infection", added.infection_path)) if p)
+        self.status.setText(
+            f"Added case '{added.case_id}' (CT + {masks}) to {folder}; "
+            f"the folder now holds {added.n_cases} case{'s' if added.n_cases != 1 else ''}."
+        )
+        return added

@@ -1,0 +1,112 @@
+"""Quantify widget on the small phantom: numbers equal quantify(), patient sides, edits, exports."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from napari_covidseg.quantify import quantify
+
+SCREENSHOTS = os.path.join(os.path.dirname(__file__), "..", "screenshots")
+
+
+@pytest.fixture
+def phantom_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-covidseg", "chest_phantom_small")
+    return viewer
+
+
+def _widget(viewer, qtbot, infection_layer=None):
+    from napari_covidseg.widgets.quantify_widget import QuantifyWidget
+
+    widget = QuantifyWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.lung_combo.set_layer(viewer.layers["phantom lung GT"])
+    widget.infection_combo.set_layer(infection_layer or viewer.layers["phantom infection GT"])
+    widget.ct_combo.set_layer(viewer.layers["phantom CT"])
+    return widget
+
+
+def test_compute_equals_quantify(phantom_viewer, qtbot):
+    viewer = phantom_viewer
+    widget = _widget(viewer, qtbot)
+    widget.compute_button.click()
+    lung, inf, ct = (viewer.layers[n] for n in ("phantom lung GT", "phantom infection GT", "phantom CT"))
+    expected = quantify(np.asarray(lung.data), np.asarray(inf.data), tuple(ct.scale))
+    assert widget.result.keys() == expected.keys()
+    for key in ("lung_ml", "infection_ml", "total_involvement_pct", "left_involvement_pct", "right_involvement_pct"):
+        assert widget.result[key] == pytest.approx(expected[key])
+    assert widget.result["n_lesions"] == expected["n_lesions"] > 0
+    assert widget.value_text("Infection volume") == f"{expected['infection_ml']:.1f} mL"
+    assert widget.value_text("Lung volume") == f"{expected['lung_ml']:.1f} mL"
+    assert widget.value_text("Total involvement") == f"{expected['total_involvement_pct']:.1f} %"
+    assert widget.value_text("Lesions") == str(int(expected["n_lesions"]))
+
+
+def test_left_right_by_patient_side(phantom_viewer, qtbot):
+    viewer = phantom_viewer
+    lung = np.asarray(viewer.layers["phantom lung GT"].data) != 0
+    # Display columns grow toward the patient's left: keep only lung voxels right of the midline.
+    cols = np.flatnonzero(lung.any(axis=(0, 1)))
+    mid = (cols.min() + cols.max()) // 2
+    only_left = np.zeros(lung.shape, np.uint8)
+    only_left[..., mid + 3 :] = lung[..., mid + 3 :]
+    only_left[: lung.shape[0] // 2] = 0  # a partial involvement
+    layer = viewer.add_labels(only_left, name="left infection", scale=viewer.layers["phantom CT"].scale)
+    widget = _widget(viewer, qtbot, infection_layer=layer)
+    widget.compute_button.click()
+    assert widget.result["left_involvement_pct"] > 1.0
+    assert widget.result["right_involvement_pct"] == 0.0
+    assert widget.value_text("Right lung involved") == "0.0 %"
+    assert float(widget.value_text("Left lung involved").split()[0]) > 1.0
+
+
+def test_auto_update_after_edit(phantom_viewer, qtbot):
+    viewer = phantom_viewer
+    widget = _widget(viewer, qtbot)
+    widget.compute_button.click()
+    before = widget.result["infection_ml"]
+    inf = viewer.layers["phantom infection GT"]
+    lung = np.asarray(viewer.layers["phantom lung GT"].data) != 0
+    z = inf.data.shape[0] // 2
+    inf.data[z][lung[z]] = 1  # the whole lung slice becomes infection
+    inf.refresh()
+    inf.events.paint(value=[])
+    qtbot.waitUntil(lambda: widget.result["infection_ml"] > before, timeout=10000)
+    expected = quantify(np.asarray(viewer.layers["phantom lung GT"].data), np.asarray(inf.data), tuple(inf.scale))
+    assert widget.result["infection_ml"] == pytest.approx(expected["infection_ml"])
+    assert widget.value_text("Infection volume") == f"{expected['infection_ml']:.1f} mL"
+
+
+def test_exports(phantom_viewer, qtbot, tmp_path):
+    viewer = phantom_viewer
+    widget = _widget(viewer, qtbot)
+    widget.compute_button.click()
+    csv_path = widget.export(tmp_path / "q.csv", "csv")
+    rows = {r[0]: r[1] for r in list(csv.reader(open(csv_path)))[1:]}
+    assert float(rows["infection_ml"]) == pytest.approx(widget.result["infection_ml"], rel=1e-5)
+    assert int(rows["n_lesions"]) == widget.result["n_lesions"]
+    json_path = widget.export(tmp_path / "q.json", "json")
+    data = json.load(open(json_path))
+    assert data["layers"] == {"lung": "phantom lung GT", "infection": "phantom infection GT"}
+    assert data["result"]["lung_ml"] == pytest.approx(widget.result["lung_ml"])
+    with pytest.raises(Exception, match="exists"):
+        widget.export(json_path, "json")
+
+
+def test_screenshot(phantom_viewer, qtbot):
+    viewer = phantom_viewer
+    from napari_covidseg.widgets.quantify_widget import QuantifyWidget
+
+    widget = QuantifyWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Quantify")
+    widget.lung_combo.set_layer(viewer.layers["phantom lung GT"])
+    widget.infection_combo.set_layer(viewer.layers["phantom infection GT"])
+    widget.compute_button.click()
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    viewer.window._qt_window.resize(1400, 900)
+    qtbot.wait(200)
+    assert viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "quantify_widget.png"))
