@@ -72,6 +72,19 @@ def format_metric(key: str, value) -> str:
     return f"{value:.1f}" if key == "hd95_mm" else f"{value:.3f}"
 
 
+def volume_comparison_fast(p: np.ndarray, g: np.ndarray, spacing):
+    """(overlay, per-slice Dice, volume ratio metrics) of two boolean masks."""
+    overlay = overlay_labels(p, g)
+    slice_dice = np.asarray(metrics.per_slice_dice(p, g), dtype=float)
+    return overlay, slice_dice, region_metrics(p, g, spacing, with_hd95=False)
+
+
+def volume_comparison(p: np.ndarray, g: np.ndarray, spacing):
+    """Generator for a worker: yields the fast results, then returns the volume HD95 (mm)."""
+    yield volume_comparison_fast(p, g, spacing)
+    return float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
+
+
 class SliceDicePlot(FigureCanvasQTAgg):
     """Dice per axial slice (NaN slices left blank) with a vertical line at the current slice."""
 
@@ -195,7 +208,7 @@ class CompareWidget(QWidget):
         self._edit_timer = QTimer(self)
         self._edit_timer.setSingleShot(True)
         self._edit_timer.setInterval(EDIT_DEBOUNCE_MS)
-        self._edit_timer.timeout.connect(self.recompute)
+        self._edit_timer.timeout.connect(self._after_edit)
         self.viewer.dims.events.current_step.connect(self._on_step)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
 
@@ -236,6 +249,8 @@ class CompareWidget(QWidget):
         for layer in (pred, gt):
             self._connect_layer(layer, True)
         self.recompute()
+        # Keep the prediction active so the brush paints the prediction, not the new overlay.
+        self.viewer.layers.selection.active = pred
 
     def _spacing(self):
         return tuple(float(s) for s in self.pred_layer.scale[-3:])
@@ -253,8 +268,6 @@ class CompareWidget(QWidget):
             layer = add_labels_like(self.viewer, overlay, name, self.pred_layer)
         self._apply_overlay_style(layer)
         self.overlay_layer = layer
-        # Keep the prediction active so the brush paints the prediction, not the overlay.
-        self.viewer.layers.selection.active = self.pred_layer
 
     @staticmethod
     def _apply_overlay_style(layer):
@@ -265,35 +278,80 @@ class CompareWidget(QWidget):
         layer.editable = False  # an overlay edited by hand would no longer mean anything
 
     # --- computation -------------------------------------------------------------------------
-    def recompute(self):
-        """Recompute the overlay, per-slice Dice and volume metrics (HD95 in a worker)."""
+    def _masks(self):
+        """Foreground of the prediction and ground truth, or None (after a notification)."""
         if self.pred_layer is None or self.gt_layer is None:
-            return
+            return None
         pred, gt = np.asarray(self.pred_layer.data), np.asarray(self.gt_layer.data)
         try:
             check_same_shape(pred, gt, self.pred_layer.name, self.gt_layer.name)
         except CovidsegError as error:
             notify_error(error)
             self.status.setText(str(error))
+            return None
+        return pred != 0, gt != 0
+
+    def recompute(self):
+        """Recompute the overlay, per-slice Dice and volume metrics now (HD95 in a worker)."""
+        masks = self._masks()
+        if masks is None:
             return
+        p, g = masks
         self._generation += 1
-        p, g = pred != 0, gt != 0
-        self._ensure_overlay(overlay_labels(p, g))
-        self.slice_dice = np.asarray(metrics.per_slice_dice(p, g), dtype=float)
-        self.ranking = rank_worst_slices(self.slice_dice)
-        self.volume_metrics = dict(region_metrics(p, g, self._spacing(), with_hd95=False))
+        self._apply_volume(self._generation, volume_comparison_fast(p, g, self._spacing()))
         if p.any() and g.any():
-            self.volume_metrics["hd95_mm"] = None  # filled in by the worker
             self._start_hd95(p, g, self._spacing(), self._generation)
-        else:
-            self.volume_metrics["hd95_mm"] = float("nan")
         self._set_result_buttons(True)
+
+    def _after_edit(self):
+        """After a brush stroke: the slice on screen at once, the whole volume in a worker.
+
+        Recomputing a full-size CT (overlay, per-slice Dice, volume metrics, HD95) takes seconds,
+        so only the edited slice (the one on screen) is redone in the GUI thread; the volume
+        follows from a worker, and a result made stale by a newer edit is dropped.
+        """
+        from napari.qt.threading import create_worker
+
+        masks = self._masks()
+        if masks is None:
+            return
+        p, g = masks
+        self._generation += 1
+        z = self.current_slice()
+        if self.overlay_layer is not None and self.overlay_layer.data.shape == p.shape:
+            self.overlay_layer.data[z] = overlay_labels(p[z], g[z])
+            self.overlay_layer.refresh()
+        if len(self.slice_dice) == p.shape[0]:
+            self.slice_dice[z] = float(metrics.per_slice_dice(p[z : z + 1], g[z : z + 1])[0])
+            self.ranking = rank_worst_slices(self.slice_dice)
+            self.plot.show_dice(self.slice_dice, z)
+        self.update_slice_metrics()
+        self.volume_metrics["hd95_mm"] = None
+        self._show_volume_column()
+        generation = self._generation
+        worker = create_worker(volume_comparison, p, g, self._spacing())
+        worker.yielded.connect(lambda fast, gen=generation: self._apply_volume(gen, fast))
+        worker.returned.connect(lambda value, gen=generation: self._hd95_done(gen, value))
+        worker.errored.connect(lambda error, gen=generation: self._hd95_failed(gen, error))
+        self._hd95_worker = worker
+        worker.start()
+
+    def _apply_volume(self, generation: int, fast):
+        """Show a volume result (overlay, per-slice Dice, volume ratios) unless it is stale."""
+        if generation != self._generation or self.pred_layer is None:
+            return
+        overlay, slice_dice, ratios = fast
+        self._ensure_overlay(overlay)
+        self.slice_dice = np.asarray(slice_dice, dtype=float)
+        self.ranking = rank_worst_slices(self.slice_dice)
+        self.volume_metrics = dict(ratios)
+        both = bool(np.isin(overlay, (1, 2)).any() and np.isin(overlay, (1, 3)).any())
+        self.volume_metrics["hd95_mm"] = None if both else float("nan")
         self.update_slice_metrics()
         self.plot.show_dice(self.slice_dice, self.current_slice())
         self._show_volume_column()
-        n_bad = len(self.ranking)
         self.status.setText(
-            f"{self.pred_layer.name} vs {self.gt_layer.name}: {n_bad} slices hold foreground; "
+            f"{self.pred_layer.name} vs {self.gt_layer.name}: {len(self.ranking)} slices hold foreground; "
             f"volume Dice {format_metric('dice', self.volume_metrics['dice'])}."
         )
 
@@ -404,8 +462,6 @@ class CompareWidget(QWidget):
         """Write per-slice metrics (with per-slice HD95) and the volume summary to ``path``."""
         if self.pred_layer is None or self.gt_layer is None:
             raise CovidsegError("Press Compare first: there are no metrics to export yet.")
-        if self.hd95_pending() and self._hd95_worker is not None:
-            self._hd95_worker.await_workers() if hasattr(self._hd95_worker, "await_workers") else None
         pred, gt = np.asarray(self.pred_layer.data), np.asarray(self.gt_layer.data)
         slices = per_slice_metrics(pred, gt, self._spacing(), with_hd95=True)
         volume = dict(self.volume_metrics)
