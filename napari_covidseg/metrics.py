@@ -1,0 +1,285 @@
+"""Segmentation metrics shared by the GUI (Compare widget) and training (validation log).
+
+One module, pure numpy/scipy, so that the number a user reads in napari and the number written
+to ``metrics.jsonl`` by the trainer are computed by the same code.
+
+Inputs are masks of any dimension (2D slices, 3D volumes), bool or integer: any non-zero value
+is foreground, so a lung mask with 1 = left and 2 = right lung counts as one lung.
+
+Empty-mask conventions
+----------------------
+A ratio whose denominator is zero is a case where *no error of the kind it measures was
+possible*, so it is reported as 1.0 ("nothing went wrong"), and the other ratios catch the
+error instead:
+
+- both masks empty: dice, iou, sensitivity, precision, f_measure = 1.0; hd95 = 0.0
+  (the prediction is exactly right: there is nothing to find and nothing was found);
+- ground truth empty, prediction not: dice = iou = f_measure = precision = 0.0, sensitivity = 1.0
+  (nothing to miss); prediction empty, ground truth not: dice = iou = f_measure =
+  sensitivity = 0.0, precision = 1.0 (nothing claimed falsely);
+- exactly one mask empty: hd95 = NaN, because the distance from a surface to an empty set is
+  undefined (medpy raises, MONAI returns NaN/inf); a finite number would have to be invented
+  (e.g. the image diagonal) and would depend on the field of view, not on the segmentation;
+- no negatives at all (the ground truth covers everything): specificity = 1.0.
+
+HD95 follows medpy's ``hd95``: surface voxels are the mask minus its erosion (face connectivity,
+voxels on the image border count as surface); the distances from every surface voxel of one
+mask to the nearest surface voxel of the other, in mm (Euclidean distance transform with the
+voxel spacing), are pooled in both directions and their 95th percentile is taken (numpy's
+linear interpolation).  The distance transform runs on the bounding box of the two masks only.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+
+__all__ = [
+    "confusion",
+    "dice",
+    "iou",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f_measure",
+    "hd95",
+    "mae",
+    "all_metrics",
+    "per_slice_dice",
+    "per_slice_metrics",
+    "METRIC_KEYS",
+]
+
+METRIC_KEYS = ("dice", "iou", "sensitivity", "specificity", "precision", "f_measure", "hd95_mm", "mae")
+
+
+def _masks(pred, gt) -> Tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(pred)
+    g = np.asarray(gt)
+    if p.shape != g.shape:
+        raise InputError(
+            f"The prediction has shape {p.shape} but the ground truth has shape {g.shape}: "
+            "metrics need two masks of the same image."
+        )
+    p = p if p.dtype == bool else p != 0
+    g = g if g.dtype == bool else g != 0
+    return p, g
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den, or 1.0 when the denominator is zero (see the module's empty-mask conventions)."""
+    return float(num) / float(den) if den > 0 else 1.0
+
+
+def confusion(pred, gt) -> Tuple[int, int, int, int]:
+    """(true positives, false positives, false negatives, true negatives) as Python ints."""
+    p, g = _masks(pred, gt)
+    tp = int(np.count_nonzero(p & g))
+    n_pred = int(np.count_nonzero(p))
+    n_gt = int(np.count_nonzero(g))
+    fp = n_pred - tp
+    fn = n_gt - tp
+    tn = int(p.size) - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def dice(pred, gt) -> float:
+    """2 TP / (2 TP + FP + FN); 1.0 when both masks are empty."""
+    tp, fp, fn, _ = confusion(pred, gt)
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def iou(pred, gt) -> float:
+    """Jaccard index TP / (TP + FP + FN); 1.0 when both masks are empty."""
+    tp, fp, fn, _ = confusion(pred, gt)
+    return _ratio(tp, tp + fp + fn)
+
+
+def sensitivity(pred, gt) -> float:
+    """Recall TP / (TP + FN); 1.0 when the ground truth is empty (nothing to miss)."""
+    tp, _, fn, _ = confusion(pred, gt)
+    return _ratio(tp, tp + fn)
+
+
+def specificity(pred, gt) -> float:
+    """TN / (TN + FP); 1.0 when there are no negatives."""
+    _, fp, _, tn = confusion(pred, gt)
+    return _ratio(tn, tn + fp)
+
+
+def precision(pred, gt) -> float:
+    """TP / (TP + FP); 1.0 when the prediction is empty (nothing claimed falsely)."""
+    tp, fp, _, _ = confusion(pred, gt)
+    return _ratio(tp, tp + fp)
+
+
+def f_measure(pred, gt, beta: float = 1.0) -> float:
+    """F-beta score (1 + b^2) TP / ((1 + b^2) TP + b^2 FN + FP); equals Dice for beta = 1.
+
+    Written with counts rather than from precision and recall so the empty cases follow the
+    same convention as Dice (1.0 when both are empty, 0.0 when exactly one is).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    tp, fp, fn, _ = confusion(pred, gt)
+    b2 = float(beta) ** 2
+    return _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp)
+
+
+def _spacing_for(ndim: int, spacing: Optional[Sequence[float]]) -> Tuple[float, ...]:
+    if spacing is None:
+        return (1.0,) * ndim
+    spacing = tuple(float(s) for s in np.atleast_1d(spacing))
+    if len(spacing) == 1:
+        spacing = spacing * ndim
+    if len(spacing) != ndim:
+        raise InputError(f"The spacing {spacing} has {len(spacing)} values but the masks have {ndim} dimensions.")
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"The voxel spacing {spacing} must be positive numbers (mm).")
+    return spacing
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Foreground voxels with at least one face neighbour in the background (or the image border)."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def surface_distances(pred, gt, spacing: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Distances in mm (pred surface -> nearest gt surface, gt surface -> nearest pred surface).
+
+    Both masks must be non-empty.  Only the bounding box of the two masks (one voxel of margin
+    where the image allows, so erosion sees the same neighbours) is processed.
+    """
+    p, g = _masks(pred, gt)
+    if not p.any() or not g.any():
+        raise ValueError("surface distances need two non-empty masks")
+    sp = _spacing_for(p.ndim, spacing)
+    either = p | g
+    box = []
+    for axis in range(p.ndim):
+        other = tuple(a for a in range(p.ndim) if a != axis)
+        idx = np.flatnonzero(either.any(axis=other))
+        box.append(slice(max(int(idx[0]) - 1, 0), min(int(idx[-1]) + 2, p.shape[axis])))
+    box = tuple(box)
+    p_box, g_box = p[box], g[box]
+    # Voxels on the image border are surface (as in medpy); a crop border that is not an image
+    # border always has a background margin voxel, so the erosion is the same as uncropped.
+    sp_surface, sg_surface = _surface(p_box), _surface(g_box)
+    dist_to_g = ndimage.distance_transform_edt(~sg_surface, sampling=sp)
+    dist_to_p = ndimage.distance_transform_edt(~sp_surface, sampling=sp)
+    return dist_to_g[sp_surface], dist_to_p[sg_surface]
+
+
+def hd95(pred, gt, spacing: Optional[Sequence[float]] = None) -> float:
+    """95th percentile Hausdorff distance in mm (medpy's definition; see the module docstring).
+
+    0.0 when both masks are empty, NaN when exactly one is empty.
+    """
+    p, g = _masks(pred, gt)
+    _spacing_for(p.ndim, spacing)  # validate even for empty masks
+    has_p, has_g = bool(p.any()), bool(g.any())
+    if not has_p and not has_g:
+        return 0.0
+    if has_p != has_g:
+        return float("nan")
+    d_pg, d_gp = surface_distances(p, g, spacing)
+    return float(np.percentile(np.concatenate([d_pg, d_gp]), 95))
+
+
+def mae(prob, gt) -> float:
+    """Mean absolute error between a probability map (or binary prediction) and a binary mask."""
+    prob = np.asarray(prob, dtype=np.float64) if not np.asarray(prob).dtype == bool else np.asarray(prob)
+    g = np.asarray(gt)
+    if prob.shape != g.shape:
+        raise InputError(f"The probability map has shape {prob.shape} but the ground truth has shape {g.shape}.")
+    if prob.size == 0:
+        return 0.0
+    if prob.dtype == bool:
+        return float(np.count_nonzero(prob != (g != 0))) / prob.size
+    return float(np.mean(np.abs(prob - (g != 0))))
+
+
+def all_metrics(pred, gt, spacing: Optional[Sequence[float]] = None, prob=None, with_hd95: bool = True) -> Dict[str, float]:
+    """Every metric of :data:`METRIC_KEYS` in one dict (plain floats).
+
+    ``spacing`` is the voxel size in mm per axis (default 1 mm); ``prob`` is the network's
+    foreground probability for the MAE (without it the MAE is that of the binary prediction,
+    i.e. the fraction of wrong voxels).  ``with_hd95=False`` skips the distance transform
+    (``hd95_mm`` is then NaN) for callers that need the ratios fast.
+    """
+    p, g = _masks(pred, gt)
+    tp, fp, fn, tn = confusion(p, g)
+    b2 = 1.0
+    out = {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": _ratio(tp, tp + fp + fn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "precision": _ratio(tp, tp + fp),
+        "f_measure": _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp),
+        "hd95_mm": hd95(p, g, spacing) if with_hd95 else float("nan"),
+        "mae": mae(p if prob is None else prob, g),
+    }
+    return out
+
+
+def _per_slice_counts(pred, gt):
+    p, g = _masks(pred, gt)
+    if p.ndim < 2:
+        raise InputError(f"Per-slice metrics need at least 2D masks, got shape {p.shape}.")
+    n = p.shape[0]
+    p2 = p.reshape(n, -1)
+    g2 = g.reshape(n, -1)
+    tp = np.count_nonzero(p2 & g2, axis=1).astype(np.float64)
+    n_pred = np.count_nonzero(p2, axis=1).astype(np.float64)
+    n_gt = np.count_nonzero(g2, axis=1).astype(np.float64)
+    fp = n_pred - tp
+    fn = n_gt - tp
+    tn = p2.shape[1] - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.ones_like(num, dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def per_slice_dice(pred, gt) -> np.ndarray:
+    """Dice of each slice along axis 0; NaN on slices where both masks are empty.
+
+    NaN (not 1.0) because an empty slice says nothing about the segmentation: averaging or
+    ranking slices should skip it (``np.nanmean``).
+    """
+    tp, fp, fn, _ = _per_slice_counts(pred, gt)
+    den = 2 * tp + fp + fn
+    out = _safe_div(2 * tp, den)
+    out[den == 0] = np.nan
+    return out
+
+
+def per_slice_metrics(pred, gt) -> Dict[str, np.ndarray]:
+    """Dice, IoU, sensitivity, specificity, precision per slice (axis 0) plus voxel counts.
+
+    Ratio metrics are NaN on slices where both masks are empty (see :func:`per_slice_dice`);
+    elsewhere they follow the module's conventions.  ``gt_voxels`` and ``pred_voxels`` are ints.
+    """
+    tp, fp, fn, tn = _per_slice_counts(pred, gt)
+    both_empty = (tp + fp + fn) == 0
+    out = {
+        "dice": _safe_div(2 * tp, 2 * tp + fp + fn),
+        "iou": _safe_div(tp, tp + fp + fn),
+        "sensitivity": _safe_div(tp, tp + fn),
+        "specificity": _safe_div(tn, tn + fp),
+        "precision": _safe_div(tp, tp + fp),
+    }
+    for values in out.values():
+        values[both_empty] = np.nan
+    out["gt_voxels"] = (tp + fn).astype(np.int64)
+    out["pred_voxels"] = (tp + fp).astype(np.int64)
+    return out

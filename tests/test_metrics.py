@@ -1,0 +1,224 @@
+"""Metrics against independent brute-force references, hand-computed cases and empty masks."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from napari_covidseg import metrics
+from napari_covidseg.errors import InputError
+
+
+# --- independent references ---------------------------------------------------------------------
+def _ref_counts(pred, gt):
+    """Counts from Python sets of voxel coordinates (no vectorised boolean algebra)."""
+    p = set(map(tuple, np.argwhere(pred)))
+    g = set(map(tuple, np.argwhere(gt)))
+    tp = len(p & g)
+    fp = len(p - g)
+    fn = len(g - p)
+    tn = int(np.prod(pred.shape)) - len(p | g)
+    return tp, fp, fn, tn
+
+
+def _ref_surface_points(mask):
+    """Foreground voxels with a face neighbour outside the mask or outside the image (explicit loop)."""
+    pts = []
+    shape = mask.shape
+    for idx in np.argwhere(mask):
+        for axis in range(mask.ndim):
+            for step in (-1, 1):
+                nb = idx.copy()
+                nb[axis] += step
+                if nb[axis] < 0 or nb[axis] >= shape[axis] or not mask[tuple(nb)]:
+                    pts.append(idx)
+                    break
+            else:
+                continue
+            break
+    return np.array(pts, dtype=float)
+
+
+def _ref_hd95(pred, gt, spacing):
+    sp = np.asarray(spacing, dtype=float)
+    a = _ref_surface_points(pred) * sp
+    b = _ref_surface_points(gt) * sp
+    d = cdist(a, b)
+    return float(np.percentile(np.concatenate([d.min(axis=1), d.min(axis=0)]), 95))
+
+
+def _random_mask(rng, shape, fill):
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5)
+    return noise > np.quantile(noise, 1 - fill)
+
+
+CASES = [
+    ((40, 50), (0.7, 1.3)),
+    ((12, 20, 24), (5.0, 1.4, 0.9)),
+    ((9, 16, 16), (2.5, 0.6, 0.6)),
+]
+
+
+@pytest.mark.parametrize("shape,spacing", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_masks_match_reference(shape, spacing, seed):
+    rng = np.random.default_rng(seed)
+    pred = _random_mask(rng, shape, rng.uniform(0.1, 0.4))
+    gt = _random_mask(rng, shape, rng.uniform(0.1, 0.4))
+    tp, fp, fn, tn = _ref_counts(pred, gt)
+    assert metrics.confusion(pred, gt) == (tp, fp, fn, tn)
+    assert metrics.dice(pred, gt) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert metrics.iou(pred, gt) == pytest.approx(tp / (tp + fp + fn))
+    assert metrics.sensitivity(pred, gt) == pytest.approx(tp / (tp + fn))
+    assert metrics.specificity(pred, gt) == pytest.approx(tn / (tn + fp))
+    assert metrics.precision(pred, gt) == pytest.approx(tp / (tp + fp))
+    prec, rec = tp / (tp + fp), tp / (tp + fn)
+    assert metrics.f_measure(pred, gt) == pytest.approx(2 * prec * rec / (prec + rec))
+    assert metrics.f_measure(pred, gt, beta=2) == pytest.approx(5 * prec * rec / (4 * prec + rec))
+    assert metrics.hd95(pred, gt, spacing) == pytest.approx(_ref_hd95(pred, gt, spacing), rel=1e-9, abs=1e-9)
+    # integer label inputs (any non-zero is foreground) give the same numbers
+    assert metrics.dice(pred.astype(np.uint8) * 2, gt.astype(np.int32)) == pytest.approx(metrics.dice(pred, gt))
+    assert metrics.hd95(pred.astype(np.uint8) * 3, gt.astype(np.int16), spacing) == pytest.approx(metrics.hd95(pred, gt, spacing))
+
+
+def test_hd95_small_objects_far_from_image_border():
+    """Cropping to the bounding box must not change anything (masks in a large empty image)."""
+    rng = np.random.default_rng(5)
+    big_p = np.zeros((30, 60, 60), bool)
+    big_g = np.zeros((30, 60, 60), bool)
+    big_p[10:18, 20:34, 22:40] = _random_mask(rng, (8, 14, 18), 0.5)
+    big_g[12:20, 25:37, 20:35] = _random_mask(rng, (8, 12, 15), 0.5)
+    spacing = (3.0, 0.8, 1.1)
+    assert metrics.hd95(big_p, big_g, spacing) == pytest.approx(_ref_hd95(big_p, big_g, spacing))
+
+
+def test_hand_computed_2d():
+    gt = np.zeros((5, 6), bool)
+    gt[1:3, 1:4] = True  # 6 voxels
+    pred = np.zeros((5, 6), bool)
+    pred[1:3, 2:5] = True  # 6 voxels, 4 shared
+    assert metrics.confusion(pred, gt) == (4, 2, 2, 22)
+    assert metrics.dice(pred, gt) == pytest.approx(8 / 12)
+    assert metrics.iou(pred, gt) == pytest.approx(4 / 8)
+    assert metrics.sensitivity(pred, gt) == pytest.approx(4 / 6)
+    assert metrics.precision(pred, gt) == pytest.approx(4 / 6)
+    assert metrics.specificity(pred, gt) == pytest.approx(22 / 24)
+    # Every voxel of these thin masks is surface; shift by one column.
+    # pred->gt distances: cols 2,3 -> 0, col 4 -> 1 column; gt->pred: col 1 -> 1 column, else 0.
+    # pooled: eight 0s and four 1s (times the x spacing 2 mm) -> 95th percentile = 2.0 mm
+    assert metrics.hd95(pred, gt, (0.5, 2.0)) == pytest.approx(2.0)
+    assert metrics.mae(pred, gt) == pytest.approx(4 / 30)
+
+
+def test_hand_computed_hd95_translated_cube():
+    gt = np.zeros((10, 10, 10), bool)
+    gt[2:6, 2:6, 2:6] = True
+    pred = np.roll(gt, 3, axis=0)  # 3 slices along z at 2.5 mm
+    # a shift along the coarse axis: the reference sees it in mm (3 slices x 2.5 mm between faces)
+    assert metrics.hd95(pred, gt, (2.5, 1.0, 1.0)) == pytest.approx(_ref_hd95(pred, gt, (2.5, 1.0, 1.0)))
+    assert metrics.hd95(gt, gt, (2.5, 1.0, 1.0)) == 0.0
+    single = np.zeros((10, 10, 10), bool)
+    single[1, 1, 1] = True
+    other = np.zeros((10, 10, 10), bool)
+    other[1, 5, 4] = True
+    assert metrics.hd95(single, other, (1.0, 2.0, 3.0)) == pytest.approx(math.hypot(8.0, 9.0))
+
+
+def test_empty_mask_conventions():
+    empty = np.zeros((4, 5, 6), bool)
+    some = empty.copy()
+    some[1, 2, 3] = True
+    full = np.ones((4, 5, 6), bool)
+    # both empty: a perfect (trivial) result
+    for fn in (metrics.dice, metrics.iou, metrics.sensitivity, metrics.precision, metrics.f_measure, metrics.specificity):
+        assert fn(empty, empty) == 1.0
+    assert metrics.hd95(empty, empty, (1, 1, 1)) == 0.0
+    # ground truth empty, prediction not
+    assert metrics.dice(some, empty) == 0.0
+    assert metrics.iou(some, empty) == 0.0
+    assert metrics.precision(some, empty) == 0.0
+    assert metrics.sensitivity(some, empty) == 1.0
+    assert math.isnan(metrics.hd95(some, empty, (1, 1, 1)))
+    # prediction empty, ground truth not
+    assert metrics.dice(empty, some) == 0.0
+    assert metrics.sensitivity(empty, some) == 0.0
+    assert metrics.precision(empty, some) == 1.0
+    assert math.isnan(metrics.hd95(empty, some, (1, 1, 1)))
+    # no negatives
+    assert metrics.specificity(full, full) == 1.0
+    assert metrics.specificity(empty, full) == 1.0
+    res = metrics.all_metrics(empty, empty, spacing=(1, 1, 1))
+    assert res["dice"] == res["iou"] == res["sensitivity"] == res["precision"] == 1.0
+    assert res["hd95_mm"] == 0.0 and res["mae"] == 0.0
+
+
+def test_all_metrics_keys_and_values():
+    rng = np.random.default_rng(3)
+    gt = _random_mask(rng, (8, 30, 30), 0.3)
+    prob = np.clip(gt * 0.8 + rng.uniform(0, 0.3, gt.shape), 0, 1)
+    pred = prob > 0.5
+    res = metrics.all_metrics(pred, gt, spacing=(4.0, 1.0, 1.0), prob=prob)
+    assert tuple(res) == metrics.METRIC_KEYS
+    assert all(isinstance(v, float) for v in res.values())
+    assert res["dice"] == pytest.approx(metrics.dice(pred, gt))
+    assert res["f_measure"] == pytest.approx(res["dice"])
+    assert res["hd95_mm"] == pytest.approx(metrics.hd95(pred, gt, (4.0, 1.0, 1.0)))
+    assert res["mae"] == pytest.approx(np.mean(np.abs(prob - gt)))
+    # without prob the MAE is the fraction of wrong voxels
+    res2 = metrics.all_metrics(pred, gt)
+    assert res2["mae"] == pytest.approx(np.mean(pred != gt))
+
+
+def test_per_slice_dice_and_metrics():
+    pred = np.zeros((4, 6, 6), bool)
+    gt = np.zeros((4, 6, 6), bool)
+    gt[0, :2, :2] = True
+    pred[0, :2, :3] = True  # dice 8/10
+    pred[2, 1, 1] = True  # only pred: dice 0
+    gt[3, 2:4, 2:4] = True  # only gt: dice 0; slice 1 empty in both -> NaN
+    d = metrics.per_slice_dice(pred, gt)
+    np.testing.assert_allclose(d, [0.8, np.nan, 0.0, 0.0], equal_nan=True)
+    per = metrics.per_slice_metrics(pred, gt)
+    np.testing.assert_allclose(per["dice"], d, equal_nan=True)
+    for z in (0, 2, 3):
+        assert per["iou"][z] == pytest.approx(metrics.iou(pred[z], gt[z]))
+        assert per["sensitivity"][z] == pytest.approx(metrics.sensitivity(pred[z], gt[z]))
+        assert per["specificity"][z] == pytest.approx(metrics.specificity(pred[z], gt[z]))
+        assert per["precision"][z] == pytest.approx(metrics.precision(pred[z], gt[z]))
+    assert np.isnan(per["iou"][1])
+    assert per["gt_voxels"].tolist() == [4, 0, 0, 4]
+    assert per["pred_voxels"].tolist() == [6, 0, 1, 0]
+
+
+def test_bad_input_messages():
+    with pytest.raises(InputError, match="same"):
+        metrics.dice(np.zeros((3, 4)), np.zeros((3, 5)))
+    with pytest.raises(InputError, match="spacing"):
+        metrics.hd95(np.ones((3, 4), bool), np.ones((3, 4), bool), (1.0, 1.0, 1.0))
+    with pytest.raises(InputError, match="positive"):
+        metrics.hd95(np.ones((3, 4), bool), np.ones((3, 4), bool), (1.0, -1.0))
+
+
+def test_speed_on_full_size_volume():
+    rng = np.random.default_rng(0)
+    shape = (48, 256, 256)
+    gt = np.zeros(shape, bool)
+    gt[10:40, 60:200, 40:120] = True
+    gt[10:40, 60:200, 140:220] = True
+    pred = np.roll(gt, 2, axis=2)
+    pred[20, 100, 100] = True
+    prob = rng.random(shape, dtype=np.float32)
+    t0 = time.perf_counter()
+    metrics.all_metrics(pred, gt, spacing=(5.0, 1.4, 1.4), prob=prob, with_hd95=False)
+    metrics.per_slice_dice(pred, gt)
+    ratios_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    value = metrics.hd95(pred, gt, (5.0, 1.4, 1.4))
+    hd_s = time.perf_counter() - t0
+    assert value > 0
+    # generous bounds: the CI machine is shared (figures measured alone: ~0.1 s and ~1 s)
+    assert ratios_s < 1.0, ratios_s
+    assert hd_s < 6.0, hd_s
