@@ -105,25 +105,41 @@ def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], w
     return values
 
 
+def iter_per_slice_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], with_hd95: bool = False):
+    """Generator form of :func:`per_slice_metrics` for a worker thread.
+
+    The ratio metrics come from :func:`napari_covidseg.metrics.per_slice_metrics` (vectorised);
+    HD95 needs a distance transform per slice, so it is the slow part: the generator yields
+    ``(slices_done, slices_to_do)`` after each slice where both masks hold foreground (a progress
+    bar's values, and the points where a cancelled worker stops) and returns the result dict.
+    """
+    check_same_shape(pred, gt)
+    p = np.asarray(pred) != 0
+    g = np.asarray(gt) != 0
+    out = {k: np.asarray(v) for k, v in metrics.per_slice_metrics(p, g).items()}
+    if not with_hd95:
+        return out
+    out["hd95_mm"] = np.full(p.shape[0], np.nan)
+    slice_spacing = tuple(spacing)[1:]
+    todo = np.flatnonzero((out["gt_voxels"] > 0) & (out["pred_voxels"] > 0))
+    for done, z in enumerate(todo, start=1):
+        out["hd95_mm"][z] = _finite_or_nan(metrics.hd95(p[z], g[z], slice_spacing))
+        yield done, len(todo)
+    return out
+
+
 def per_slice_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], with_hd95: bool = False) -> Dict[str, np.ndarray]:
     """One array per metric, one value per axial slice (axis 0); NaN where both are empty.
 
     Also holds the voxel counts ``gt_voxels`` and ``pred_voxels`` per slice.  HD95 per slice is
     optional because it needs a distance transform per slice (slow on full-size CT).
     """
-    check_same_shape(pred, gt)
-    p = np.asarray(pred) != 0
-    g = np.asarray(gt) != 0
-    n = p.shape[0]
-    keys = [k for k, _ in METRIC_COLUMNS if with_hd95 or k != "hd95_mm"]
-    out = {k: np.full(n, np.nan) for k in keys}
-    out["gt_voxels"] = g.reshape(n, -1).sum(axis=1)
-    out["pred_voxels"] = p.reshape(n, -1).sum(axis=1)
-    slice_spacing = tuple(spacing)[1:]
-    for z in np.flatnonzero((out["gt_voxels"] > 0) | (out["pred_voxels"] > 0)):
-        for k, v in region_metrics(p[z], g[z], slice_spacing, with_hd95=with_hd95).items():
-            out[k][z] = v
-    return out
+    steps = iter_per_slice_metrics(pred, gt, spacing, with_hd95)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def rank_worst_slices(slice_dice: np.ndarray) -> np.ndarray:

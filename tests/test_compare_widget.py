@@ -227,3 +227,17 @@ def test_screenshot(phantom_viewer, qtbot):
     viewer.window._qt_window.resize(1400, 900)
     qtbot.wait(200)
     assert viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "compare_widget.png"))
+
+
+def test_clicking_the_plot_goes_to_that_slice(phantom_viewer, qtbot):
+    from matplotlib.backend_bases import MouseEvent
+
+    viewer = phantom_viewer
+    widget, pred, gt = _compare(viewer, qtbot)
+    target = pred.data.shape[0] - 3
+    widget.plot.draw()
+    x, y = widget.plot.ax.transData.transform((target + 0.2, 0.5))
+    event = MouseEvent("button_press_event", widget.plot, x, y, button=1)
+    widget.plot.callbacks.process("button_press_event", event)
+    assert viewer.dims.current_step[0] == target
+    assert widget.plot.marker.get_xdata()[0] == target

@@ -53,7 +53,9 @@ ROWS: Tuple[Tuple[str, str, str], ...] = (
     ("right_lung_ml", "Right lung volume", "mL"),
     ("left_infection_ml", "Left lung infection", "mL"),
     ("right_infection_ml", "Right lung infection", "mL"),
+    ("infection_outside_lung_ml", "Infection outside lung", "mL"),
 )
+HIDDEN_KEYS = {"voxel_volume_ml", "lung_split_method"}  # in the exports, not in the table
 
 
 def _plain(value):
@@ -84,7 +86,7 @@ def table_rows(result: Dict) -> List[Tuple[str, str]]:
         else:
             text = f"{float(value):.1f} {unit}".strip()
         rows.append((label, text))
-    known = {k for k, _, _ in ROWS}
+    known = {k for k, _, _ in ROWS} | HIDDEN_KEYS
     for key, value in result.items():
         if key in known:
             continue
@@ -274,7 +276,8 @@ class QuantifyWidget(QWidget):
         self._set_export_enabled(True)
         self.status.setText(
             f"'{infection_name}' in '{lung_name}', voxel {spacing[0]:.2f} x {spacing[1]:.2f} x {spacing[2]:.2f} mm. "
-            "Left and right are the patient's."
+            "Left and right are the patient's"
+            + (f" (lungs split by {result['lung_split_method']})." if result.get("lung_split_method") else ".")
         )
 
     def value_text(self, label: str) -> Optional[str]:
