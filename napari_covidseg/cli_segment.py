@@ -1,0 +1,175 @@
+"""``covidseg segment``: segment lungs and infection in a CT file from the command line.
+
+    covidseg segment CT.nii.gz --network unet --out-dir results/
+    covidseg segment CT.nii.gz --checkpoint runs/exp1/best.pt --device cuda --out-dir results/ --probabilities
+
+Writes ``<case>_<network>_lung.nii.gz`` and ``<case>_<network>_infection.nii.gz`` (uint8 0/1) with
+the CT's own affine and header, and with ``--probabilities`` also ``..._lung_prob.nii.gz`` and
+``..._infection_prob.nii.gz`` (float32 in [0, 1]).  Existing files are never replaced unless
+``--overwrite`` is given; this is checked before the (long) inference starts.
+
+:func:`add_parser` adds the sub-command to ``covidseg``'s argument parser and :func:`run` runs
+it, returning the exit status (0 success, 1 user error, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import CovidsegError, InputError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment lungs and COVID-19 infection in a CT (NIfTI) file",
+        description="Segment lungs and COVID-19 infection in a chest CT and write the masks as NIfTI "
+        "files with the CT's geometry.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ct", help="chest CT in Hounsfield units (.nii or .nii.gz)")
+    parser.add_argument("--network", "-n", default=None,
+                        help="registered network name (e.g. unet); uses its shipped weights unless --checkpoint is given")
+    parser.add_argument("--checkpoint", "-c", default=None,
+                        help="checkpoint file (.pt) from `python -m training train`; its network is checked against --network")
+    parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--out-dir", "-o", required=True, help="folder for the output masks (created if missing)")
+    parser.add_argument("--probabilities", action="store_true", help="also write the probability maps (float32)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a voxel is foreground (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per forward pass for 2D networks (default 4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def output_paths(ct_path: Path, network: str, out_dir: Path, probabilities: bool) -> dict:
+    case = case_name(ct_path)
+    names = {"lung": f"{case}_{network}_lung.nii.gz", "infection": f"{case}_{network}_infection.nii.gz"}
+    if probabilities:
+        names["lung_prob"] = f"{case}_{network}_lung_prob.nii.gz"
+        names["infection_prob"] = f"{case}_{network}_infection_prob.nii.gz"
+    return {key: out_dir / name for key, name in names.items()}
+
+
+def _load_model(args):
+    from .checkpoint import load_checkpoint, load_shipped
+    from .models.registry import network_names
+
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint, expected_network=args.network, map_location="cpu")
+    if not args.network:
+        raise InputError(f"give --network NAME (one of: {', '.join(network_names())}) or --checkpoint FILE")
+    if args.network not in network_names():
+        raise InputError(f"unknown network {args.network!r}; known networks: {', '.join(network_names())}")
+    return load_shipped(args.network, map_location="cpu")
+
+
+def _progress_printer(quiet: bool):
+    if quiet:
+        return None
+    state = {"last": 0.0}
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - state["last"] > 0.5:
+            state["last"] = now
+            print(f"\r  {done}/{total} ({100.0 * done / max(total, 1):.0f}%)", end="\n" if done == total else "",
+                  file=sys.stderr, flush=True)
+
+    return report
+
+
+def run(args) -> int:
+    """Run ``covidseg segment``; returns the process exit status."""
+    try:
+        return _run(args)
+    except CovidsegError as exc:
+        print(f"covidseg segment: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("covidseg segment: interrupted; no file was written", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    import numpy as np
+
+    from .inference import resolve_device, segment_volume
+    from .io.nifti import load_volume, save_volume
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    ct_path = Path(args.ct)
+    if not ct_path.is_file():
+        raise InputError(f"CT file {ct_path} does not exist")
+    if not 0.0 < args.threshold < 1.0:
+        raise InputError(f"--threshold must be between 0 and 1, not {args.threshold}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
+    device = resolve_device(args.device)  # fail early on a bad device choice
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir} exists and is not a folder")
+
+    loaded = _load_model(args)
+    outputs = output_paths(ct_path, loaded.network, out_dir, args.probabilities)
+    existing = [str(p) for p in outputs.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"output file(s) already exist: {', '.join(existing)}; pass --overwrite to replace them "
+                         "or choose another --out-dir")
+
+    volume = load_volume(str(ct_path))
+    kind = getattr(volume, "kind", None)
+    if kind in ("mask", "labels", "label"):
+        raise InputError(f"{ct_path} looks like a mask (it holds only a few integer labels), not a CT in HU")
+    geometry = volume.geometry
+    ct = np.asarray(volume.data, dtype=np.float32)
+    spacing = geometry.spacing
+    say(f"segmenting {ct_path.name} {ct.shape} (z, y, x) at {tuple(round(s, 3) for s in spacing)} mm "
+        f"with `{loaded.network}` on {device}")
+    started = time.monotonic()
+    result = segment_volume(loaded, ct, spacing, threshold=args.threshold, device=device,
+                            batch_size=args.batch_size, progress=_progress_printer(args.quiet))
+    say(f"done in {time.monotonic() - started:.1f} s")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"lung": result.lung, "infection": result.infection}
+    if args.probabilities:
+        arrays["lung_prob"] = result.probabilities[0]
+        arrays["infection_prob"] = result.probabilities[1]
+    for key, path in outputs.items():
+        save_volume(str(path), arrays[key], geometry, overwrite=args.overwrite)
+        say(f"wrote {path}")
+    if not args.quiet:
+        voxel_ml = geometry.voxel_volume_ml
+        lung_ml = float(result.lung.sum()) * voxel_ml
+        inf_ml = float(result.infection.sum()) * voxel_ml
+        share = f" ({100.0 * inf_ml / lung_ml:.1f}% of lung)" if lung_ml > 0 else ""
+        say(f"lung {lung_ml:.1f} mL, infection {inf_ml:.1f} mL{share}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Stand-alone entry point (``python -m napari_covidseg.cli_segment``)."""
+    parser = argparse.ArgumentParser(prog="covidseg segment")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
