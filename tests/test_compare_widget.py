@@ -241,3 +241,27 @@ def test_clicking_the_plot_goes_to_that_slice(phantom_viewer, qtbot):
     widget.plot.callbacks.process("button_press_event", event)
     assert viewer.dims.current_step[0] == target
     assert widget.plot.marker.get_xdata()[0] == target
+
+
+def test_export_button_runs_in_a_worker_and_asks_before_replacing(phantom_viewer, qtbot, tmp_path, monkeypatch):
+    from napari_covidseg.widgets import compare_widget
+
+    viewer = phantom_viewer
+    widget, pred, gt = _compare(viewer, qtbot)
+    path = tmp_path / "worker.csv"
+    monkeypatch.setattr(compare_widget.QFileDialog, "getSaveFileName", lambda *a, **k: (str(path), ""))
+    widget.export_button.click()
+    qtbot.waitUntil(lambda: widget._export_worker is None, timeout=20000)
+    assert path.exists() and str(path) in widget.status.text()
+    assert path.read_text() == open(widget.export_csv(tmp_path / "direct.csv")).read()
+    assert not widget.progress_row.isVisible()
+
+    before = path.read_text()
+    path.write_text("keep me")
+    monkeypatch.setattr(compare_widget, "ask_overwrite", lambda *a: False)
+    widget.export_button.click()
+    assert widget._export_worker is None and path.read_text() == "keep me"
+    monkeypatch.setattr(compare_widget, "ask_overwrite", lambda *a: True)
+    widget.export_button.click()
+    qtbot.waitUntil(lambda: widget._export_worker is None, timeout=20000)
+    assert path.read_text() == before

@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QMessageBox,
+    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -44,9 +45,9 @@ from ..overlay import (
     OVERLAY_NAMES,
     OVERLAY_RGB,
     check_same_shape,
+    iter_per_slice_metrics,
     overlay_color_dict,
     overlay_labels,
-    per_slice_metrics,
     rank_worst_slices,
     region_metrics,
     write_comparison_csv,
@@ -83,6 +84,15 @@ def volume_comparison(p: np.ndarray, g: np.ndarray, spacing):
     """Generator for a worker: yields the fast results, then returns the volume HD95 (mm)."""
     yield volume_comparison_fast(p, g, spacing)
     return float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
+
+
+def comparison_report(p: np.ndarray, g: np.ndarray, spacing, volume_metrics: Dict):
+    """Generator for the CSV export: yields per-slice HD95 progress, returns (slices, volume)."""
+    slices = yield from iter_per_slice_metrics(p, g, spacing, with_hd95=True)
+    volume = dict(volume_metrics)
+    if volume.get("hd95_mm") is None:  # the volume HD95 worker has not finished yet
+        volume["hd95_mm"] = float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
+    return slices, volume
 
 
 class SliceDicePlot(FigureCanvasQTAgg):
@@ -190,6 +200,17 @@ class CompareWidget(QWidget):
         nav.addWidget(self.next_worst_button)
         nav.addWidget(self.export_button)
 
+        self.progress = QProgressBar()
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel_export)
+        self.progress_row = QWidget()
+        progress_layout = QHBoxLayout(self.progress_row)
+        progress_layout.setContentsMargins(0, 0, 0, 0)
+        progress_layout.addWidget(self.progress, 1)
+        progress_layout.addWidget(self.cancel_button)
+        self.progress_row.setVisible(False)
+        self._export_worker = None
+
         self.status = QLabel("Pick a prediction and its ground truth, then press Compare.")
         self.status.setWordWrap(True)
 
@@ -201,6 +222,7 @@ class CompareWidget(QWidget):
         layout.addWidget(QLabel("Dice per slice (click to go to a slice)"))
         layout.addWidget(self.plot)
         layout.addLayout(nav)
+        layout.addWidget(self.progress_row)
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._set_result_buttons(False)
@@ -458,16 +480,26 @@ class CompareWidget(QWidget):
         )
 
     # --- export ------------------------------------------------------------------------------
-    def export_csv(self, path, overwrite: bool = False) -> Path:
-        """Write per-slice metrics (with per-slice HD95) and the volume summary to ``path``."""
+    def _report_inputs(self):
         if self.pred_layer is None or self.gt_layer is None:
             raise CovidsegError("Press Compare first: there are no metrics to export yet.")
-        pred, gt = np.asarray(self.pred_layer.data), np.asarray(self.gt_layer.data)
-        slices = per_slice_metrics(pred, gt, self._spacing(), with_hd95=True)
-        volume = dict(self.volume_metrics)
-        if volume.get("hd95_mm") is None:
-            p, g = pred != 0, gt != 0
-            volume["hd95_mm"] = float(metrics.hd95(p, g, self._spacing())) if (p.any() and g.any()) else float("nan")
+        masks = self._masks()
+        if masks is None:
+            raise CovidsegError("The compared layers no longer have the same shape: press Compare again.")
+        return masks[0], masks[1], self._spacing(), dict(self.volume_metrics)
+
+    def export_csv(self, path, overwrite: bool = False) -> Path:
+        """Write per-slice metrics (with per-slice HD95) and the volume summary to ``path``.
+
+        Runs in the calling thread (scripts, tests); the button runs the same job in a worker.
+        """
+        steps = comparison_report(*self._report_inputs())
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                slices, volume = stop.value
+                break
         return write_comparison_csv(path, slices, volume, overwrite=overwrite)
 
     def export_csv_dialog(self):
@@ -477,16 +509,65 @@ class CompareWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(
             self, "Export metrics as CSV", suggested, "CSV files (*.csv)", options=QFileDialog.DontConfirmOverwrite
         )
-        if not path:
-            return
-        overwrite = False
-        if Path(path).exists():
-            if not ask_overwrite(self, path):
-                return
-            overwrite = True
+        if path:
+            self.start_export(path)
+
+    def start_export(self, path, overwrite: Optional[bool] = None):
+        """Export in a worker thread with a progress bar and Cancel (per-slice HD95 is slow)."""
+        from napari.qt.threading import create_worker
+
+        path = Path(path)
+        if overwrite is None:
+            overwrite = False
+            if path.exists():
+                if not ask_overwrite(self, path):
+                    return None
+                overwrite = True
         try:
-            written = self.export_csv(path, overwrite=overwrite)
-        except (CovidsegError, OSError) as error:
+            inputs = self._report_inputs()
+        except CovidsegError as error:
             notify_error(error)
-            return
-        self.status.setText(f"Metrics written to {written}")
+            return None
+        worker = create_worker(comparison_report, *inputs)
+        self._export_worker = worker
+        self.progress.setRange(0, 0)
+        self.progress_row.setVisible(True)
+        self.export_button.setEnabled(False)
+
+        def progressed(step):
+            done, total = step
+            self.progress.setRange(0, max(total, 1))
+            self.progress.setValue(done)
+
+        def finished_ok(result):
+            slices, volume = result
+            try:
+                written = write_comparison_csv(path, slices, volume, overwrite=overwrite)
+            except (CovidsegError, OSError) as error:
+                notify_error(error)
+                self.status.setText(str(error))
+            else:
+                self.status.setText(f"Metrics written to {written}")
+
+        def failed(error):
+            notify_error(f"Export failed: {error}")
+
+        def done():
+            self.progress_row.setVisible(False)
+            self.export_button.setEnabled(self.pred_layer is not None)
+            self._export_worker = None
+
+        def aborted():
+            self.status.setText("Export cancelled; nothing was written.")
+
+        worker.yielded.connect(progressed)
+        worker.returned.connect(finished_ok)
+        worker.errored.connect(failed)
+        worker.aborted.connect(aborted)
+        worker.finished.connect(done)
+        worker.start()
+        return worker
+
+    def cancel_export(self):
+        if self._export_worker is not None:
+            self._export_worker.quit()
