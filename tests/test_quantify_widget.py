@@ -34,6 +34,7 @@ def test_compute_equals_quantify(phantom_viewer, qtbot):
     viewer = phantom_viewer
     widget = _widget(viewer, qtbot)
     widget.compute_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     lung, inf, ct = (viewer.layers[n] for n in ("phantom lung GT", "phantom infection GT", "phantom CT"))
     expected = quantify(np.asarray(lung.data), np.asarray(inf.data), tuple(ct.scale))
     assert widget.result.keys() == expected.keys()
@@ -58,6 +59,7 @@ def test_left_right_by_patient_side(phantom_viewer, qtbot):
     layer = viewer.add_labels(only_left, name="left infection", scale=viewer.layers["phantom CT"].scale)
     widget = _widget(viewer, qtbot, infection_layer=layer)
     widget.compute_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     assert widget.result["left_involvement_pct"] > 1.0
     assert widget.result["right_involvement_pct"] == 0.0
     assert widget.value_text("Right lung involved") == "0.0 %"
@@ -68,6 +70,7 @@ def test_auto_update_after_edit(phantom_viewer, qtbot):
     viewer = phantom_viewer
     widget = _widget(viewer, qtbot)
     widget.compute_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     before = widget.result["infection_ml"]
     inf = viewer.layers["phantom infection GT"]
     lung = np.asarray(viewer.layers["phantom lung GT"].data) != 0
@@ -75,7 +78,9 @@ def test_auto_update_after_edit(phantom_viewer, qtbot):
     inf.data[z][lung[z]] = 1  # the whole lung slice becomes infection
     inf.refresh()
     inf.events.paint(value=[])
-    qtbot.waitUntil(lambda: widget.result["infection_ml"] > before, timeout=10000)
+    assert widget.busy()  # the edit is waiting for the debounce timer
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
+    assert widget.result["infection_ml"] > before
     expected = quantify(np.asarray(viewer.layers["phantom lung GT"].data), np.asarray(inf.data), tuple(inf.scale))
     assert widget.result["infection_ml"] == pytest.approx(expected["infection_ml"])
     assert widget.value_text("Infection volume") == f"{expected['infection_ml']:.1f} mL"
@@ -85,6 +90,7 @@ def test_exports(phantom_viewer, qtbot, tmp_path):
     viewer = phantom_viewer
     widget = _widget(viewer, qtbot)
     widget.compute_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     csv_path = widget.export(tmp_path / "q.csv", "csv")
     rows = {r[0]: r[1] for r in list(csv.reader(open(csv_path)))[1:]}
     assert float(rows["infection_ml"]) == pytest.approx(widget.result["infection_ml"], rel=1e-5)
@@ -106,7 +112,25 @@ def test_screenshot(phantom_viewer, qtbot):
     widget.lung_combo.set_layer(viewer.layers["phantom lung GT"])
     widget.infection_combo.set_layer(viewer.layers["phantom infection GT"])
     widget.compute_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     os.makedirs(SCREENSHOTS, exist_ok=True)
     viewer.window._qt_window.resize(1400, 900)
     qtbot.wait(200)
     assert viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "quantify_widget.png"))
+
+
+def test_cancel_drops_the_result_and_errors_notify(phantom_viewer, qtbot, monkeypatch):
+    from napari_covidseg.widgets import quantify_widget
+
+    viewer = phantom_viewer
+    messages = []
+    monkeypatch.setattr(quantify_widget, "notify_error", lambda e: messages.append(str(e)))
+    widget = _widget(viewer, qtbot)
+    widget.compute_button.click()
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
+    assert widget.result is None and widget.status.text() == "Cancelled."
+    small = viewer.add_labels(np.zeros((2, 3, 4), np.uint8), name="small")
+    widget.infection_combo.set_layer(small)
+    widget.compute_button.click()
+    assert messages and "shape" in messages[-1]

@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -133,6 +134,7 @@ class QuantifyWidget(QWidget):
         self._watched: List = []
         self._generation = 0
         self._worker = None
+        self._running = 0
 
         self.lung_combo = LayerCombo(napari_viewer, labels_layers, prefer=lambda l: "lung" in l.name.lower())
         self.infection_combo = LayerCombo(
@@ -163,6 +165,16 @@ class QuantifyWidget(QWidget):
         exports = QHBoxLayout()
         exports.addWidget(self.csv_button)
         exports.addWidget(self.json_button)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 0)  # quantify() reports no steps: a busy indicator
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress_row = QWidget()
+        progress_layout = QHBoxLayout(self.progress_row)
+        progress_layout.setContentsMargins(0, 0, 0, 0)
+        progress_layout.addWidget(self.progress, 1)
+        progress_layout.addWidget(self.cancel_button)
+        self.progress_row.setVisible(False)
         self.status = QLabel("Pick the lung and infection masks, then press Compute.")
         self.status.setWordWrap(True)
 
@@ -172,6 +184,7 @@ class QuantifyWidget(QWidget):
         layout.addWidget(self.auto_check)
         layout.addWidget(self.table)
         layout.addLayout(exports)
+        layout.addWidget(self.progress_row)
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._set_export_enabled(False)
@@ -214,50 +227,74 @@ class QuantifyWidget(QWidget):
 
     # --- compute -----------------------------------------------------------------------------
     def compute(self):
-        """Quantify the chosen masks now (in the GUI thread: a press expects the answer)."""
+        """Quantify the chosen masks in a worker thread (seconds on a full-size CT)."""
         try:
             lung, infection, ct, spacing = self._inputs()
-            result = quantify(np.asarray(lung.data), np.asarray(infection.data), spacing)
         except CovidsegError as error:
             notify_error(error)
             self.status.setText(str(error))
             return None
-        self._generation += 1
         self._watch([lung, infection])
-        self._show(result, lung.name, infection.name, spacing)
-        return result
+        return self._launch(lung, infection, spacing, "Computing...")
 
     def _on_edit(self, event=None):
         if self.auto_check.isChecked():
             self._edit_timer.start()
 
     def _auto_update(self):
-        """Recompute after an edit in a worker thread; an older result arriving late is dropped."""
-        from napari.qt.threading import create_worker
-
+        """Recompute after an edit (debounced)."""
         try:
             lung, infection, ct, spacing = self._inputs()
         except CovidsegError as error:
             self.status.setText(str(error))
             return
+        self._launch(lung, infection, spacing, "Updating after the edit...")
+
+    def _launch(self, lung, infection, spacing, message: str):
+        """Run quantify() on copies of the masks in a worker; a result made stale by a newer
+        request or by Cancel is dropped (quantify itself cannot be interrupted half way)."""
+        from napari.qt.threading import create_worker
+
         self._generation += 1
         generation = self._generation
         lung_data, infection_data = np.array(lung.data, copy=True), np.array(infection.data, copy=True)
-        self.status.setText("Updating after the edit...")
+        names = (lung.name, infection.name)
+        self.status.setText(message)
+        self.progress_row.setVisible(True)
         worker = create_worker(quantify, lung_data, infection_data, spacing)
-        worker.returned.connect(
-            lambda result, gen=generation, names=(lung.name, infection.name): self._worker_done(gen, result, names, spacing)
-        )
-        worker.errored.connect(lambda error: self.status.setText(f"Could not update: {error}"))
+        worker.returned.connect(lambda result, gen=generation: self._worker_done(gen, result, names, spacing))
+        worker.errored.connect(lambda error, gen=generation: self._worker_failed(gen, error))
         self._worker = worker
+        self._running = getattr(self, "_running", 0) + 1
+        worker.finished.connect(self._worker_finished)
         worker.start()
+        return worker
+
+    def _worker_finished(self):
+        self._running -= 1
 
     def _worker_done(self, generation, result, names, spacing):
         if generation == self._generation:
+            self.progress_row.setVisible(False)
             self._show(result, names[0], names[1], spacing)
 
+    def _worker_failed(self, generation, error):
+        if generation == self._generation:
+            self.progress_row.setVisible(False)
+            message = str(error) if isinstance(error, CovidsegError) else f"Quantification failed: {error}"
+            notify_error(message)
+            self.status.setText(message)
+
+    def cancel(self):
+        """Forget the running computation: its result will not be shown."""
+        self._generation += 1
+        self._edit_timer.stop()
+        self.progress_row.setVisible(False)
+        self.status.setText("Cancelled.")
+
     def busy(self) -> bool:
-        return self._edit_timer.isActive() or (self._worker is not None and getattr(self._worker, "is_running", False))
+        """True while an edit is waiting to be quantified or a computation is running."""
+        return self._edit_timer.isActive() or getattr(self, "_running", 0) > 0
 
     def _show(self, result, lung_name, infection_name, spacing):
         self.result = result
