@@ -1,0 +1,71 @@
+"""napari reader hook: open a chest CT or mask NIfTI as a correctly oriented, scaled layer.
+
+A CT becomes an Image layer in the lung window with ``scale`` = voxel spacing (so distances and
+aspect ratio are in mm) and the :class:`~napari_covidseg.io.geometry.Geometry` in its metadata (so
+masks made from it can be saved back onto the CT's grid); a mask becomes a Labels layer.
+
+A file the user cannot use (truncated, not NIfTI, 4D, not in HU, ...) is reported with a napari
+notification and no layer; the reader then returns napari's "read, but nothing to add" sentinel
+``[(None,)]`` so napari neither raises nor asks another reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+from .errors import CovidsegError
+from .io.geometry import GEOMETRY_KEY
+from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY, Volume, is_nifti_path, load_volume
+from .windowing import contrast_limits
+
+#: napari's documented value for "the file was handled but there is no layer to add"
+NO_LAYERS = [(None,)]
+
+PathOrPaths = Union[str, Sequence[str]]
+
+
+def get_reader(path: PathOrPaths):
+    """Return :func:`read_nifti` if every path is a ``.nii``/``.nii.gz`` file, else None."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(is_nifti_path(p) for p in paths):
+        return None
+    return read_nifti
+
+
+def layer_name(path) -> str:
+    """File name without the .nii/.nii.gz extension."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def volume_layer_data(volume: Volume, name: str) -> Tuple[Any, Dict[str, Any], str]:
+    """napari LayerData tuple of a loaded volume (used by the reader and the CLI)."""
+    metadata = {GEOMETRY_KEY: volume.geometry, SOURCE_PATH_KEY: volume.source_path}
+    kwargs: Dict[str, Any] = {"name": name, "scale": tuple(volume.spacing), "metadata": metadata}
+    if volume.kind == KIND_LABELS:
+        return volume.data, kwargs, "labels"
+    kwargs.update(colormap="gray", contrast_limits=contrast_limits("lung"), interpolation2d="nearest")
+    return volume.data, kwargs, "image"
+
+
+def read_layers(paths: Sequence[str]) -> List[Tuple[Any, Dict[str, Any], str]]:
+    """LayerData of each path; raises :class:`CovidsegError` for the first unusable file."""
+    return [volume_layer_data(load_volume(p), layer_name(p)) for p in paths]
+
+
+def read_nifti(path: PathOrPaths):
+    """Read one or several NIfTI files; unusable files are reported, never raised."""
+    from napari.utils.notifications import show_error  # napari only where napari runs
+
+    paths = [str(path)] if isinstance(path, (str, Path)) else [str(p) for p in path]
+    layers = []
+    for p in paths:
+        try:
+            layers.append(volume_layer_data(load_volume(p), layer_name(p)))
+        except CovidsegError as error:
+            show_error(f"Cannot open {Path(p).name}: {error}")
+    return layers or NO_LAYERS

@@ -1,0 +1,137 @@
+"""Dock widget: switch a CT's display window (lung, mediastinum, soft tissue, bone) in one click.
+
+Reading COVID-19 CT needs the lung window for ground-glass opacities and the mediastinum window
+for consolidation and effusion; radiologists think in width/level, not napari's contrast limits,
+so the widget shows and accepts W/L and keeps its read-out in step with napari's own contrast
+slider.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from qtpy.QtWidgets import (
+    QButtonGroup,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..io.geometry import GEOMETRY_KEY
+from ..windowing import WINDOW_PRESETS, contrast_limits, matching_preset, width_level
+from .common import LayerComboBox, image_layers
+
+
+def _is_ct(layer) -> bool:
+    return GEOMETRY_KEY in getattr(layer, "metadata", {})
+
+
+class WindowWidget(QWidget):
+    """Preset buttons and width/level boxes acting on the chosen CT Image layer."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._watched = None
+
+        self.layer_combo = LayerComboBox(napari_viewer, image_layers, prefer=_is_ct)
+        self.buttons = {}
+        self.button_group = QButtonGroup(self)
+        self.button_group.setExclusive(True)
+        grid = QGridLayout()
+        for i, (name, preset) in enumerate(WINDOW_PRESETS.items()):
+            button = QPushButton(name.capitalize())
+            button.setCheckable(True)
+            button.setToolTip(f"W {preset.width:g} / L {preset.level:g} HU")
+            button.clicked.connect(lambda _checked=False, n=name: self.apply_preset(n))
+            self.button_group.addButton(button)
+            self.buttons[name] = button
+            grid.addWidget(button, i // 2, i % 2)
+
+        self.width_box = QDoubleSpinBox()
+        self.width_box.setRange(1.0, 10000.0)
+        self.width_box.setDecimals(0)
+        self.width_box.setSuffix(" HU")
+        self.level_box = QDoubleSpinBox()
+        self.level_box.setRange(-3000.0, 5000.0)
+        self.level_box.setDecimals(0)
+        self.level_box.setSuffix(" HU")
+        for box in (self.width_box, self.level_box):
+            box.setKeyboardTracking(False)
+            box.valueChanged.connect(self._apply_boxes)
+        self.readout = QLabel()
+
+        form = QFormLayout()
+        form.addRow("CT layer", self.layer_combo)
+        form.addRow("Width", self.width_box)
+        form.addRow("Level", self.level_box)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(grid)
+        layout.addWidget(self.readout)
+        layout.addStretch(1)
+
+        self.layer_combo.currentIndexChanged.connect(self._watch_layer)
+        self._watch_layer()
+
+    # --- public API ---------------------------------------------------------------------------
+    def current_layer(self):
+        return self.layer_combo.current_layer()
+
+    def apply_preset(self, name: str) -> None:
+        """Set the chosen CT layer's contrast limits to the preset's window."""
+        self.set_limits(contrast_limits(name))
+
+    def set_width_level(self, width: float, level: float) -> None:
+        self.set_limits((level - width / 2.0, level + width / 2.0))
+
+    def set_limits(self, limits) -> None:
+        layer = self.current_layer()
+        if layer is None:
+            self.readout.setText("Open a CT (File > Open, or the phantom sample) to set its window.")
+            return
+        low, high = (float(v) for v in limits)
+        range_low, range_high = layer.contrast_limits_range
+        if low < range_low or high > range_high:  # let the slider reach the window too
+            layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
+        layer.contrast_limits = (low, high)
+        self._show_limits()
+
+    # --- internals ----------------------------------------------------------------------------
+    def _watch_layer(self, *_):
+        if self._watched is not None:
+            try:
+                self._watched.events.contrast_limits.disconnect(self._show_limits)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self._watched = self.current_layer()
+        if self._watched is not None:
+            self._watched.events.contrast_limits.connect(self._show_limits)
+        self._show_limits()
+
+    def _show_limits(self, *_):
+        layer = self.current_layer()
+        enabled = layer is not None
+        for widget in (self.width_box, self.level_box, *self.buttons.values()):
+            widget.setEnabled(enabled)
+        if layer is None:
+            self.readout.setText("No image layer: open a CT to set its window.")
+            return
+        width, level = width_level(layer.contrast_limits)
+        for box, value in ((self.width_box, width), (self.level_box, level)):
+            box.blockSignals(True)
+            box.setValue(value)
+            box.blockSignals(False)
+        preset = matching_preset(layer.contrast_limits)
+        self.button_group.setExclusive(False)
+        for name, button in self.buttons.items():
+            button.setChecked(name == preset)
+        self.button_group.setExclusive(True)
+        self.readout.setText(f"W {width:g} / L {level:g} HU" + (f"  ({preset} window)" if preset else ""))
+
+    def _apply_boxes(self, *_):
+        self.set_width_level(self.width_box.value(), self.level_box.value())
