@@ -450,7 +450,7 @@ def make_phantom(
             picks = rng.choice(lung_idx.size, size=n, replace=n > lung_idx.size, p=weight)
             radii = rng.uniform(0.07, 0.2, n) * A
             stretch = rng.uniform(0.7, 1.4, (n, 3))
-            kinds = rng.choice(3, size=n, p=[0.6, 0.15, 0.25])  # 0 GGO, 1 consolidation, 2 mixed
+            kinds = rng.choice(3, size=n, p=[0.65, 0.1, 0.25])  # 0 GGO, 1 consolidation, 2 mixed
             ggo_hu = rng.uniform(*GGO_HU_RANGE, n)
             cons_hu = rng.uniform(*CONSOLIDATION_HU_RANGE, n)
             # irregular borders: coarse smooth noise sampled at the lung voxels
@@ -482,7 +482,7 @@ def make_phantom(
             inside = field > thr
             kind = kinds[owner]
             depth_in = field - thr
-            cons_core = (kind == 1) | ((kind == 2) & (depth_in > 0.45))
+            cons_core = (kind == 1) | ((kind == 2) & (depth_in > 0.6))
             target_hu = np.where(cons_core, cons_hu[owner], ggo_hu[owner]) + np.where(cons_core, 15.0, 45.0) * tn
             # the lesion replaces the parenchyma part of a voxel only, so vessels stay visible
             # inside ground glass (as on real CT)
