@@ -251,17 +251,38 @@ def test_export_button_runs_in_a_worker_and_asks_before_replacing(phantom_viewer
     path = tmp_path / "worker.csv"
     monkeypatch.setattr(compare_widget.QFileDialog, "getSaveFileName", lambda *a, **k: (str(path), ""))
     widget.export_button.click()
-    qtbot.waitUntil(lambda: widget._export_worker is None, timeout=20000)
+    qtbot.waitUntil(lambda: not widget.export_running(), timeout=20000)
     assert path.exists() and str(path) in widget.status.text()
     assert path.read_text() == open(widget.export_csv(tmp_path / "direct.csv")).read()
-    assert not widget.progress_row.isVisible()
+    assert widget.runner.isHidden()
 
     before = path.read_text()
     path.write_text("keep me")
     monkeypatch.setattr(compare_widget, "ask_overwrite", lambda *a: False)
     widget.export_button.click()
-    assert widget._export_worker is None and path.read_text() == "keep me"
+    assert not widget.export_running() and path.read_text() == "keep me"
     monkeypatch.setattr(compare_widget, "ask_overwrite", lambda *a: True)
     widget.export_button.click()
-    qtbot.waitUntil(lambda: widget._export_worker is None, timeout=20000)
+    qtbot.waitUntil(lambda: not widget.export_running(), timeout=20000)
     assert path.read_text() == before
+
+
+def test_export_cancel_writes_nothing(phantom_viewer, qtbot, tmp_path, monkeypatch):
+    import time
+
+    viewer = phantom_viewer
+    widget, pred, gt = _compare(viewer, qtbot)
+    real_hd95 = metrics.hd95
+
+    def slow_hd95(*args, **kwargs):
+        time.sleep(0.2)
+        return real_hd95(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "hd95", slow_hd95)
+    path = tmp_path / "cancelled.csv"
+    widget.start_export(path)
+    assert widget.export_running() and not widget.runner.isHidden()
+    widget.runner.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.export_running(), timeout=20000)
+    assert not path.exists()
+    assert "cancelled" in widget.status.text()

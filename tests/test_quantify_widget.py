@@ -125,8 +125,11 @@ def test_cancel_drops_the_result_and_errors_notify(phantom_viewer, qtbot, monkey
     viewer = phantom_viewer
     messages = []
     monkeypatch.setattr(quantify_widget, "notify_error", lambda e: messages.append(str(e)))
+    real = quantify_widget.quantify
+    monkeypatch.setattr(quantify_widget, "quantify", lambda *a: (__import__("time").sleep(0.3), real(*a))[1])
     widget = _widget(viewer, qtbot)
     widget.compute_button.click()
+    assert widget.busy() and not widget.runner.isHidden()
     widget.cancel_button.click()
     qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     assert widget.result is None and widget.status.text() == "Cancelled."

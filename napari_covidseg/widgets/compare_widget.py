@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QMessageBox,
-    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -39,7 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from .. import metrics
-from ..errors import CovidsegError
+from ..errors import CancelledError, CovidsegError
 from ..overlay import (
     METRIC_COLUMNS,
     OVERLAY_NAMES,
@@ -52,7 +51,7 @@ from ..overlay import (
     region_metrics,
     write_comparison_csv,
 )
-from .common import add_labels_like, labels_layers, notify_error
+from .common import TaskRunner, add_labels_like, labels_layers, notify_error
 from ._review import LayerCombo, ask_overwrite, current_slice, go_to_slice
 
 EDIT_DEBOUNCE_MS = 250  # recompute this long after the last brush dab
@@ -93,6 +92,20 @@ def comparison_report(p: np.ndarray, g: np.ndarray, spacing, volume_metrics: Dic
     if volume.get("hd95_mm") is None:  # the volume HD95 worker has not finished yet
         volume["hd95_mm"] = float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
     return slices, volume
+
+
+def run_comparison_report(p, g, spacing, volume_metrics, progress=None, should_cancel=None):
+    """:func:`comparison_report` driven by a :class:`TaskRunner` (progress, cancel)."""
+    steps = comparison_report(p, g, spacing, volume_metrics)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
+        if should_cancel is not None and should_cancel():
+            raise CancelledError("Export cancelled.")
 
 
 class SliceDicePlot(FigureCanvasQTAgg):
@@ -200,16 +213,13 @@ class CompareWidget(QWidget):
         nav.addWidget(self.next_worst_button)
         nav.addWidget(self.export_button)
 
-        self.progress = QProgressBar()
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel_export)
-        self.progress_row = QWidget()
-        progress_layout = QHBoxLayout(self.progress_row)
-        progress_layout.setContentsMargins(0, 0, 0, 0)
-        progress_layout.addWidget(self.progress, 1)
-        progress_layout.addWidget(self.cancel_button)
-        self.progress_row.setVisible(False)
-        self._export_worker = None
+        self.runner = TaskRunner(self, unit="slices")
+        self.runner.setVisible(False)  # shown only while an export runs
+        self.runner.started.connect(lambda: self.runner.setVisible(True))
+        self.runner.succeeded.connect(self._export_done)
+        self.runner.cancelled.connect(lambda: self.status.setText("Export cancelled; nothing was written."))
+        self.runner.finished.connect(self._export_finished)
+        self._export_target = None
 
         self.status = QLabel("Pick a prediction and its ground truth, then press Compare.")
         self.status.setWordWrap(True)
@@ -222,7 +232,7 @@ class CompareWidget(QWidget):
         layout.addWidget(QLabel("Dice per slice (click to go to a slice)"))
         layout.addWidget(self.plot)
         layout.addLayout(nav)
-        layout.addWidget(self.progress_row)
+        layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._set_result_buttons(False)
@@ -493,13 +503,7 @@ class CompareWidget(QWidget):
 
         Runs in the calling thread (scripts, tests); the button runs the same job in a worker.
         """
-        steps = comparison_report(*self._report_inputs())
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                slices, volume = stop.value
-                break
+        slices, volume = run_comparison_report(*self._report_inputs())
         return write_comparison_csv(path, slices, volume, overwrite=overwrite)
 
     def export_csv_dialog(self):
@@ -514,8 +518,6 @@ class CompareWidget(QWidget):
 
     def start_export(self, path, overwrite: Optional[bool] = None):
         """Export in a worker thread with a progress bar and Cancel (per-slice HD95 is slow)."""
-        from napari.qt.threading import create_worker
-
         path = Path(path)
         if overwrite is None:
             overwrite = False
@@ -528,46 +530,25 @@ class CompareWidget(QWidget):
         except CovidsegError as error:
             notify_error(error)
             return None
-        worker = create_worker(comparison_report, *inputs)
-        self._export_worker = worker
-        self.progress.setRange(0, 0)
-        self.progress_row.setVisible(True)
+        self._export_target = (path, overwrite)
         self.export_button.setEnabled(False)
+        return self.runner.start(run_comparison_report, *inputs, status="Computing per-slice metrics...")
 
-        def progressed(step):
-            done, total = step
-            self.progress.setRange(0, max(total, 1))
-            self.progress.setValue(done)
+    def _export_done(self, result):
+        path, overwrite = self._export_target
+        slices, volume = result
+        try:
+            written = write_comparison_csv(path, slices, volume, overwrite=overwrite)
+        except (CovidsegError, OSError) as error:
+            notify_error(error)
+            self.status.setText(str(error))
+        else:
+            self.status.setText(f"Metrics written to {written}")
 
-        def finished_ok(result):
-            slices, volume = result
-            try:
-                written = write_comparison_csv(path, slices, volume, overwrite=overwrite)
-            except (CovidsegError, OSError) as error:
-                notify_error(error)
-                self.status.setText(str(error))
-            else:
-                self.status.setText(f"Metrics written to {written}")
+    def _export_finished(self):
+        self.runner.setVisible(False)
+        self.export_button.setEnabled(self.pred_layer is not None)
+        self._export_target = None
 
-        def failed(error):
-            notify_error(f"Export failed: {error}")
-
-        def done():
-            self.progress_row.setVisible(False)
-            self.export_button.setEnabled(self.pred_layer is not None)
-            self._export_worker = None
-
-        def aborted():
-            self.status.setText("Export cancelled; nothing was written.")
-
-        worker.yielded.connect(progressed)
-        worker.returned.connect(finished_ok)
-        worker.errored.connect(failed)
-        worker.aborted.connect(aborted)
-        worker.finished.connect(done)
-        worker.start()
-        return worker
-
-    def cancel_export(self):
-        if self._export_worker is not None:
-            self._export_worker.quit()
+    def export_running(self) -> bool:
+        return self.runner.is_running()

@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -35,10 +34,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import CovidsegError, InputError
+from ..errors import CancelledError, CovidsegError, InputError
 from ..quantify import quantify
 from ._review import LayerCombo, ask_overwrite
-from .common import image_layers, labels_layers, notify_error
+from .common import TaskRunner, image_layers, labels_layers, notify_error
 
 EDIT_DEBOUNCE_MS = 400
 
@@ -126,15 +125,20 @@ def write_quantify_json(path, result: Dict, layers: Dict[str, Optional[str]], ov
     return path
 
 
+def run_quantify(lung, infection, spacing, progress=None, should_cancel=None):
+    """quantify() for a :class:`TaskRunner`: it cannot stop half way, so Cancel drops the result."""
+    result = quantify(lung, infection, spacing)
+    if should_cancel is not None and should_cancel():
+        raise CancelledError("Quantification cancelled.")
+    return result
+
+
 class QuantifyWidget(QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.result: Optional[Dict] = None
         self._watched: List = []
-        self._generation = 0
-        self._worker = None
-        self._running = 0
 
         self.lung_combo = LayerCombo(napari_viewer, labels_layers, prefer=lambda l: "lung" in l.name.lower())
         self.infection_combo = LayerCombo(
@@ -165,16 +169,16 @@ class QuantifyWidget(QWidget):
         exports = QHBoxLayout()
         exports.addWidget(self.csv_button)
         exports.addWidget(self.json_button)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 0)  # quantify() reports no steps: a busy indicator
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
-        self.progress_row = QWidget()
-        progress_layout = QHBoxLayout(self.progress_row)
-        progress_layout.setContentsMargins(0, 0, 0, 0)
-        progress_layout.addWidget(self.progress, 1)
-        progress_layout.addWidget(self.cancel_button)
-        self.progress_row.setVisible(False)
+        self.runner = TaskRunner(self)
+        self.runner.setVisible(False)  # shown only while quantify() runs
+        self.runner.started.connect(lambda: self.runner.setVisible(True))
+        self.runner.succeeded.connect(self._succeeded)
+        self.runner.failed.connect(self._failed)
+        self.runner.cancelled.connect(lambda: self.status.setText("Cancelled."))
+        self.runner.finished.connect(self._finished)
+        self.cancel_button = self.runner.cancel_button
+        self._rerun = False
+        self._pending = None
         self.status = QLabel("Pick the lung and infection masks, then press Compute.")
         self.status.setWordWrap(True)
 
@@ -184,7 +188,7 @@ class QuantifyWidget(QWidget):
         layout.addWidget(self.auto_check)
         layout.addWidget(self.table)
         layout.addLayout(exports)
-        layout.addWidget(self.progress_row)
+        layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._set_export_enabled(False)
@@ -251,50 +255,42 @@ class QuantifyWidget(QWidget):
         self._launch(lung, infection, spacing, "Updating after the edit...")
 
     def _launch(self, lung, infection, spacing, message: str):
-        """Run quantify() on copies of the masks in a worker; a result made stale by a newer
-        request or by Cancel is dropped (quantify itself cannot be interrupted half way)."""
-        from napari.qt.threading import create_worker
+        """Run quantify() on copies of the masks in the task runner (progress bar + Cancel).
 
-        self._generation += 1
-        generation = self._generation
+        An edit that arrives while a run is going is remembered and run right after it, so the
+        table always ends on the latest masks.
+        """
+        if self.runner.is_running():
+            self._rerun = True
+            return None
+        self._rerun = False
         lung_data, infection_data = np.array(lung.data, copy=True), np.array(infection.data, copy=True)
-        names = (lung.name, infection.name)
+        self._pending = ((lung.name, infection.name), spacing)
         self.status.setText(message)
-        self.progress_row.setVisible(True)
-        worker = create_worker(quantify, lung_data, infection_data, spacing)
-        worker.returned.connect(lambda result, gen=generation: self._worker_done(gen, result, names, spacing))
-        worker.errored.connect(lambda error, gen=generation: self._worker_failed(gen, error))
-        self._worker = worker
-        self._running = getattr(self, "_running", 0) + 1
-        worker.finished.connect(self._worker_finished)
-        worker.start()
-        return worker
+        return self.runner.start(run_quantify, lung_data, infection_data, spacing, status=message)
 
-    def _worker_finished(self):
-        self._running -= 1
+    def _succeeded(self, result):
+        names, spacing = self._pending
+        self._show(result, names[0], names[1], spacing)
 
-    def _worker_done(self, generation, result, names, spacing):
-        if generation == self._generation:
-            self.progress_row.setVisible(False)
-            self._show(result, names[0], names[1], spacing)
+    def _failed(self, error):
+        self.status.setText(self.runner.status_label.text())
 
-    def _worker_failed(self, generation, error):
-        if generation == self._generation:
-            self.progress_row.setVisible(False)
-            message = str(error) if isinstance(error, CovidsegError) else f"Quantification failed: {error}"
-            notify_error(message)
-            self.status.setText(message)
+    def _finished(self):
+        self.runner.setVisible(False)
+        if self._rerun:
+            self._rerun = False
+            self._auto_update()
 
     def cancel(self):
-        """Forget the running computation: its result will not be shown."""
-        self._generation += 1
+        """Stop the running computation: its result is not shown."""
         self._edit_timer.stop()
-        self.progress_row.setVisible(False)
-        self.status.setText("Cancelled.")
+        self._rerun = False
+        self.runner.cancel()
 
     def busy(self) -> bool:
         """True while an edit is waiting to be quantified or a computation is running."""
-        return self._edit_timer.isActive() or getattr(self, "_running", 0) > 0
+        return self._edit_timer.isActive() or self.runner.is_running() or self._rerun
 
     def _show(self, result, lung_name, infection_name, spacing):
         self.result = result
