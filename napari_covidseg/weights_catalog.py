@@ -1,0 +1,289 @@
+"""Which weights a user can choose for each network: the shipped ones and their own checkpoints.
+
+The Segment and Side-by-side widgets list, per network, the weights shipped with the package
+(``napari_covidseg/weights/<network>.pt``) followed by checkpoints the user trained or opened.
+When the Training widget finishes a run it calls :func:`add_checkpoint`; every widget that
+registered with :func:`on_change` refreshes its list, so the new checkpoint is choosable at once.
+
+Recently used checkpoints are remembered across sessions in a small JSON file,
+``<config dir>/checkpoints.json`` (``~/.config/napari-covidseg`` by default, or
+``$COVIDSEG_CONFIG_DIR``; ``$XDG_CONFIG_HOME`` is honoured).  Only paths are stored; a file that
+has disappeared is silently dropped from the list.  No Qt here: the widgets wrap it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .errors import CheckpointError
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_ENV = "COVIDSEG_CONFIG_DIR"
+CATALOG_FILE = "checkpoints.json"
+MAX_REMEMBERED = 30
+
+_callbacks: List[Callable[[], None]] = []
+_user_paths: Optional[List[str]] = None  # most recent first; None until read from disk
+_info_cache: Dict[str, tuple] = {}  # path -> (mtime, size, info)
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One choosable set of weights for one network."""
+
+    network: str
+    path: str
+    shipped: bool
+    label: str
+    info: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def description(self) -> str:
+        return describe(self.info, shipped=self.shipped)
+
+
+# ------------------------------------------------------------------------------------------------
+# persistence
+# ------------------------------------------------------------------------------------------------
+def config_dir() -> Path:
+    override = os.environ.get(CONFIG_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "napari-covidseg"
+
+
+def catalog_path() -> Path:
+    return config_dir() / CATALOG_FILE
+
+
+def _load_paths() -> List[str]:
+    global _user_paths
+    if _user_paths is None:
+        paths: List[str] = []
+        try:
+            content = json.loads(catalog_path().read_text(encoding="utf-8"))
+            for item in content.get("checkpoints", []):
+                path = item.get("path") if isinstance(item, dict) else item
+                if isinstance(path, str) and path not in paths:
+                    paths.append(path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:  # a damaged file must not break the GUI
+            LOG.warning("ignoring unreadable checkpoint list %s: %s", catalog_path(), exc)
+        _user_paths = paths
+    return _user_paths
+
+
+def _save_paths(paths: List[str]) -> None:
+    """Write the list atomically; failing to remember is logged, never fatal."""
+    target = catalog_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"checkpoints": [{"path": p} for p in paths[:MAX_REMEMBERED]], "saved": time.time()}
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoints.", suffix=".json", dir=str(target.parent))
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+        os.replace(tmp, target)
+    except OSError as exc:
+        LOG.warning("could not remember checkpoints in %s: %s", target, exc)
+
+
+def reset(forget_memory: bool = True) -> None:
+    """Re-read the list from disk on next use (tests; a changed ``$COVIDSEG_CONFIG_DIR``)."""
+    global _user_paths
+    _user_paths = None
+    if forget_memory:
+        _info_cache.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# observers
+# ------------------------------------------------------------------------------------------------
+def on_change(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback()`` whenever the catalog changes; returns a function that unregisters it."""
+    _callbacks.append(callback)
+
+    def disconnect() -> None:
+        if callback in _callbacks:
+            _callbacks.remove(callback)
+
+    return disconnect
+
+
+def _notify() -> None:
+    for callback in list(_callbacks):
+        try:
+            callback()
+        except RuntimeError as exc:  # e.g. a closed widget whose Qt object is gone
+            LOG.debug("dropping dead catalog observer: %s", exc)
+            _callbacks.remove(callback)
+
+
+# ------------------------------------------------------------------------------------------------
+# entries
+# ------------------------------------------------------------------------------------------------
+def checkpoint_info(path) -> dict:
+    """:func:`read_checkpoint_info`, cached while the file is unchanged."""
+    from .checkpoint import read_checkpoint_info
+
+    key = os.path.abspath(os.fspath(path))
+    try:
+        stat = os.stat(key)
+    except OSError:
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path") from None
+    cached = _info_cache.get(key)
+    if cached and cached[0] == stat.st_mtime_ns and cached[1] == stat.st_size:
+        return cached[2]
+    info = read_checkpoint_info(key)
+    _info_cache[key] = (stat.st_mtime_ns, stat.st_size, info)
+    return info
+
+
+def _label_for(info: dict, path: str) -> str:
+    p = Path(path)
+    name = p.name if p.parent.name in ("", ".") else f"{p.parent.name}/{p.name}"
+    dice = _mean_dice(info.get("metrics") or {})
+    return f"{name} (Dice {dice:.2f})" if dice is not None else name
+
+
+def _mean_dice(metrics: dict) -> Optional[float]:
+    for key in ("val_dice_mean", "dice_mean", "mean_dice"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+    values = []
+    for cls in ("lung", "infection"):
+        entry = metrics.get(cls)
+        if isinstance(entry, dict) and isinstance(entry.get("dice"), (int, float)):
+            values.append(float(entry["dice"]))
+    return sum(values) / len(values) if values else None
+
+
+def shipped_entry(network: str) -> Optional[WeightsEntry]:
+    from .checkpoint import shipped_checkpoint_path
+
+    path = shipped_checkpoint_path(network)
+    if path is None:
+        return None
+    try:
+        info = checkpoint_info(path)
+    except CheckpointError as exc:
+        LOG.warning("shipped weights for %s are unreadable: %s", network, exc)
+        return None
+    return WeightsEntry(network=network, path=str(path), shipped=True, label="Shipped weights", info=info)
+
+
+def user_entries(network: Optional[str] = None) -> List[WeightsEntry]:
+    """Remembered checkpoints (most recent first), optionally only those of ``network``."""
+    entries = []
+    for path in list(_load_paths()):
+        try:
+            info = checkpoint_info(path)
+        except CheckpointError:
+            continue  # moved or deleted since; it stays in the file until the list is rewritten
+        if network is not None and info.get("network") != network:
+            continue
+        entries.append(WeightsEntry(network=str(info.get("network")), path=path, shipped=False,
+                                    label=_label_for(info, path), info=info))
+    return entries
+
+
+def entries(network: str) -> List[WeightsEntry]:
+    """Everything choosable for ``network``: shipped weights first, then the user's checkpoints."""
+    shipped = shipped_entry(network)
+    return ([shipped] if shipped else []) + user_entries(network)
+
+
+def default_entry(network: str) -> Optional[WeightsEntry]:
+    found = entries(network)
+    return found[0] if found else None
+
+
+def add_checkpoint(path) -> WeightsEntry:
+    """Register a checkpoint (after checking it is one) and tell every observer.
+
+    Raises :class:`CheckpointError` (with the reason) when the file is not a usable checkpoint
+    or holds a network this version does not know.
+    """
+    key = os.path.abspath(os.fspath(path))
+    info = checkpoint_info(key)
+    if not info.get("known_network"):
+        raise CheckpointError(
+            f"{key} holds a network named {info.get('network')!r}, which this napari-covidseg does not know"
+        )
+    paths = _load_paths()
+    if key in paths:
+        paths.remove(key)
+    paths.insert(0, key)
+    del paths[MAX_REMEMBERED:]
+    _save_paths(paths)
+    _notify()
+    return WeightsEntry(network=str(info["network"]), path=key, shipped=False, label=_label_for(info, key), info=info)
+
+
+def remove_checkpoint(path) -> None:
+    key = os.path.abspath(os.fspath(path))
+    paths = _load_paths()
+    if key in paths:
+        paths.remove(key)
+        _save_paths(paths)
+        _notify()
+
+
+# ------------------------------------------------------------------------------------------------
+# text for tooltips
+# ------------------------------------------------------------------------------------------------
+def describe(info: dict, shipped: bool = False) -> str:
+    """A few lines saying what the weights are and how good they were on validation data."""
+    lines = []
+    network = info.get("network", "?")
+    lines.append(("Shipped weights" if shipped else "Checkpoint") + f" for `{network}`")
+    if info.get("path"):
+        lines.append(str(info["path"]))
+    training = info.get("training") or {}
+    data = training.get("data") or training.get("data_source") or training.get("dataset") or training.get("layout")
+    parts = []
+    if data:
+        parts.append(f"data: {data}")
+    for key, label in (("n_cases", "cases"), ("cases", "cases"), ("n_train", "train cases"), ("n_val", "val cases")):
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label}: {int(value)}")
+        elif isinstance(value, list):
+            parts.append(f"{label}: {len(value)}")
+    for key in ("epochs_done", "epoch", "epochs"):
+        if isinstance(training.get(key), (int, float)):
+            parts.append(f"epochs: {int(training[key])}")
+            break
+    if parts:
+        lines.append(", ".join(parts))
+    metrics = info.get("metrics") or {}
+    metric_parts = []
+    for cls in ("lung", "infection"):
+        entry = metrics.get(cls)
+        if isinstance(entry, dict):
+            shown = [f"{k} {float(v):.3f}" for k, v in entry.items() if isinstance(v, (int, float)) and k in ("dice", "iou", "sensitivity", "specificity")]
+            if shown:
+                metric_parts.append(f"{cls}: " + ", ".join(shown))
+    mean = _mean_dice(metrics)
+    if metric_parts:
+        lines.append("validation " + "; ".join(metric_parts))
+    elif mean is not None:
+        lines.append(f"validation mean Dice {mean:.3f}")
+    else:
+        lines.append("no validation metrics stored")
+    n_params = info.get("n_parameters")
+    if isinstance(n_params, int) and n_params:
+        lines.append(f"{n_params / 1e6:.2f} M parameters ({info.get('weights_dtype') or '?'})")
+    if info.get("created"):
+        lines.append(f"created {info['created']}")
+    return "\n".join(lines)
