@@ -4,3 +4,5 @@ from .registry import CLASS_NAMES, NetworkSpec, Recipe, get_network, network_nam
 
 # one line per network, in the order the GUI lists them
 from . import unet  # noqa: F401,E402
+from . import ms_unet  # noqa: F401,E402
+from . import msa_cpp_unet  # noqa: F401,E402

@@ -1,0 +1,200 @@
+"""Multi-scale attention U-Net with class-probability-preserving pooling (Yang, Chen), SEEDS.md section 2.
+
+What the network does and why
+-----------------------------
+A U-Net whose encoder convolutions are replaced by multi-scale attention modules: depthwise strip
+convolutions of three lengths (SegNeXt's MSCA) see elongated structures (vessels, fissures,
+subpleural bands) at several scales for little cost, and CBAM then re-weights channels and
+positions.  Down-sampling is a learned stride-2 convolution rather than max pooling.  Each
+down-sampled map also feeds an auxiliary classifier trained against the ground truth reduced by
+class-probability-preserving (CPP) pooling (:mod:`.cpp_pooling`), which pushes the coarse
+encoder features to already know how much lung and infection each cell holds.
+
+Readings chosen where the paper is ambiguous (all configurable through the constructor / loss)
+------------------------------------------------------------------------------------------------
+* Layout: a 3x3 Conv-BN-ReLU stem (1 -> ``base``), then 4 encoder stages; stage i holds two
+  multi-scale attention modules at width ``base * 2**(i-1)`` and ends with a stride-2 3x3
+  Conv-BN-ReLU that doubles the width (the paper's "strided convolution instead of max pooling").
+  The stage output before the down-sampling is the skip; the bottleneck (1/16) is two 3x3
+  Conv-BN-ReLU; the decoder is U-Net's (2x2 transposed conv, concatenation, two 3x3 CBR), head a
+  1x1 conv to 2 channels.  Widths ``base * (1, 2, 4, 8, 16)``, default ``base=32`` (paper gives no
+  widths or parameter count).
+* Multi-scale attention module (SegNeXt block + CBAM): ``u = GELU(1x1(BN(x)))``;
+  ``a = dw5x5(u)``; ``a = 1x1(a + sum_k dw_kx1(dw_1xk(a)))`` with k = 7, 11, 21;
+  ``f = 1x1(a * u)``; ``out = x + CBAM(f)``.  CBAM: channel attention = sigmoid(MLP(avgpool) +
+  MLP(maxpool)) with a shared 2-layer MLP, reduction 16 (CBAM's value, at least 4 hidden units);
+  then spatial attention = sigmoid(7x7 conv([mean_c, max_c])).
+* Auxiliary heads read the output of each of the 4 down-sampling convolutions (1/2, 1/4, 1/8,
+  1/16): 3x3 conv (same width), BN, ReLU, 1x1 conv to 3 classes, softmax.
+* Classes of the auxiliary softmax: our task is multi-label (infection lies inside the lung), so
+  the softmax runs over 3 mutually exclusive classes {background, lung without infection,
+  infection} (:func:`.cpp_pooling.exclusive_classes`).
+* CPP target: the 3-class one-hot ground truth average-pooled in s x s cells (s = 2, 4, 8, 16);
+  sizes not divisible by s give partial last cells whose fractions count real pixels only.  The
+  network pads its input at the bottom/right (not centred) so its coarse cells line up with the
+  target's cells, and crops the aux maps to ``ceil(H/s) x ceil(W/s)``.
+* Auxiliary loss: KL(target || prediction) = sum_c t_c log(t_c / p_c), summed over classes,
+  averaged over cells and batch; total = BCE(main logits) + ``lambda_cpp`` * sum over the 4
+  scales, ``lambda_cpp`` = 1 (the paper adds the terms unweighted).
+* Recipe: RMSProp, lr 1e-3, weight decay 1e-4, 70 epochs, 256x256.  The paper gives no batch size
+  (8 chosen, like the other papers) and no learning-rate schedule (constant chosen).
+* ``forward`` always returns ``"aux"`` (probabilities, a list from 1/2 to 1/16) and
+  ``"aux_logits"`` (what the loss uses, for a numerically stable log-softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..preprocessing import Preprocessing
+from .cpp_pooling import cpp_pool, exclusive_classes, kl_to_prediction
+from .losses import bce_loss
+from .registry import NetworkSpec, Recipe, register
+from .unet import conv_bn_relu
+
+AUX_STRIDES = (2, 4, 8, 16)
+AUX_CLASS_NAMES = ("background", "lung without infection", "infection")
+
+
+class CBAM(nn.Module):
+    """Convolutional block attention: channel attention, then spatial attention."""
+
+    def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 7):
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel = torch.sigmoid(self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1)))
+        x = x * channel
+        maps = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(maps))
+
+
+class MultiScaleAttention(nn.Module):
+    """SegNeXt MSCA (5x5 depthwise + 1xk/kx1 depthwise strips) followed by CBAM, with a residual."""
+
+    def __init__(self, channels: int, strip_sizes=(7, 11, 21), reduction: int = 16):
+        super().__init__()
+        c = channels
+        self.norm = nn.BatchNorm2d(c)
+        self.proj_in = nn.Conv2d(c, c, 1)
+        self.local = nn.Conv2d(c, c, 5, padding=2, groups=c)
+        self.strips = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(c, c, (1, k), padding=(0, k // 2), groups=c),
+                          nn.Conv2d(c, c, (k, 1), padding=(k // 2, 0), groups=c))
+            for k in strip_sizes
+        ])
+        self.mix = nn.Conv2d(c, c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+        self.cbam = CBAM(c, reduction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = F.gelu(self.proj_in(self.norm(x)))
+        a = self.local(u)
+        a = self.mix(a + sum(strip(a) for strip in self.strips))
+        return x + self.cbam(self.proj_out(a * u))
+
+
+def strided_down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def aux_head(channels: int, n_classes: int = 3) -> nn.Sequential:
+    return nn.Sequential(conv_bn_relu(channels, channels), nn.Conv2d(channels, n_classes, 1))
+
+
+def pad_bottom_right(x: torch.Tensor, multiple: int):
+    """Pad H and W at the bottom/right to a multiple, so coarse cells stay aligned with the top-left."""
+    h, w = x.shape[2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+class MSACPPUNet(nn.Module):
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, base: int = 32,
+                 strip_sizes=(7, 11, 21), modules_per_stage: int = 2, n_aux_classes: int = 3):
+        super().__init__()
+        widths = [base * 2**i for i in range(5)]
+        self.stem = conv_bn_relu(in_channels, widths[0])
+        self.stages = nn.ModuleList([
+            nn.Sequential(*[MultiScaleAttention(w, strip_sizes) for _ in range(modules_per_stage)]) for w in widths[:4]
+        ])
+        self.downs = nn.ModuleList([strided_down(a, b) for a, b in zip(widths[:4], widths[1:])])
+        self.aux_heads = nn.ModuleList([aux_head(w, n_aux_classes) for w in widths[1:]])
+        self.bottleneck = nn.Sequential(conv_bn_relu(widths[4], widths[4]), conv_bn_relu(widths[4], widths[4]))
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for w_low, w_high in zip(widths[::-1][:-1], widths[::-1][1:]):
+            self.ups.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
+            self.decoders.append(nn.Sequential(conv_bn_relu(2 * w_high, w_high), conv_bn_relu(w_high, w_high)))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h, w = x.shape[2:]
+        x = self.stem(pad_bottom_right(x, AUX_STRIDES[-1]))
+        skips, aux_logits = [], []
+        for stage, down, head, s in zip(self.stages, self.downs, self.aux_heads, AUX_STRIDES):
+            x = stage(x)
+            skips.append(x)
+            x = down(x)
+            aux_logits.append(head(x)[:, :, : -(-h // s), : -(-w // s)])
+        x = self.bottleneck(x)
+        for up, dec in zip(self.ups, self.decoders):
+            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+        logits = self.head(x)[:, :, :h, :w]
+        return {"logits": logits, "aux_logits": aux_logits, "aux": [torch.softmax(a, dim=1) for a in aux_logits]}
+
+
+class BCECPPLoss(nn.Module):
+    """BCE on the main logits + ``lambda_cpp`` * sum over scales of KL(CPP target || aux softmax)."""
+
+    def __init__(self, lambda_cpp: float = 1.0, strides=AUX_STRIDES):
+        super().__init__()
+        self.lambda_cpp, self.strides = lambda_cpp, tuple(strides)
+
+    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0):
+        bce = bce_loss(outputs["logits"], target)
+        classes = exclusive_classes(target)
+        if "aux_logits" in outputs:
+            log_probs = [F.log_softmax(a, dim=1) for a in outputs["aux_logits"]]
+        else:
+            log_probs = [torch.log(p.clamp_min(1e-12)) for p in outputs["aux"]]
+        if len(log_probs) != len(self.strides):
+            raise ValueError(f"expected {len(self.strides)} auxiliary maps, got {len(log_probs)}")
+        terms = {}
+        cpp_total = bce.new_zeros(())
+        for s, log_p in zip(self.strides, log_probs):
+            t = cpp_pool(classes, s)
+            if t.shape != log_p.shape:
+                raise ValueError(f"auxiliary map at 1/{s} has shape {tuple(log_p.shape)}, CPP target {tuple(t.shape)}")
+            kl = kl_to_prediction(t, log_p)
+            terms[f"cpp_{s}"] = float(kl.detach())
+            cpp_total = cpp_total + kl
+        total = bce + self.lambda_cpp * cpp_total
+        return total, {"bce": float(bce.detach()), **terms}
+
+
+SPEC = register(
+    NetworkSpec(
+        name="msa_cpp_unet",
+        title="MSA-CPP U-Net (multi-scale attention, CPP pooling)",
+        build=MSACPPUNet,
+        dims=2,
+        loss=BCECPPLoss,
+        preprocessing=Preprocessing(hu_min=-1250.0, hu_max=250.0, normalisation="minmax", inplane_size=(256, 256)),
+        recipe=Recipe(optimizer="rmsprop", lr=1e-3, weight_decay=1e-4, schedule="constant", epochs=70, batch_size=8,
+                      input_size=(256, 256), augmentation=("flip", "rotate")),
+        default_kwargs={"base": 32},
+        shipped_kwargs={"base": 12},
+        paper="Yang, Chen. Multi-scale attention U-Net with class-probability-preserving pooling for COVID-19 "
+              "lung infection segmentation (MSCA after SegNeXt, Guo et al. 2022; CBAM, Woo et al. 2018)",
+        stride=16,
+    )
+)
