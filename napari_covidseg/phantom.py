@@ -38,7 +38,7 @@ AIR_HU = -1000.0
 FAT_HU = -100.0
 MUSCLE_HU = 40.0
 BLOOD_HU = 40.0
-LUNG_HU = -860.0
+LUNG_HU = -880.0  # parenchyma; with the vessels the lung averages about -830
 CANCELLOUS_BONE_HU = 400.0
 CORTICAL_BONE_HU = 900.0
 GGO_HU_RANGE = (-650.0, -420.0)
@@ -208,8 +208,8 @@ def make_phantom(
         the connected-component count can be lower.
     infection_fraction:
         Fraction of the lung volume to be infected (e.g. 0.1 for 10 %); the lesion borders are
-        grown or shrunk to match it (within a voxel or so).  Default: drawn from the seed,
-        about 2-12 %.
+        grown or shrunk together to match it (to within a few voxels).  Default: drawn from
+        the seed, 2-12 %.
     healthy:
         No lesions at all (an empty infection mask).
     noise_hu:
@@ -247,10 +247,11 @@ def make_phantom(
     curve = table_top - 0.10 * B * (P.x / (0.9 * A)) ** 2
     depth = P.y - curve
     width_ok = np.abs(P.x) < 1.05 * A
-    table_shell = width_ok & (((depth >= 0) & (depth < 2.0)) | ((depth >= 0.06 * B) & (depth < 0.06 * B + 2.0)))
-    table_core = width_ok & (depth >= 2.0) & (depth < 0.06 * B)
+    shell = max(2.0, 2.0 * sy)  # two voxels at least, so coarse grids still show it
+    table_shell = width_ok & (((depth >= 0) & (depth < shell)) | ((depth >= 0.06 * B + shell) & (depth < 0.06 * B + 2 * shell)))
+    table_core = width_ok & (depth >= shell) & (depth < 0.06 * B + shell)
     ct[:, table_core] = -550.0
-    ct[:, table_shell] = 250.0
+    ct[:, table_shell] = 500.0
 
     # --- body: skin/fat layer around muscle -----------------------------------------------------
     # the back is flatter than the front (the patient lies on the table): a super-ellipse there
@@ -301,6 +302,7 @@ def make_phantom(
     spinous = (np.abs(P.x) < 0.02 * A) & (P.y > canal_v * B) & (P.y < canal_v * B + 0.16 * A)
     # transverse processes point laterally and backwards
     transverse = (np.abs(P.y - (canal_v * B - 0.01 * A) - 0.35 * (np.abs(P.x) - 0.06 * A)) < 0.022 * A) & (np.abs(P.x) < 0.17 * A)
+    spinous &= muscle
     bone_2d = vertebra | arch | spinous | transverse
 
     # --- lungs: one ellipsoid-like volume per side, clipped by the cavity and the mediastinum ---
@@ -473,10 +475,10 @@ def make_phantom(
                 better = f > field_max
                 field_max[better] = f[better]
                 owner[better] = i
-            field = field_max + 0.45 * bn
+            # lesions spread along the pleura more than toward the hilum (subpleural patches)
+            field = field_max + 0.45 * bn + 1.2 * (rr_l - PLEURA_R) / 0.2
             # threshold so that the infected fraction of the lung matches the target
-            thr = float(np.quantile(field, 1.0 - target)) if target < 1 else -np.inf
-            thr = max(thr, -1.5)  # never let a lesion spread over the whole lung
+            thr = float(np.quantile(field, 1.0 - target))
             ramp = 0.18
             w = np.clip((field - thr) / ramp + 0.5, 0.0, 1.0)
             inside = field > thr
