@@ -6,3 +6,5 @@ from .registry import CLASS_NAMES, NetworkSpec, Recipe, get_network, network_nam
 from . import unet  # noqa: F401,E402
 from . import ms_unet  # noqa: F401,E402
 from . import msa_cpp_unet  # noqa: F401,E402
+from . import qchc_unet3d  # noqa: F401,E402
+from . import chs_net  # noqa: F401,E402
