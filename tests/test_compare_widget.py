@@ -222,7 +222,11 @@ def test_screenshot(phantom_viewer, qtbot):
     pred.visible = False
     viewer.layers["phantom lung GT"].visible = False
     viewer.layers["phantom infection GT"].visible = False
+    overlay = viewer.layers["prediction vs phantom infection GT"]
     widget.worst_button.click()
+    while len(np.unique(overlay.data[viewer.dims.current_step[0]])) < 4 and widget.rank_position < len(widget.ranking) - 1:
+        widget.next_worst_button.click()  # a slice showing all three colours
+    viewer.camera.zoom *= 1.5
     os.makedirs(SCREENSHOTS, exist_ok=True)
     viewer.window._qt_window.resize(1400, 900)
     qtbot.wait(200)

@@ -189,8 +189,13 @@ class CompareWidget(QWidget):
         self.table.setVerticalHeaderLabels([label for _, label in METRIC_COLUMNS])
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
-        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        self.table.setMinimumHeight(self.table.verticalHeader().length() + self.table.horizontalHeader().height() + 6)
+        row_height = self.fontMetrics().height() + 10
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+        self.table.verticalHeader().setDefaultSectionSize(row_height)
+        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        # Every row visible, no scroll bar (the header is about one row high; margin for the frame).
+        self.table.setFixedHeight((len(METRIC_COLUMNS) + 1) * row_height + 2 * self.table.frameWidth() + 6)
         for row in range(len(METRIC_COLUMNS)):
             for col in range(2):
                 item = QTableWidgetItem("")

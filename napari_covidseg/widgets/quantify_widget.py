@@ -94,7 +94,7 @@ def table_rows(result: Dict) -> List[Tuple[str, str]]:
             rows.append((key.replace("_", " "), f"{float(value):.4g}"))
         elif isinstance(value, (list, tuple, np.ndarray)) and "lesion" in key and len(value):
             largest = sorted((float(v) for v in value), reverse=True)[:3]
-            rows.append(("Largest lesions", ", ".join(f"{v:.2f}" for v in largest) + " mL"))
+            rows.append(("Largest lesions", ", ".join(f"{v:.1f}" for v in largest) + " mL"))
     return rows
 
 
@@ -158,8 +158,8 @@ class QuantifyWidget(QWidget):
         self.table.setHorizontalHeaderLabels(["Quantity", "Value"])
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
-        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeToContents)
+        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
         self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
         self.table.setMinimumHeight(120)
         self.csv_button = QPushButton("Export CSV...")

@@ -106,6 +106,7 @@ class SaveWidget(QWidget):
 
         self.folder_edit = QLineEdit()
         self.folder_edit.setPlaceholderText("training data folder")
+        self.folder_edit.textChanged.connect(self.folder_edit.setToolTip)  # the full path, when cut
         browse = QPushButton("Browse...")
         browse.clicked.connect(self.choose_folder)
         folder_row = QHBoxLayout()
