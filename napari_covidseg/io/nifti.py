@@ -163,9 +163,13 @@ def _read_voxels(img, name: str) -> np.ndarray:
         if slope == 1 and inter == 0:
             values = raw
         else:
-            values = raw.astype(np.int64) * int(slope) + int(inter)
+            # int32 holds any 8/16-bit value times a CT-sized slope; wider data needs int64
+            small = raw.dtype.itemsize <= 2 and abs(slope) < 2**14 and abs(inter) < 2**30
+            work = np.int32 if small else np.int64
+            values = raw.astype(work) * work(slope) + work(inter)
         return _smallest_integer(values)
-    values = raw.astype(np.float64) * slope + inter if (slope != 1 or inter != 0) else raw
+    # float32 arithmetic: HU need ~5 significant digits, and it halves the memory of float64
+    values = raw.astype(np.float32) * np.float32(slope) + np.float32(inter) if (slope != 1 or inter != 0) else raw
     values = np.asarray(values)
     if not np.all(np.isfinite(values)):
         n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
