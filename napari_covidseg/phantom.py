@@ -40,7 +40,7 @@ MUSCLE_HU = 40.0
 BLOOD_HU = 40.0
 LUNG_HU = -880.0  # parenchyma; with the vessels the lung averages about -830
 CANCELLOUS_BONE_HU = 400.0
-CORTICAL_BONE_HU = 900.0
+CORTICAL_BONE_HU = 1000.0
 GGO_HU_RANGE = (-650.0, -420.0)
 CONSOLIDATION_HU_RANGE = (-40.0, 30.0)
 NOISE_HU = 20.0
@@ -118,6 +118,11 @@ def _profile(t, points):
     return np.interp(t, ts, vs).astype(np.float32)
 
 
+def _cross(a, b):
+    """Cross product of two 3-vectors (np.cross is slow for single vectors)."""
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
 # --- vessel tree -------------------------------------------------------------------------------------
 def _vessel_segments(rng, hilum_mm, lateral_sign, scale_mm, depth):
     """Line segments (p0, p1, r0, r1) of a branching tree growing from a hilum (z, y, x mm)."""
@@ -141,10 +146,10 @@ def _vessel_segments(rng, hilum_mm, lateral_sign, scale_mm, depth):
             continue
         for _ in range(2):
             # rotate the direction by 25-45 degrees about a random perpendicular axis
-            axis = np.cross(d, rng.normal(size=3))
+            axis = _cross(d, rng.normal(size=3))
             axis /= np.linalg.norm(axis) + 1e-9
             ang = np.deg2rad(rng.uniform(25, 45))
-            nd = d * np.cos(ang) + np.cross(axis, d) * np.sin(ang)
+            nd = d * np.cos(ang) + _cross(axis, d) * np.sin(ang)
             nd /= np.linalg.norm(nd)
             stack.append((p1, nd, length * rng.uniform(0.7, 0.9), r1 * 0.85, level + 1))
     return segments
@@ -431,7 +436,9 @@ def make_phantom(
                 segs.append((p0, p0 + d * length, r, r * 0.8))
         _draw_vessels(shape, spacing, segs, vessels)
     vessels *= lung
-    ct += vessels * (BLOOD_HU - ct) * lung
+    vessel_idx = np.flatnonzero(vessels)
+    flat_ct = ct.reshape(-1)
+    flat_ct[vessel_idx] += vessels.reshape(-1)[vessel_idx] * (BLOOD_HU - flat_ct[vessel_idx])
 
     # --- lesions ------------------------------------------------------------------------------
     infection = np.zeros(shape, bool)
@@ -497,13 +504,21 @@ def make_phantom(
             n_drawn = n
 
     # --- image formation: partial volume blur, correlated noise ---------------------------------
-    ct = ndimage.gaussian_filter(ct, sigma=(0.0, 0.6, 0.6), truncate=2.5)
+    # One in-plane Gaussian does both: it softens the edges (partial volume) and correlates the
+    # white noise added before it, whose amplitude is raised by the filter's known noise
+    # reduction (the root of the sum of its squared weights) so the result has ``noise_hu``.
+    blur = (0.0, 0.65, 0.65)
     if noise_hu > 0:
+        delta = np.zeros((1, 15, 15), np.float64)
+        delta[0, 7, 7] = 1.0
+        reduction = float(np.sqrt((ndimage.gaussian_filter(delta, blur, truncate=2.5) ** 2).sum()))
         noise = rng.standard_normal(shape, dtype=np.float32)
-        noise = ndimage.gaussian_filter(noise, sigma=(0.0, 0.7, 0.7), truncate=2.5)
-        noise *= noise_hu / max(float(noise.std()), 1e-6)
+        noise *= noise_hu / reduction
         ct += noise
-    ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
+    ct = ndimage.gaussian_filter(ct, sigma=blur, truncate=2.5, output=ct)
+    np.rint(ct, out=ct)
+    np.clip(ct, -1024, 3071, out=ct)
+    ct = ct.astype(np.int16)
 
     geometry = Geometry.from_display_spacing(shape, spacing)
     return Phantom(
