@@ -290,3 +290,24 @@ def test_export_cancel_writes_nothing(phantom_viewer, qtbot, tmp_path, monkeypat
     qtbot.waitUntil(lambda: not widget.export_running(), timeout=20000)
     assert not path.exists()
     assert "cancelled" in widget.status.text()
+
+
+def test_edits_during_a_volume_update_end_on_the_latest_data(phantom_viewer, qtbot):
+    viewer = phantom_viewer
+    widget, pred, gt = _compare(viewer, qtbot)
+    g = gt.data != 0
+    n = pred.data.shape[0]
+    for z in range(n // 2 - 2, n // 2 + 2):  # quick strokes on four slices, a volume update per stroke
+        pred.data[z] = g[z]
+        pred.refresh()
+        pred.events.paint(value=[])
+        widget.go_to_slice(z)
+        widget._edit_timer.stop()
+        widget._after_edit()  # what the debounce timer would call
+    qtbot.waitUntil(lambda: not widget.hd95_pending(), timeout=20000)
+    p = pred.data != 0
+    assert widget.volume_metrics["dice"] == pytest.approx(metrics.dice(p, g))
+    assert widget.volume_metrics["hd95_mm"] == pytest.approx(metrics.hd95(p, g, tuple(gt.scale)))
+    np.testing.assert_allclose(widget.slice_dice, metrics.per_slice_dice(p, g), equal_nan=True)
+    overlay = viewer.layers["prediction vs phantom infection GT"]
+    assert np.array_equal(overlay.data == 3, p & ~g)

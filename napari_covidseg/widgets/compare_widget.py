@@ -162,6 +162,8 @@ class CompareWidget(QWidget):
         self.rank_position = -1
         self._generation = 0  # bumps on every recompute; stale HD95 results are dropped
         self._hd95_worker = None
+        self._volume_running = False  # a whole-volume worker (after an edit) is running
+        self._volume_dirty = False  # an edit arrived while it ran: run it again when it ends
 
         self.pred_combo = LayerCombo(napari_viewer, labels_layers)
         self.gt_combo = LayerCombo(napari_viewer, labels_layers)
@@ -347,8 +349,6 @@ class CompareWidget(QWidget):
         so only the edited slice (the one on screen) is redone in the GUI thread; the volume
         follows from a worker, and a result made stale by a newer edit is dropped.
         """
-        from napari.qt.threading import create_worker
-
         masks = self._masks()
         if masks is None:
             return
@@ -365,13 +365,31 @@ class CompareWidget(QWidget):
         self.update_slice_metrics()
         self.volume_metrics["hd95_mm"] = None
         self._show_volume_column()
+        self._start_volume_worker(p, g)
+
+    def _start_volume_worker(self, p, g):
+        """One volume worker at a time: edits made while it runs are redone when it ends."""
+        from napari.qt.threading import create_worker
+
+        if self._volume_running:
+            self._volume_dirty = True
+            return
+        self._volume_running, self._volume_dirty = True, False
         generation = self._generation
         worker = create_worker(volume_comparison, p, g, self._spacing())
         worker.yielded.connect(lambda fast, gen=generation: self._apply_volume(gen, fast))
         worker.returned.connect(lambda value, gen=generation: self._hd95_done(gen, value))
         worker.errored.connect(lambda error, gen=generation: self._hd95_failed(gen, error))
+        worker.finished.connect(self._volume_worker_finished)
         self._hd95_worker = worker
         worker.start()
+
+    def _volume_worker_finished(self):
+        self._volume_running = False
+        if self._volume_dirty and self.pred_layer is not None:
+            masks = self._masks()
+            if masks is not None:
+                self._start_volume_worker(*masks)
 
     def _apply_volume(self, generation: int, fast):
         """Show a volume result (overlay, per-slice Dice, volume ratios) unless it is stale."""
@@ -416,7 +434,8 @@ class CompareWidget(QWidget):
         notify_error(f"HD95 could not be computed: {error}")
 
     def hd95_pending(self) -> bool:
-        return self.volume_metrics.get("hd95_mm", 0.0) is None
+        """True until the volume column (HD95 last) matches the layers' current data."""
+        return self.volume_metrics.get("hd95_mm", 0.0) is None or self._volume_running
 
     def current_slice(self) -> int:
         layer = self.pred_layer

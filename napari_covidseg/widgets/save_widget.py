@@ -187,7 +187,7 @@ class SaveWidget(QWidget):
     def save_mask(self, path, overwrite: bool = False) -> Path:
         """Save the chosen mask to ``path`` with the chosen CT's geometry; returns the path.
 
-        Never writes over a file the CT (or the mask) was read from, even with ``overwrite``.
+        Never writes over the file the CT was read from, even with ``overwrite``.
         """
         from ..io.nifti import save_volume
 
