@@ -193,7 +193,9 @@ def hd95(pred, gt, spacing: Optional[Sequence[float]] = None) -> float:
 
 def mae(prob, gt) -> float:
     """Mean absolute error between a probability map (or binary prediction) and a binary mask."""
-    prob = np.asarray(prob, dtype=np.float64) if not np.asarray(prob).dtype == bool else np.asarray(prob)
+    prob = np.asarray(prob)
+    if prob.dtype != bool:
+        prob = prob.astype(np.float64, copy=False)
     g = np.asarray(gt)
     if prob.shape != g.shape:
         raise InputError(f"The probability map has shape {prob.shape} but the ground truth has shape {g.shape}.")
