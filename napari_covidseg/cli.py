@@ -145,8 +145,12 @@ def _optional_subcommand_modules():
         try:
             modules.append(importlib.import_module(f"{__package__}.{name}"))
         except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise  # the module exists but something it needs is missing: say so
+            if exc.name == f"{__package__}.{name}":
+                continue  # not part of this installation: no such sub-command
+            # it exists but something it needs is missing: keep view/info working, say why
+            print(f"{PROG}: warning: '{name}' is unavailable ({exc})", file=sys.stderr)
+        except ImportError as exc:
+            print(f"{PROG}: warning: '{name}' is unavailable ({exc})", file=sys.stderr)
     return modules
 
 
