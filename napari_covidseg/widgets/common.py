@@ -235,6 +235,7 @@ class TaskRunner(QWidget):
     """A progress bar, a Cancel button and a status line that run one function off the GUI thread.
 
     ``start(fn, *args, **kwargs)`` calls ``fn(*args, progress=..., should_cancel=..., **kwargs)``
+    (``unit="%"`` shows a percentage, any other unit "done / total unit")
     in a napari thread worker.  ``progress(done, total)`` may be called from the worker (it is
     relayed to the GUI thread); ``should_cancel()`` turns true after Cancel is pressed, and the
     function is expected to raise :class:`CancelledError` then (returning normally counts as
@@ -313,7 +314,7 @@ class TaskRunner(QWidget):
         total = max(int(total), 1)
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(min(int(done), total))
-        self.progress_bar.setFormat(f"%v / %m {self.unit}")
+        self.progress_bar.setFormat("%p%" if self.unit == "%" else f"%v / %m {self.unit}")
 
     def start(self, fn: Callable, *args, status: str = "Running...", **kwargs):
         """Run ``fn`` in a worker thread; returns the worker (``None`` if already running)."""

@@ -1,0 +1,296 @@
+"""Segment dock widget: run one network on the chosen CT and add its lung and infection masks.
+
+The work (loading the checkpoint, running the network slice by slice or patch by patch) happens
+in a worker thread, so the viewer stays usable; the progress bar counts batches of slices (2D
+networks) or patches (3D networks) and Cancel stops between two of them.  Results land as
+Labels layers ``<network> lung`` / ``<network> infection`` on the CT's grid (scale, translate and
+geometry metadata copied from the CT, so "Correct and save" writes them with the CT's affine);
+running again replaces those layers' data rather than stacking duplicates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import InputError
+from ..models.registry import get_network, network_names
+from .common import (
+    INFECTION_COLOR,
+    LUNG_COLOR,
+    MASK_OPACITY,
+    LayerComboBox,
+    TaskRunner,
+    add_image_like,
+    add_labels_like,
+    device_choices,
+    format_seconds,
+    image_layers,
+    layer_spacing,
+    notify_error,
+    notify_warning,
+    volume_of,
+)
+from .weights_combo import WeightsCombo
+
+CLASS_COLORS = {"lung": LUNG_COLOR, "infection": INFECTION_COLOR}
+
+
+def mask_layer_name(network: str, cls: str) -> str:
+    return f"{network} {cls}"
+
+
+def probability_layer_name(network: str, cls: str) -> str:
+    return f"{network} {cls} probability"
+
+
+@dataclass
+class RunRequest:
+    """Everything a run needs, read from the widget in the GUI thread."""
+
+    ct: np.ndarray
+    spacing: tuple
+    network: str
+    weights_path: str
+    device: str
+    threshold: float
+
+
+@dataclass
+class RunOutcome:
+    request: RunRequest
+    result: object  # inference.SegmentationResult
+    device_used: str
+    seconds: float
+    n_slices: int
+
+
+def run_segmentation(request: RunRequest, progress=None, should_cancel=None) -> RunOutcome:
+    """Load the weights and segment (runs in the worker thread; no Qt here)."""
+    from ..checkpoint import load_checkpoint
+    from ..inference import resolve_device, segment_volume
+
+    t0 = time.perf_counter()
+    device = resolve_device(request.device)
+    loaded = load_checkpoint(request.weights_path, expected_network=request.network, map_location="cpu")
+    result = segment_volume(loaded, request.ct, request.spacing, threshold=request.threshold, device=device,
+                            progress=progress, should_cancel=should_cancel)
+    return RunOutcome(request=request, result=result, device_used=describe_device(device),
+                      seconds=time.perf_counter() - t0, n_slices=int(request.ct.shape[0]))
+
+
+def describe_device(device) -> str:
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return "CPU"
+
+
+def check_hounsfield(ct: np.ndarray, name: str) -> Optional[str]:
+    """A warning when the image does not look like a CT in Hounsfield units (networks expect HU)."""
+    sample = ct[:: max(1, ct.shape[0] // 8)]
+    low, high = float(np.min(sample)), float(np.max(sample))
+    if high <= 1.5 and low >= -1.5:
+        return (f"'{name}' holds values between {low:.2f} and {high:.2f}; the networks expect Hounsfield units "
+                "(air about -1000). Open the original CT (NIfTI) rather than a normalised image.")
+    if low >= 0 and high > 1000:
+        return (f"'{name}' has no negative values (min {low:.0f}); it may be stored without the rescale "
+                "intercept (HU = value - 1024). Results may be poor.")
+    return None
+
+
+class SegmentWidget(QWidget):
+    """Choose CT, network, weights, device and threshold; Run adds the masks to the viewer."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.last_outcome: Optional[RunOutcome] = None
+        self._ct_layer = None
+
+        self.ct_combo = LayerComboBox(napari_viewer, image_layers)
+        self.ct_combo.setToolTip("The chest CT (Image layer, in Hounsfield units) to segment")
+
+        self.network_combo = QComboBox()
+        for name in network_names():
+            spec = get_network(name)
+            self.network_combo.addItem(spec.title, name)
+            self.network_combo.setItemData(self.network_combo.count() - 1,
+                                           f"{spec.name}: {spec.dims}D network\n{spec.paper}", Qt.ToolTipRole)
+        self.network_combo.currentIndexChanged.connect(self._network_changed)
+
+        self.weights = WeightsCombo(self.network)
+        self.weights.changed.connect(self._weights_changed)
+        self.weights.other_network.connect(self._switch_to_checkpoint)
+        self.weights_info = QLabel()
+        self.weights_info.setWordWrap(True)
+        self.weights_info.setStyleSheet("color: gray;")
+        self.weights_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        self.device_combo = QComboBox()
+        for label, value in device_choices():
+            self.device_combo.addItem(label, value)
+        self.device_combo.setToolTip("Where the network runs; Auto uses the first GPU when there is one")
+
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.01, 0.99)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setDecimals(2)
+        self.threshold_spin.setValue(0.5)
+        self.threshold_spin.setToolTip("A voxel belongs to a mask when its probability is above this")
+
+        self.probability_check = QCheckBox("Add probability maps")
+        self.probability_check.setToolTip("Also add the lung and infection probabilities (0..1) as image layers")
+
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Segment the CT with the chosen network")
+        self.run_button.clicked.connect(self.run)
+        self.runner = TaskRunner(unit="steps")
+        self.runner.succeeded.connect(self._on_success)
+        self.runner.finished.connect(self._update_buttons)
+        self.runner.started.connect(self._update_buttons)
+
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+        form.addRow("CT:", self.ct_combo)
+        form.addRow("Network:", self.network_combo)
+        form.addRow("Weights:", self.weights)
+        form.addRow("", self.weights_info)
+        form.addRow("Device:", self.device_combo)
+        form.addRow("Threshold:", self.threshold_spin)
+        form.addRow("", self.probability_check)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+        self._weights_changed()
+        self._update_buttons()
+
+    # --- choices -------------------------------------------------------------------------------
+    @property
+    def network(self) -> Optional[str]:
+        return self.network_combo.currentData()
+
+    def set_network(self, name: str) -> None:
+        index = self.network_combo.findData(name)
+        if index >= 0:
+            self.network_combo.setCurrentIndex(index)
+
+    def set_device(self, value: str) -> None:
+        index = self.device_combo.findData(value)
+        if index < 0:  # e.g. "cuda" on a machine without GPUs: keep it so the run says why it fails
+            self.device_combo.addItem(value, value)
+            index = self.device_combo.count() - 1
+        self.device_combo.setCurrentIndex(index)
+
+    def _network_changed(self, *_):
+        self.weights.set_network(self.network)
+        self._weights_changed()
+
+    def _switch_to_checkpoint(self, entry):
+        self.set_network(entry.network)
+        self.weights.select_path(entry.path)
+
+    def _weights_changed(self, *_):
+        entry = self.weights.current_entry()
+        if entry is None:
+            self.weights_info.setText("No weights for this network: train it (Train widget) or Browse... to a checkpoint.")
+            self.weights_info.setToolTip("")
+        else:
+            lines = entry.description.splitlines()
+            self.weights_info.setText("\n".join(lines[2:4]) if len(lines) > 2 else entry.description)
+            self.weights_info.setToolTip(entry.description)
+        self._update_buttons()
+
+    def _update_buttons(self, *_):
+        running = self.runner.is_running()
+        self.run_button.setEnabled(not running)
+        for widget in (self.network_combo, self.weights, self.device_combo, self.threshold_spin, self.ct_combo):
+            widget.setEnabled(not running)
+
+    # --- running -------------------------------------------------------------------------------
+    def request(self) -> RunRequest:
+        """Read and check the choices (raises :class:`InputError` with what to fix)."""
+        layer = self.ct_combo.current_layer()
+        ct = volume_of(layer, "CT")
+        if self.network is None:
+            raise InputError("No network is registered.")
+        path = self.weights.current_path()
+        if not path:
+            raise InputError(
+                f"There are no weights for `{self.network}`: train it in the Train widget or use Browse... to pick a checkpoint."
+            )
+        from ..inference import resolve_device
+
+        device = self.device_combo.currentData() or "auto"
+        resolve_device(device)  # fail now, in the GUI thread, with the reason
+        self._ct_layer = layer
+        return RunRequest(ct=ct, spacing=layer_spacing(layer), network=self.network, weights_path=path,
+                          device=device, threshold=float(self.threshold_spin.value()))
+
+    def run(self):
+        if self.runner.is_running():
+            return None
+        try:
+            request = self.request()
+        except InputError as exc:
+            notify_error(exc)
+            self.runner.set_status(str(exc))
+            return None
+        warning = check_hounsfield(request.ct, self._ct_layer.name)
+        if warning:
+            notify_warning(warning)
+        return self.runner.start(run_segmentation, request,
+                                 status=f"Segmenting '{self._ct_layer.name}' with {request.network}...")
+
+    def cancel(self):
+        self.runner.cancel()
+
+    def _on_success(self, outcome: RunOutcome):
+        self.last_outcome = outcome
+        self.add_result_layers(outcome)
+        result = outcome.result
+        self.runner.set_status(
+            f"{outcome.request.network}: {outcome.n_slices} slices in {format_seconds(outcome.seconds)} on {outcome.device_used}; "
+            f"lung {int(result.lung.sum())} voxels, infection {int(result.infection.sum())} voxels."
+        )
+
+    def add_result_layers(self, outcome: RunOutcome):
+        """Add or refresh ``<net> lung``/``<net> infection`` (and the probability maps if asked)."""
+        ref = self._ct_layer
+        network = outcome.request.network
+        result = outcome.result
+        layers = []
+        for cls, mask in (("lung", result.lung), ("infection", result.infection)):
+            layer = add_labels_like(self.viewer, mask, mask_layer_name(network, cls), ref,
+                                    color=CLASS_COLORS[cls], opacity=MASK_OPACITY)
+            layer.metadata["covidseg_source"] = {"network": network, "weights": outcome.request.weights_path,
+                                                 "threshold": outcome.request.threshold}
+            layers.append(layer)
+        if self.probability_check.isChecked():
+            for channel, cls in enumerate(("lung", "infection")):
+                add_image_like(self.viewer, result.probabilities[channel], probability_layer_name(network, cls), ref,
+                               colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.6,
+                               visible=cls == "infection")
+        # keep the masks on top so they are not hidden under the probability maps
+        for layer in layers:
+            self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+        self.viewer.layers.selection.active = layers[-1]
+        return layers
