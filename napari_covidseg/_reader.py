@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
+import numpy as np
+
 from .errors import CovidsegError
-from .io.geometry import GEOMETRY_KEY
+from .io.geometry import GEOMETRY_KEY, Geometry
 from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY, Volume, is_nifti_path, load_volume
 from .windowing import contrast_limits
 
@@ -65,7 +67,38 @@ def read_nifti(path: PathOrPaths):
     layers = []
     for p in paths:
         try:
-            layers.append(volume_layer_data(load_volume(p), layer_name(p)))
+            volume = load_volume(p)
         except CovidsegError as error:
             show_error(f"Cannot open {Path(p).name}: {error}")
+            continue
+        if volume.kind == KIND_LABELS:
+            _warn_if_mask_fits_no_open_ct(volume, Path(p).name)
+        layers.append(volume_layer_data(volume, layer_name(p)))
     return layers or NO_LAYERS
+
+
+def _warn_if_mask_fits_no_open_ct(mask: Volume, name: str) -> None:
+    """A mask opened next to CTs it does not fit is shown anyway, with a warning saying so."""
+    import napari
+    from napari.utils.notifications import show_warning
+
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return
+    ct_geometries = [
+        (layer.name, layer.metadata[GEOMETRY_KEY])
+        for layer in viewer.layers
+        if layer.__class__.__name__ == "Image" and isinstance(layer.metadata.get(GEOMETRY_KEY), Geometry)
+    ]
+    if not ct_geometries:
+        return
+    for _, geometry in ct_geometries:
+        if tuple(geometry.display_shape) == tuple(mask.data.shape) and np.allclose(
+            geometry.affine, mask.geometry.affine, atol=1e-3
+        ):
+            return
+    names = ", ".join(f"'{n}' {tuple(g.display_shape)}" for n, g in ct_geometries)
+    show_warning(
+        f"The mask {name} {tuple(mask.data.shape)} does not lie on the grid of any open CT ({names}): "
+        "it will not overlay correctly and cannot be compared with them. Open the mask made from this CT."
+    )

@@ -107,6 +107,7 @@ def open_viewer(files: Sequence[str] = (), sample: Optional[str] = None, widgets
     from .io.nifti import load_volume
 
     volumes = [(path, load_volume(path)) for path in files]
+    check_masks_match_ct([volume for _, volume in volumes])
 
     import napari
 
@@ -125,6 +126,17 @@ def open_viewer(files: Sequence[str] = (), sample: Optional[str] = None, widgets
     if images:
         viewer.layers.selection.active = images[0]
     return viewer
+
+
+def check_masks_match_ct(volumes) -> None:
+    """Each mask must lie on the grid of the first CT given with it (InputError otherwise)."""
+    from .io.nifti import KIND_IMAGE, KIND_LABELS, check_same_grid
+
+    cts = [v for v in volumes if v.kind == KIND_IMAGE]
+    if not cts:
+        return
+    for mask in (v for v in volumes if v.kind == KIND_LABELS):
+        check_same_grid(mask, cts[0])
 
 
 def run_view(args) -> int:

@@ -59,6 +59,14 @@ def test_usage_errors_exit_2(capsys, tmp_path):
     assert cli.main(["--help"]) == 0
 
 
+def test_view_refuses_a_mask_that_does_not_fit_the_ct(tmp_path, ct_file, capsys):
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.uint8), AFFINE), str(wrong))
+    assert cli.main(["view", str(ct_file), str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covidseg: error: ") and "wrong.nii.gz" in err and "do not belong together" in err
+
+
 def test_segment_subcommand_is_registered_when_present():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices

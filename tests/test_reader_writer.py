@@ -151,3 +151,20 @@ def test_wrong_shape_for_geometry_is_refused(tmp_path):
     with pytest.raises(InputError, match="cannot be saved on that CT's grid"):
         write_labels(str(tmp_path / "m.nii.gz"), np.zeros((2, 3, 4), np.uint8), meta)
     assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_mask_that_fits_no_open_ct_is_opened_with_a_warning(make_napari_viewer, tmp_path, monkeypatch):
+    warned = []
+    monkeypatch.setattr("napari.utils.notifications.show_warning", lambda message: warned.append(message))
+    ct_path = _ct_with_left_marker(tmp_path / "chest.nii.gz", AFFINES["LPS"])
+    fitting = np.zeros(FILE_SHAPE, np.uint8)
+    fitting[5:9, 5:9, 2] = 1
+    nib.save(nib.Nifti1Image(fitting, AFFINES["LPS"]), str(tmp_path / "fits.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 4), np.uint8), AFFINES["LPS"]), str(tmp_path / "other.nii.gz"))
+    viewer = make_napari_viewer()
+    viewer.open(str(ct_path), plugin="napari-covidseg")
+    viewer.open(str(tmp_path / "fits.nii.gz"), plugin="napari-covidseg")
+    assert warned == []
+    (other,) = viewer.open(str(tmp_path / "other.nii.gz"), plugin="napari-covidseg")
+    assert other.__class__.__name__ == "Labels"  # still opened: the user may want to look at it
+    assert len(warned) == 1 and "other.nii.gz" in warned[0] and "'chest'" in warned[0]

@@ -70,3 +70,18 @@ def test_without_image_layers_the_widget_is_disabled(make_napari_viewer, qtbot):
     assert widget.current_layer() is ct and widget.buttons["bone"].isEnabled()
     qtbot.mouseClick(widget.buttons["bone"], Qt.LeftButton)
     assert tuple(ct.contrast_limits) == contrast_limits("bone")
+
+
+def test_widget_follows_the_layer_selected_in_napari(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    first = _ct_layer(viewer, "first")
+    second = _ct_layer(viewer, "second")
+    widget = WindowWidget(viewer)
+    qtbot.addWidget(widget)
+    viewer.layers.selection.active = first
+    assert widget.current_layer() is first
+    viewer.layers.selection.active = second
+    assert widget.current_layer() is second
+    qtbot.mouseClick(widget.buttons["bone"], Qt.LeftButton)
+    assert tuple(second.contrast_limits) == contrast_limits("bone")
+    assert tuple(first.contrast_limits) == contrast_limits("lung")  # the other CT is left alone

@@ -76,6 +76,7 @@ class WindowWidget(QWidget):
         layout.addStretch(1)
 
         self.layer_combo.currentIndexChanged.connect(self._watch_layer)
+        napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
         self._watch_layer()
 
     # --- public API ---------------------------------------------------------------------------
@@ -102,6 +103,15 @@ class WindowWidget(QWidget):
         self._show_limits()
 
     # --- internals ----------------------------------------------------------------------------
+    def _follow_active_layer(self, event=None):
+        """Selecting an image in napari's layer list makes it the widget's layer too."""
+        active = self.viewer.layers.selection.active
+        if active is not None and active in image_layers(self.viewer):
+            try:
+                self.layer_combo.set_layer(active)
+            except RuntimeError:  # the widget was closed; its Qt objects are gone
+                pass
+
     def _watch_layer(self, *_):
         if self._watched is not None:
             try:
