@@ -239,7 +239,6 @@ def make_phantom(
     centre = (0.44 * fov_y, 0.5 * fov_x + rng.uniform(-0.01, 0.01) * fov_x)
     P = _Plane((ny, nx), (sy, sx), centre, (A, B))
     t = np.linspace(0.0, 1.0, nz, dtype=np.float32) if nz > 1 else np.zeros(1, np.float32)  # 0 base, 1 apex
-    T = t[:, None, None]
 
     lung_scale_r = rng.uniform(0.93, 1.07)
     lung_scale_l = rng.uniform(0.93, 1.07)
