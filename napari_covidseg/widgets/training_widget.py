@@ -48,23 +48,10 @@ from ..training_run import (
     last_lines,
     plain_failure_message,
 )
-from .common import notify_error
+from .common import device_choices, notify_error
 from .metrics_plot import TrainingPlot
 
 GRACE_MS = 60_000  # how long Stop waits for the checkpoint before killing the process
-
-
-def cuda_device_choices() -> list:
-    """'auto', every CUDA device found ('cuda:0 (name)'), and 'cpu'."""
-    choices = ["auto"]
-    try:
-        import torch
-
-        for i in range(torch.cuda.device_count()):
-            choices.append(f"cuda:{i} ({torch.cuda.get_device_name(i)})")
-    except Exception:  # a broken CUDA install must not break the widget
-        pass
-    return choices + ["cpu"]
 
 
 class TrainingWidget(QWidget):
@@ -168,7 +155,8 @@ class TrainingWidget(QWidget):
         form.addRow("Output folder", row)
 
         self.device_combo = QComboBox()
-        self.device_combo.addItems(cuda_device_choices())
+        for label, value in device_choices():
+            self.device_combo.addItem(label, value)
         form.addRow("Device", self.device_combo)
 
         self.resume_edit = QLineEdit()
@@ -286,7 +274,7 @@ class TrainingWidget(QWidget):
             val_fraction=None if kfold else self.val_spin.value(),
             folds=self.folds_spin.value() if kfold else None,
             fold=self.fold_spin.value() if kfold else None,
-            device=self.device_combo.currentText().split(" ")[0],
+            device=self.device_combo.currentData(),
             resume=self.resume_edit.text().strip() or None,
             init_from="shipped" if self.finetune_check.isChecked() else None,
             small_network=self.small_check.isChecked(),
