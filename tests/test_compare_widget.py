@@ -2,9 +2,11 @@
 
 import csv
 import os
+import time
 
 import numpy as np
 import pytest
+from matplotlib.backend_bases import MouseEvent
 from scipy import ndimage
 
 from napari_covidseg import metrics
@@ -54,10 +56,20 @@ def _compare(viewer, qtbot):
     return widget, pred, viewer.layers["phantom infection GT"]
 
 
-def test_overlay_layer_values_and_exact_colours(make_napari_viewer, qtbot):
+def test_overlay_values_exact_colours_and_screenshot(make_napari_viewer, qtbot):
+    from napari_covidseg.widgets.compare_widget import CompareWidget
+
     viewer = make_napari_viewer(show=True)  # a hidden canvas is not drawn: the screenshot needs it
     viewer.open_sample("napari-covidseg", "chest_phantom_small")
-    widget, pred, gt = _compare(viewer, qtbot)
+    pred = _make_prediction(viewer)
+    gt = viewer.layers["phantom infection GT"]
+    widget = CompareWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Compare to ground truth")
+    widget.pred_combo.set_layer(pred)
+    widget.gt_combo.set_layer(gt)
+    widget.compare_button.click()
+    qtbot.waitUntil(lambda: not widget.hd95_pending(), timeout=20000)
+
     overlay = viewer.layers["prediction vs phantom infection GT"]
     p, g = pred.data != 0, gt.data != 0
     assert np.array_equal(overlay.data == 1, p & g)
@@ -65,6 +77,7 @@ def test_overlay_layer_values_and_exact_colours(make_napari_viewer, qtbot):
     assert np.array_equal(overlay.data == 3, p & ~g)
     assert np.array_equal(overlay.data == 0, ~p & ~g)
     assert tuple(overlay.scale) == tuple(gt.scale)
+    assert viewer.layers.selection.active is pred  # the brush stays on the prediction
     mapped = np.round(np.asarray(overlay.colormap.map(np.array([1, 2, 3]))) * 255).astype(int)
     assert mapped.tolist() == [[0, 255, 0, 255], [255, 0, 0, 255], [255, 255, 0, 255]]
     assert np.asarray(overlay.colormap.map(np.array([0])))[0, 3] == 0  # background transparent
@@ -72,13 +85,49 @@ def test_overlay_layer_values_and_exact_colours(make_napari_viewer, qtbot):
     # What is drawn on screen: only the overlay, fully opaque, on a slice with all three values.
     z = int(np.argmax([(len(np.unique(s)) == 4) for s in overlay.data]))
     assert set(np.unique(overlay.data[z])) == {0, 1, 2, 3}
+    visible = {layer.name: layer.visible for layer in viewer.layers}
     for layer in viewer.layers:
         layer.visible = layer is overlay
-    overlay.opacity = 1.0
+    opacity, overlay.opacity = overlay.opacity, 1.0
     widget.go_to_slice(z)
     shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].reshape(-1, 3)
-    colours = {tuple(c) for c in np.unique(shot, axis=0)}
+    colours = {tuple(int(v) for v in c) for c in np.unique(shot, axis=0)}
     assert {(0, 255, 0), (255, 0, 0), (255, 255, 0)} <= colours
+
+    # The picture for the docs: the CT and the overlay on a bad slice showing all three colours.
+    overlay.opacity = opacity
+    viewer.layers["phantom CT"].visible = True
+    widget.worst_button.click()
+    while len(np.unique(overlay.data[viewer.dims.current_step[0]])) < 4 and widget.rank_position < len(widget.ranking) - 1:
+        widget.next_worst_button.click()
+    viewer.camera.zoom *= 1.5
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    viewer.window._qt_window.resize(1400, 900)
+    qtbot.wait(200)
+    assert viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "compare_widget.png"))
+
+
+def _check_worst_slice_buttons(viewer, widget, pred, gt):
+    dice = metrics.per_slice_dice(pred.data != 0, gt.data != 0)
+    order = [z for z in np.argsort(np.where(np.isnan(dice), np.inf, dice), kind="stable") if not np.isnan(dice[z])]
+    widget.worst_button.click()
+    assert viewer.dims.current_step[0] == int(np.nanargmin(dice)) == order[0]
+    widget.next_worst_button.click()
+    assert viewer.dims.current_step[0] == order[1]
+    assert dice[order[1]] >= dice[order[0]]
+    for _ in range(len(order) - 1):
+        widget.next_worst_button.click()
+    assert viewer.dims.current_step[0] == order[0]  # cycles
+
+
+def _check_plot_click(viewer, widget, pred, gt):
+    target = pred.data.shape[0] - 3
+    widget.plot.draw()
+    x, y = widget.plot.ax.transData.transform((target + 0.2, 0.5))
+    event = MouseEvent("button_press_event", widget.plot, x, y, button=1)
+    widget.plot.callbacks.process("button_press_event", event)
+    assert viewer.dims.current_step[0] == target
+    assert widget.plot.marker.get_xdata()[0] == target
 
 
 def test_metrics_shown_equal_metrics_module(phantom_viewer, qtbot):
@@ -109,6 +158,28 @@ def test_metrics_shown_equal_metrics_module(phantom_viewer, qtbot):
         assert widget.slice_values["hd95_mm"] == pytest.approx(metrics.hd95(p[z], g[z], spacing[1:]))
 
     np.testing.assert_allclose(widget.slice_dice, metrics.per_slice_dice(p, g), equal_nan=True)
+
+    _check_worst_slice_buttons(viewer, widget, pred, gt)
+    _check_plot_click(viewer, widget, pred, gt)
+
+
+def _check_edit_burst(viewer, widget, pred, gt, qtbot):
+    g = gt.data != 0
+    n = pred.data.shape[0]
+    for z in range(n // 2 - 2, n // 2 + 2):  # quick strokes on four slices, a volume update per stroke
+        pred.data[z] = g[z]
+        pred.refresh()
+        pred.events.paint(value=[])
+        widget.go_to_slice(z)
+        widget._edit_timer.stop()
+        widget._after_edit()  # what the debounce timer would call
+    qtbot.waitUntil(lambda: not widget.hd95_pending(), timeout=20000)
+    p = pred.data != 0
+    assert widget.volume_metrics["dice"] == pytest.approx(metrics.dice(p, g))
+    assert widget.volume_metrics["hd95_mm"] == pytest.approx(metrics.hd95(p, g, tuple(gt.scale)))
+    np.testing.assert_allclose(widget.slice_dice, metrics.per_slice_dice(p, g), equal_nan=True)
+    overlay = viewer.layers["prediction vs phantom infection GT"]
+    assert np.array_equal(overlay.data == 3, p & ~g)
 
 
 def test_painting_updates_numbers(phantom_viewer, qtbot):
@@ -141,117 +212,12 @@ def test_painting_updates_numbers(phantom_viewer, qtbot):
     qtbot.waitUntil(lambda: widget.slice_values.get("dice", 1.0) < 1.0, timeout=5000)
     assert widget.slice_values["dice"] == pytest.approx(metrics.dice(pred.data[z] != 0, g[z]))
 
-
-def test_worst_slice_buttons_walk_the_ranking(phantom_viewer, qtbot):
-    viewer = phantom_viewer
-    widget, pred, gt = _compare(viewer, qtbot)
-    dice = metrics.per_slice_dice(pred.data != 0, gt.data != 0)
-    order = [z for z in np.argsort(np.where(np.isnan(dice), np.inf, dice), kind="stable") if not np.isnan(dice[z])]
-    widget.worst_button.click()
-    assert viewer.dims.current_step[0] == int(np.nanargmin(dice)) == order[0]
-    widget.next_worst_button.click()
-    assert viewer.dims.current_step[0] == order[1]
-    assert dice[order[1]] >= dice[order[0]]
-    for _ in range(len(order) - 1):
-        widget.next_worst_button.click()
-    assert viewer.dims.current_step[0] == order[0]  # cycles
+    _check_edit_burst(viewer, widget, pred, gt, qtbot)
 
 
-def test_export_csv(phantom_viewer, qtbot, tmp_path):
-    viewer = phantom_viewer
-    widget, pred, gt = _compare(viewer, qtbot)
-    path = widget.export_csv(tmp_path / "metrics.csv")
-    rows = list(csv.reader(open(path)))
-    n = pred.data.shape[0]
-    assert rows[0][:7] == ["slice", "dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm"]
-    assert len(rows) == n + 2
-    dice = metrics.per_slice_dice(pred.data != 0, gt.data != 0)
-    for z in range(n):
-        cell = rows[1 + z][1]
-        assert (cell == "") if np.isnan(dice[z]) else float(cell) == pytest.approx(dice[z])
-    assert rows[-1][0] == "volume"
-    assert float(rows[-1][1]) == pytest.approx(widget.volume_metrics["dice"])
-    assert float(rows[-1][6]) == pytest.approx(widget.volume_metrics["hd95_mm"])
-    with pytest.raises(Exception, match="exists"):
-        widget.export_csv(path)
-
-
-def test_shape_mismatch_notifies(phantom_viewer, qtbot, monkeypatch):
+def _check_export_button(viewer, widget, pred, gt, qtbot, tmp_path, monkeypatch):
     from napari_covidseg.widgets import compare_widget
 
-    viewer = phantom_viewer
-    messages = []
-    monkeypatch.setattr(compare_widget, "notify_error", lambda e: messages.append(str(e)))
-    other = viewer.add_labels(np.zeros((3, 4, 5), np.uint8), name="small")
-    widget = compare_widget.CompareWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.pred_combo.set_layer(other)
-    widget.gt_combo.set_layer(viewer.layers["phantom infection GT"])
-    widget.compare_button.click()
-    assert messages and "shape" in messages[0]
-    assert "small vs phantom infection GT" not in viewer.layers
-
-
-def test_combos_follow_layers(phantom_viewer, qtbot):
-    from napari_covidseg.widgets.compare_widget import CompareWidget
-
-    viewer = phantom_viewer
-    widget = CompareWidget(viewer)
-    qtbot.addWidget(widget)
-    names = lambda: [widget.gt_combo.itemText(i) for i in range(widget.gt_combo.count())]
-    assert "phantom infection GT" in names() and "phantom CT" not in names()
-    layer = viewer.add_labels(np.zeros((2, 2, 2), np.uint8), name="new mask")
-    assert "new mask" in names()
-    layer.name = "renamed"
-    assert "renamed" in names()
-    viewer.layers.remove(layer)
-    assert "renamed" not in names()
-
-
-def test_screenshot(phantom_viewer, qtbot):
-    viewer = phantom_viewer
-    from napari_covidseg.widgets.compare_widget import CompareWidget
-
-    pred = _make_prediction(viewer)
-    widget = CompareWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Compare to ground truth")
-    widget.pred_combo.set_layer(pred)
-    widget.gt_combo.set_layer(viewer.layers["phantom infection GT"])
-    widget.compare_button.click()
-    qtbot.waitUntil(lambda: not widget.hd95_pending(), timeout=20000)
-    pred.visible = False
-    viewer.layers["phantom lung GT"].visible = False
-    viewer.layers["phantom infection GT"].visible = False
-    overlay = viewer.layers["prediction vs phantom infection GT"]
-    widget.worst_button.click()
-    while len(np.unique(overlay.data[viewer.dims.current_step[0]])) < 4 and widget.rank_position < len(widget.ranking) - 1:
-        widget.next_worst_button.click()  # a slice showing all three colours
-    viewer.camera.zoom *= 1.5
-    os.makedirs(SCREENSHOTS, exist_ok=True)
-    viewer.window._qt_window.resize(1400, 900)
-    qtbot.wait(200)
-    assert viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "compare_widget.png"))
-
-
-def test_clicking_the_plot_goes_to_that_slice(phantom_viewer, qtbot):
-    from matplotlib.backend_bases import MouseEvent
-
-    viewer = phantom_viewer
-    widget, pred, gt = _compare(viewer, qtbot)
-    target = pred.data.shape[0] - 3
-    widget.plot.draw()
-    x, y = widget.plot.ax.transData.transform((target + 0.2, 0.5))
-    event = MouseEvent("button_press_event", widget.plot, x, y, button=1)
-    widget.plot.callbacks.process("button_press_event", event)
-    assert viewer.dims.current_step[0] == target
-    assert widget.plot.marker.get_xdata()[0] == target
-
-
-def test_export_button_runs_in_a_worker_and_asks_before_replacing(phantom_viewer, qtbot, tmp_path, monkeypatch):
-    from napari_covidseg.widgets import compare_widget
-
-    viewer = phantom_viewer
-    widget, pred, gt = _compare(viewer, qtbot)
     path = tmp_path / "worker.csv"
     monkeypatch.setattr(compare_widget.QFileDialog, "getSaveFileName", lambda *a, **k: (str(path), ""))
     widget.export_button.click()
@@ -271,11 +237,7 @@ def test_export_button_runs_in_a_worker_and_asks_before_replacing(phantom_viewer
     assert path.read_text() == before
 
 
-def test_export_cancel_writes_nothing(phantom_viewer, qtbot, tmp_path, monkeypatch):
-    import time
-
-    viewer = phantom_viewer
-    widget, pred, gt = _compare(viewer, qtbot)
+def _check_export_cancel(viewer, widget, pred, gt, qtbot, tmp_path, monkeypatch):
     real_hd95 = metrics.hd95
 
     def slow_hd95(*args, **kwargs):
@@ -292,22 +254,50 @@ def test_export_cancel_writes_nothing(phantom_viewer, qtbot, tmp_path, monkeypat
     assert "cancelled" in widget.status.text()
 
 
-def test_edits_during_a_volume_update_end_on_the_latest_data(phantom_viewer, qtbot):
+def test_exports(phantom_viewer, qtbot, tmp_path, monkeypatch):
     viewer = phantom_viewer
     widget, pred, gt = _compare(viewer, qtbot)
-    g = gt.data != 0
+    path = widget.export_csv(tmp_path / "metrics.csv")
+    rows = list(csv.reader(open(path)))
     n = pred.data.shape[0]
-    for z in range(n // 2 - 2, n // 2 + 2):  # quick strokes on four slices, a volume update per stroke
-        pred.data[z] = g[z]
-        pred.refresh()
-        pred.events.paint(value=[])
-        widget.go_to_slice(z)
-        widget._edit_timer.stop()
-        widget._after_edit()  # what the debounce timer would call
-    qtbot.waitUntil(lambda: not widget.hd95_pending(), timeout=20000)
-    p = pred.data != 0
-    assert widget.volume_metrics["dice"] == pytest.approx(metrics.dice(p, g))
-    assert widget.volume_metrics["hd95_mm"] == pytest.approx(metrics.hd95(p, g, tuple(gt.scale)))
-    np.testing.assert_allclose(widget.slice_dice, metrics.per_slice_dice(p, g), equal_nan=True)
-    overlay = viewer.layers["prediction vs phantom infection GT"]
-    assert np.array_equal(overlay.data == 3, p & ~g)
+    assert rows[0][:7] == ["slice", "dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm"]
+    assert len(rows) == n + 2
+    dice = metrics.per_slice_dice(pred.data != 0, gt.data != 0)
+    for z in range(n):
+        cell = rows[1 + z][1]
+        assert (cell == "") if np.isnan(dice[z]) else float(cell) == pytest.approx(dice[z])
+    assert rows[-1][0] == "volume"
+    assert float(rows[-1][1]) == pytest.approx(widget.volume_metrics["dice"])
+    assert float(rows[-1][6]) == pytest.approx(widget.volume_metrics["hd95_mm"])
+    with pytest.raises(Exception, match="exists"):
+        widget.export_csv(path)
+    _check_export_button(viewer, widget, pred, gt, qtbot, tmp_path, monkeypatch)
+    _check_export_cancel(viewer, widget, pred, gt, qtbot, tmp_path, monkeypatch)
+
+
+def _check_combos_follow_layers(viewer, widget):
+    names = lambda: [widget.gt_combo.itemText(i) for i in range(widget.gt_combo.count())]
+    assert "phantom infection GT" in names() and "phantom CT" not in names()
+    layer = viewer.add_labels(np.zeros((2, 2, 2), np.uint8), name="new mask")
+    assert "new mask" in names()
+    layer.name = "renamed"
+    assert "renamed" in names()
+    viewer.layers.remove(layer)
+    assert "renamed" not in names()
+
+
+def test_shape_mismatch_and_combos(phantom_viewer, qtbot, monkeypatch):
+    from napari_covidseg.widgets import compare_widget
+
+    viewer = phantom_viewer
+    messages = []
+    monkeypatch.setattr(compare_widget, "notify_error", lambda e: messages.append(str(e)))
+    other = viewer.add_labels(np.zeros((3, 4, 5), np.uint8), name="small")
+    widget = compare_widget.CompareWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.pred_combo.set_layer(other)
+    widget.gt_combo.set_layer(viewer.layers["phantom infection GT"])
+    widget.compare_button.click()
+    assert messages and "shape" in messages[0]
+    assert "small vs phantom infection GT" not in viewer.layers
+    _check_combos_follow_layers(viewer, widget)
