@@ -36,6 +36,13 @@ def _truncated_header(tmp_path):
     return path
 
 
+def _truncated_plain(tmp_path):
+    full = _nifti(tmp_path / "full3.nii", _ct((32, 32, 8)))
+    path = tmp_path / "cut.nii"
+    path.write_bytes(full.read_bytes()[:2000])
+    return path
+
+
 def _text_file(tmp_path):
     path = tmp_path / "notes.nii"
     path.write_text("patient 12, CT chest, see PACS\n" * 20)
@@ -70,6 +77,7 @@ def _missing(tmp_path):
 BAD_FILES = {
     "truncated_gz": (_truncated_gz, ["truncated", "again"]),
     "truncated_header": (_truncated_header, ["stub.nii.gz"]),
+    "truncated_plain": (_truncated_plain, ["cut.nii", "truncated"]),
     "text_renamed": (_text_file, ["could not be read as NIfTI", "renamed"]),
     "2d": (_two_d, ["2D", "3D CT"]),
     "multi_volume": (_multi_volume, ["time series / multi-volume", "2 volumes"]),

@@ -189,3 +189,15 @@ def test_simpleitk_agrees_on_saved_mask_geometry(tmp_path, orientation):
     # and the voxels match (ITK array is (z, y, x) of the file axes)
     mask_file = np.asanyarray(nib.load(str(out)).dataobj)
     assert np.array_equal(sitk.GetArrayFromImage(mask_itk), np.transpose(mask_file, (2, 1, 0)))
+
+
+@pytest.mark.parametrize("written_as, named", [(".nii", ".nii.gz"), (".nii.gz", ".nii")])
+def test_misnamed_compression_is_read_anyway(tmp_path, written_as, named):
+    """A .nii that is gzip-compressed (or a .nii.gz that is not) still holds a valid CT."""
+    ct = _ct()
+    real = _write(tmp_path / f"real{written_as}", ct, AFFINES["permuted"])
+    misnamed = tmp_path / f"misnamed{named}"
+    misnamed.write_bytes(real.read_bytes())
+    volume = load_volume(misnamed)
+    assert np.array_equal(volume.geometry.from_display(volume.data), ct)
+    np.testing.assert_allclose(volume.geometry.affine, AFFINES["permuted"])

@@ -31,6 +31,7 @@ from ..errors import InputError
 from .geometry import Geometry
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+GZIP_MAGIC = b"\x1f\x8b"
 
 #: A file whose values are non-negative integers with at most this many distinct values is a mask.
 MAX_LABELS = 32
@@ -91,7 +92,16 @@ def _open_image(path: Path):
             "Convert DICOM series or other formats to NIfTI first (e.g. with dcm2niix)."
         )
     try:
-        img = nib.load(str(path))
+        with open(path, "rb") as stream:
+            is_gzip = stream.read(2) == GZIP_MAGIC
+    except OSError as exc:
+        raise InputError(f"{path} cannot be opened ({exc.strerror}): check its permissions.") from None
+    named_gzip = path.name.lower().endswith(".gz")
+    try:
+        if is_gzip != named_gzip:
+            img = _load_misnamed(path, is_gzip)
+        else:
+            img = nib.load(str(path))
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise InputError(
             f"{path.name} is not a valid gzip file ({exc}): it is probably truncated or corrupt. "
@@ -108,6 +118,24 @@ def _open_image(path: Path):
             f"{path.name} is a {type(img).__name__}, not a NIfTI image: convert it to NIfTI (.nii.gz)."
         )
     return img
+
+
+def _load_misnamed(path: Path, is_gzip: bool):
+    """A .nii that is gzip-compressed, or a .nii.gz that is not: read it from its bytes.
+
+    Such files are common after a download tool decompressed (or not) without renaming; the
+    content is a valid NIfTI, so it is read rather than refused.
+    """
+    data = path.read_bytes()
+    if is_gzip:
+        data = gzip.decompress(data)
+    sizeof_hdr = {int.from_bytes(data[:4], order) for order in ("little", "big")} if len(data) >= 4 else set()
+    image_class = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
+    if image_class is None:
+        raise nib.filebasedimages.ImageFileError(
+            f"{'gzip-compressed data' if is_gzip else 'uncompressed data'} without a NIfTI header"
+        )
+    return image_class.from_bytes(data)
 
 
 def _squeeze_to_3d(shape, name: str) -> Tuple[int, int, int]:
