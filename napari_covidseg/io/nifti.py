@@ -75,6 +75,12 @@ def is_nifti_path(path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def _one_line(exc: BaseException, with_type: bool = True) -> str:
+    """An exception as one short line (nibabel messages may span lines and name temp paths)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if with_type else text
+
+
 def _display_name(path) -> str:
     return Path(path).name
 
@@ -104,12 +110,12 @@ def _open_image(path: Path):
             img = nib.load(str(path))
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise InputError(
-            f"{path.name} is not a valid gzip file ({exc}): it is probably truncated or corrupt. "
+            f"{path.name} is not a valid gzip file ({_one_line(exc, with_type=False)}): it is probably truncated or corrupt. "
             "Download or copy it again."
         ) from None
     except Exception as exc:  # nibabel raises many types for a file that is not NIfTI
         raise InputError(
-            f"{path.name} could not be read as NIfTI ({type(exc).__name__}: {exc}). "
+            f"{path.name} could not be read as NIfTI ({_one_line(exc)}). "
             "It may be truncated, corrupt, or another format renamed to .nii; "
             "check the file, or convert the original to NIfTI again."
         ) from None
@@ -168,12 +174,12 @@ def _read_voxels(img, name: str) -> np.ndarray:
         raw = np.asanyarray(img.dataobj.get_unscaled())
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise InputError(
-            f"{name} is truncated or corrupt ({type(exc).__name__}: {exc}): its voxel data ends early. "
+            f"{name} is truncated or corrupt ({_one_line(exc)}): its voxel data ends early. "
             "Download or copy the file again."
         ) from None
     except Exception as exc:
         raise InputError(
-            f"The voxel data of {name} could not be read ({type(exc).__name__}: {exc}): the file is "
+            f"The voxel data of {name} could not be read ({_one_line(exc)}): the file is "
             "probably truncated or corrupt. Download or copy it again."
         ) from None
     if raw.dtype.fields is not None or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
