@@ -30,9 +30,10 @@ def _widget(viewer, qtbot, infection_layer=None):
     return widget
 
 
-def test_compute_equals_quantify(phantom_viewer, qtbot):
+def test_compute_equals_quantify_exports_and_screenshot(phantom_viewer, qtbot, tmp_path):
     viewer = phantom_viewer
     widget = _widget(viewer, qtbot)
+    viewer.window.add_dock_widget(widget, name="Quantify")
     widget.compute_button.click()
     qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     lung, inf, ct = (viewer.layers[n] for n in ("phantom lung GT", "phantom infection GT", "phantom CT"))
@@ -45,6 +46,20 @@ def test_compute_equals_quantify(phantom_viewer, qtbot):
     assert widget.value_text("Lung volume") == f"{expected['lung_ml']:.1f} mL"
     assert widget.value_text("Total involvement") == f"{expected['total_involvement_pct']:.1f} %"
     assert widget.value_text("Lesions") == str(int(expected["n_lesions"]))
+    csv_path = widget.export(tmp_path / "q.csv", "csv")
+    rows = {r[0]: r[1] for r in list(csv.reader(open(csv_path)))[1:]}
+    assert float(rows["infection_ml"]) == pytest.approx(widget.result["infection_ml"], rel=1e-5)
+    assert int(rows["n_lesions"]) == widget.result["n_lesions"]
+    json_path = widget.export(tmp_path / "q.json", "json")
+    data = json.load(open(json_path))
+    assert data["layers"] == {"lung": "phantom lung GT", "infection": "phantom infection GT"}
+    assert data["result"]["lung_ml"] == pytest.approx(widget.result["lung_ml"])
+    with pytest.raises(Exception, match="exists"):
+        widget.export(json_path, "json")
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    viewer.window._qt_window.resize(1400, 900)
+    qtbot.wait(200)
+    assert viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "quantify_widget.png"))
 
 
 def test_left_right_by_patient_side(phantom_viewer, qtbot):
@@ -84,39 +99,6 @@ def test_auto_update_after_edit(phantom_viewer, qtbot):
     expected = quantify(np.asarray(viewer.layers["phantom lung GT"].data), np.asarray(inf.data), tuple(inf.scale))
     assert widget.result["infection_ml"] == pytest.approx(expected["infection_ml"])
     assert widget.value_text("Infection volume") == f"{expected['infection_ml']:.1f} mL"
-
-
-def test_exports(phantom_viewer, qtbot, tmp_path):
-    viewer = phantom_viewer
-    widget = _widget(viewer, qtbot)
-    widget.compute_button.click()
-    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
-    csv_path = widget.export(tmp_path / "q.csv", "csv")
-    rows = {r[0]: r[1] for r in list(csv.reader(open(csv_path)))[1:]}
-    assert float(rows["infection_ml"]) == pytest.approx(widget.result["infection_ml"], rel=1e-5)
-    assert int(rows["n_lesions"]) == widget.result["n_lesions"]
-    json_path = widget.export(tmp_path / "q.json", "json")
-    data = json.load(open(json_path))
-    assert data["layers"] == {"lung": "phantom lung GT", "infection": "phantom infection GT"}
-    assert data["result"]["lung_ml"] == pytest.approx(widget.result["lung_ml"])
-    with pytest.raises(Exception, match="exists"):
-        widget.export(json_path, "json")
-
-
-def test_screenshot(phantom_viewer, qtbot):
-    viewer = phantom_viewer
-    from napari_covidseg.widgets.quantify_widget import QuantifyWidget
-
-    widget = QuantifyWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Quantify")
-    widget.lung_combo.set_layer(viewer.layers["phantom lung GT"])
-    widget.infection_combo.set_layer(viewer.layers["phantom infection GT"])
-    widget.compute_button.click()
-    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
-    os.makedirs(SCREENSHOTS, exist_ok=True)
-    viewer.window._qt_window.resize(1400, 900)
-    qtbot.wait(200)
-    assert viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "quantify_widget.png"))
 
 
 def test_cancel_drops_the_result_and_errors_notify(phantom_viewer, qtbot, monkeypatch):
