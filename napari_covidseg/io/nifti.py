@@ -214,8 +214,10 @@ def _read_voxels(img, name: str) -> np.ndarray:
         )
     if values.size and np.array_equal(values, np.round(values)):
         lo, hi = float(values.min()), float(values.max())
-        if np.iinfo(np.int64).min < lo and hi < np.iinfo(np.int64).max:
-            return _smallest_integer(values.astype(np.int64))
+        for dtype in (np.uint8, np.int16, np.uint16, np.int32):  # cast once, straight to the fit
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return values.astype(dtype)
     return values.astype(np.float32, copy=False)
 
 
