@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np

@@ -8,7 +8,6 @@ slider.
 
 from __future__ import annotations
 
-from typing import Optional
 
 from qtpy.QtWidgets import (
     QButtonGroup,
