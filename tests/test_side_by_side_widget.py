@@ -99,7 +99,7 @@ def test_grid_tiles_table_and_restore(make_napari_viewer, qtbot, tiny_phantom, t
         assert mask_layer.name_overlay.visible
         expected = all_metrics(mask_layer.data, tiny_phantom.lung, spacing=tiny_phantom.spacing)
         assert f"Dice {expected['dice']:.2f}" in mask_layer.name
-        for col, (_, key) in enumerate(side_by_side_widget.TABLE_COLUMNS):
+        for col, (_, key, _) in enumerate(side_by_side_widget.TABLE_COLUMNS):
             if key in ("dice", "iou", "sensitivity", "specificity", "precision"):
                 assert float(widget.table.item(row, col).text()) == pytest.approx(expected[key], abs=6e-4)
         assert widget.table.item(row, 0).text() == registry.get_network(result.network).title
@@ -137,7 +137,7 @@ def test_grid_tiles_table_and_restore(make_napari_viewer, qtbot, tiny_phantom, t
     assert [(layer.name, layer.visible) for layer in viewer.layers] == before
 
 
-def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks, messages, monkeypatch):
+def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks, messages, monkeypatch, tmp_path):
     viewer, ct, lung_gt, inf_gt, widget = _setup(make_napari_viewer, tiny_phantom, two_networks)
     from napari_covidseg import inference
 
@@ -163,6 +163,18 @@ def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks
     assert "cancelled" in widget.runner.status_label.text().lower()
     assert widget.table.rowCount() == 0 and messages == []
     monkeypatch.setattr(inference, "predict_volume", real_predict)
+
+    # "Add checkpoint...": a checkpoint lands in its own network's row, ticked and selected
+    widget.set_networks([])
+    entry = widget.use_checkpoint(two_networks["unet_twin"])
+    assert entry.network == "unet_twin"
+    assert widget.network_checks["unet_twin"].isChecked() and not widget.network_checks["unet"].isChecked()
+    assert widget.network_weights["unet_twin"].current_path() == os.path.abspath(two_networks["unet_twin"])
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    assert widget.use_checkpoint(not_a_checkpoint) is None
+    assert "notes.pt" in messages[-1] and "Traceback" not in messages[-1]
+    messages.clear()
 
     widget.set_networks([])
     qtbot.mouseClick(widget.run_button, Qt.LeftButton)

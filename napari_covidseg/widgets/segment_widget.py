@@ -141,6 +141,7 @@ class SegmentWidget(QWidget):
         self.weights_info = QLabel()
         self.weights_info.setWordWrap(True)
         self.weights_info.setStyleSheet("color: gray;")
+        self.weights_info.setAlignment(Qt.AlignTop | Qt.AlignLeft)
         self.weights_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
 
         self.device_combo = QComboBox()
@@ -267,9 +268,11 @@ class SegmentWidget(QWidget):
         self.last_outcome = outcome
         self.add_result_layers(outcome)
         result = outcome.result
+        voxel_ml = float(np.prod(outcome.request.spacing)) / 1000.0
         self.runner.set_status(
-            f"{outcome.request.network}: {outcome.n_slices} slices in {format_seconds(outcome.seconds)} on {outcome.device_used}; "
-            f"lung {int(result.lung.sum())} voxels, infection {int(result.infection.sum())} voxels."
+            f"{outcome.request.network}: {outcome.n_slices} slices in {format_seconds(outcome.seconds)} on {outcome.device_used}.\n"
+            f"Lung {result.lung.sum() * voxel_ml:.0f} mL, infection {result.infection.sum() * voxel_ml:.1f} mL "
+            f"(threshold {outcome.request.threshold:.2f})."
         )
 
     def add_result_layers(self, outcome: RunOutcome):

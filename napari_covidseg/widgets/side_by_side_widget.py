@@ -65,15 +65,16 @@ CLASSES = ("infection", "lung")
 CLASS_COLORS = {"lung": LUNG_COLOR, "infection": INFECTION_COLOR}
 GT_COLOR = (0.15, 0.85, 0.25, 1.0)
 TILE_OPACITY = 0.6
+# (header, metric key, header tooltip): short headers keep the table readable in a narrow dock
 TABLE_COLUMNS = [
-    ("Network", None),
-    ("Dice", "dice"),
-    ("IoU", "iou"),
-    ("Sensitivity", "sensitivity"),
-    ("Specificity", "specificity"),
-    ("Precision", "precision"),
-    ("HD95 (mm)", "hd95_mm"),
-    ("Time (s)", "seconds"),
+    ("Network", None, "Network (hover a name for its weights file)"),
+    ("Dice", "dice", "Dice similarity coefficient"),
+    ("IoU", "iou", "Intersection over union (Jaccard)"),
+    ("Sens.", "sensitivity", "Sensitivity (recall): fraction of the ground truth found"),
+    ("Spec.", "specificity", "Specificity: fraction of the background left out"),
+    ("Prec.", "precision", "Precision: fraction of the prediction that is right"),
+    ("HD95 mm", "hd95_mm", "95th percentile Hausdorff distance in mm (— when a mask is empty)"),
+    ("Time s", "seconds", "Time to load the weights and segment the CT, in seconds"),
 ]
 SIDE_BY_SIDE_KEY = "covidseg_side_by_side"
 
@@ -195,14 +196,17 @@ class SideBySideWidget(QWidget):
             spec = get_network(name)
             check = QCheckBox(spec.title)
             check.setToolTip(f"{name} ({spec.dims}D)\n{spec.paper}")
-            weights = WeightsCombo(name)
-            weights.other_network.connect(self._checkpoint_for_other_network)
+            weights = WeightsCombo(name, browse=False)
             check.setChecked(weights.current_path() is not None)
             self.network_checks[name] = check
             self.network_weights[name] = weights
             grid.addWidget(check, row, 0)
             grid.addWidget(weights, row, 1)
         grid.setColumnStretch(1, 1)
+        self.add_checkpoint_button = QPushButton("Add checkpoint...")
+        self.add_checkpoint_button.setToolTip("Use a checkpoint file (.pt); it is selected in its network's row")
+        self.add_checkpoint_button.clicked.connect(self._browse_checkpoint)
+        grid.addWidget(self.add_checkpoint_button, len(self.network_checks), 1, Qt.AlignRight)
 
         self.run_button = QPushButton("Run selected networks")
         self.run_button.clicked.connect(self.run)
@@ -213,6 +217,8 @@ class SideBySideWidget(QWidget):
 
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels([c[0] for c in TABLE_COLUMNS])
+        for column, (_, _, tip) in enumerate(TABLE_COLUMNS):
+            self.table.horizontalHeaderItem(column).setToolTip(tip)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
@@ -261,13 +267,28 @@ class SideBySideWidget(QWidget):
             index = self.device_combo.count() - 1
         self.device_combo.setCurrentIndex(index)
 
-    def _checkpoint_for_other_network(self, entry):
+    def _browse_checkpoint(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.pt *.pth);;All files (*)")
+        if path:
+            self.use_checkpoint(path)
+
+    def use_checkpoint(self, path):
+        """Register ``path`` in the catalog, select it in its network's row and tick that row."""
+        from .. import weights_catalog
+        from ..errors import CovidsegError
+
+        try:
+            entry = weights_catalog.add_checkpoint(path)
+        except CovidsegError as exc:
+            notify_error(exc)
+            return None
         weights = self.network_weights.get(entry.network)
         if weights is None:
             notify_error(f"The checkpoint is for `{entry.network}`, which is not listed here.")
-            return
+            return None
         weights.select_path(entry.path)
         self.network_checks[entry.network].setChecked(True)
+        return entry
 
     def _update_buttons(self, *_):
         running = self.runner.is_running()
@@ -366,7 +387,7 @@ class SideBySideWidget(QWidget):
         layer = add_labels_like(self.viewer, data, name, self._ct_layer, color=color, opacity=TILE_OPACITY, replace=False)
         layer.metadata[SIDE_BY_SIDE_KEY] = True
         layer.name_overlay.visible = True
-        layer.name_overlay.font_size = 12
+        layer.name_overlay.font_size = 10
         layer.name_overlay.box = True
         return layer
 
@@ -422,7 +443,7 @@ class SideBySideWidget(QWidget):
         rows = []
         for result in self.results:
             row = [result.network]
-            for _, key in TABLE_COLUMNS[1:]:
+            for _, key, _ in TABLE_COLUMNS[1:]:
                 if key == "seconds":
                     row.append(f"{result.seconds:.2f}")
                 else:
@@ -444,7 +465,7 @@ class SideBySideWidget(QWidget):
 
     def export_csv(self, path) -> None:
         """Write the table (raw values, full precision) to ``path``."""
-        keys = [key for _, key in TABLE_COLUMNS[1:]]
+        keys = [key for _, key, _ in TABLE_COLUMNS[1:]]
         with open(path, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["network", "class", "weights"] + keys)

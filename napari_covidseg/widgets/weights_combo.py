@@ -18,6 +18,7 @@ from ..errors import CovidsegError
 from .common import notify_error
 
 NO_WEIGHTS = "(no weights: train one or Browse...)"
+NO_WEIGHTS_SHORT = "(no weights yet)"
 
 
 class WeightsCombo(QWidget):
@@ -34,9 +35,10 @@ class WeightsCombo(QWidget):
         super().__init__(parent)
         self.network = network
         self._entries = []
+        self._empty_text = NO_WEIGHTS if browse else NO_WEIGHTS_SHORT
         self.combo = QComboBox()
         self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.combo.setMinimumContentsLength(14)
+        self.combo.setMinimumContentsLength(14 if browse else 10)
         self.combo.currentIndexChanged.connect(self._index_changed)
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -70,7 +72,7 @@ class WeightsCombo(QWidget):
             self.combo.addItem(entry.label, entry.path)
             self.combo.setItemData(i, entry.description, _tooltip_role())
         if not self._entries:
-            self.combo.addItem(NO_WEIGHTS, None)
+            self.combo.addItem(self._empty_text, None)
         paths = [e.path for e in self._entries]
         self.combo.setCurrentIndex(paths.index(previous) if previous in paths else 0)
         self.combo.blockSignals(False)
