@@ -8,7 +8,6 @@ slider.
 
 from __future__ import annotations
 
-
 from qtpy.QtWidgets import (
     QButtonGroup,
     QDoubleSpinBox,
