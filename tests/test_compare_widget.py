@@ -292,9 +292,13 @@ def test_shape_mismatch_and_combos(phantom_viewer, qtbot, monkeypatch):
     viewer = phantom_viewer
     messages = []
     monkeypatch.setattr(compare_widget, "notify_error", lambda e: messages.append(str(e)))
+    # napari builds the widget from the manifest; the drop-downs start on a sensible pair.
+    _make_prediction(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-covidseg", "Compare to ground truth")
+    assert isinstance(widget, compare_widget.CompareWidget)
+    assert widget.pred_combo.current_layer().name == "prediction"
+    assert widget.gt_combo.current_layer().name in ("phantom lung GT", "phantom infection GT")
     other = viewer.add_labels(np.zeros((3, 4, 5), np.uint8), name="small")
-    widget = compare_widget.CompareWidget(viewer)
-    qtbot.addWidget(widget)
     widget.pred_combo.set_layer(other)
     widget.gt_combo.set_layer(viewer.layers["phantom infection GT"])
     widget.compare_button.click()

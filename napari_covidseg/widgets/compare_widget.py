@@ -62,6 +62,12 @@ def overlay_name(pred_name: str, gt_name: str) -> str:
     return f"{pred_name} vs {gt_name}"
 
 
+def looks_like_ground_truth(layer) -> bool:
+    """A first guess for the drop-downs: "GT", "truth", "ground", "manual" or "reference" in the name."""
+    words = layer.name.lower().replace("_", " ").replace("-", " ").split()
+    return any(w in ("gt", "truth", "ground", "manual", "reference") for w in words)
+
+
 def format_metric(key: str, value) -> str:
     """Table text: 3 decimals for ratios, 0.1 mm for HD95, 'n/a' for undefined."""
     if value is None:
@@ -165,8 +171,8 @@ class CompareWidget(QWidget):
         self._volume_running = False  # a whole-volume worker (after an edit) is running
         self._volume_dirty = False  # an edit arrived while it ran: run it again when it ends
 
-        self.pred_combo = LayerCombo(napari_viewer, labels_layers)
-        self.gt_combo = LayerCombo(napari_viewer, labels_layers)
+        self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=lambda l: not looks_like_ground_truth(l))
+        self.gt_combo = LayerCombo(napari_viewer, labels_layers, prefer=looks_like_ground_truth)
         self.compare_button = QPushButton("Compare")
         self.compare_button.setToolTip("Add the overlay layer and compute the metrics")
         self.compare_button.clicked.connect(self.compare)
