@@ -1,4 +1,5 @@
-"""A small matplotlib plot of training curves (loss and Dice per epoch) for the Training widget."""
+"""A small matplotlib plot of training curves for the Training widget: loss (top) and validation
+Dice per class (bottom) against the epoch, stacked so both stay readable in a narrow dock."""
 
 from __future__ import annotations
 
@@ -6,18 +7,20 @@ from typing import Sequence
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+CLASS_COLOURS = (("lung", "tab:blue"), ("infection", "tab:red"))
 
 
 class TrainingPlot(FigureCanvasQTAgg):
-    """Loss (left) and validation Dice (right) per epoch, redrawn from metrics-log records."""
+    """Redrawn from the metrics-log epoch records; ``n_points`` is the number of epochs shown."""
 
     def __init__(self, parent=None):
-        self.figure = Figure(figsize=(4.2, 2.2), tight_layout=True)
+        self.figure = Figure(figsize=(3.6, 3.4), layout="constrained")
         super().__init__(self.figure)
         self.setParent(parent)
-        self.setMinimumHeight(180)
-        self.ax_loss = self.figure.add_subplot(1, 2, 1)
-        self.ax_dice = self.figure.add_subplot(1, 2, 2)
+        self.setMinimumHeight(220)
+        self.ax_loss, self.ax_dice = self.figure.subplots(2, 1, sharex=True)
         self.n_points = 0
         self.clear()
 
@@ -25,31 +28,34 @@ class TrainingPlot(FigureCanvasQTAgg):
         self.n_points = 0
         for ax, title in ((self.ax_loss, "loss"), (self.ax_dice, "validation Dice")):
             ax.clear()
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("epoch", fontsize=8)
+            ax.set_ylabel(title, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        self.ax_dice.set_xlabel("epoch", fontsize=8)
+        self.ax_dice.set_ylim(0, 1)
         self.draw_idle()
 
     def set_records(self, records: Sequence[dict]):
+        """Plot train/validation loss and per-class validation Dice of ``records`` (epoch events)."""
         self.clear()
         epochs = [r.get("epoch") for r in records]
-        series = {
-            "train": [r.get("train_loss") for r in records],
-            "val": [r.get("val_loss") for r in records],
-        }
-        for label, values in series.items():
-            pts = [(e, v) for e, v in zip(epochs, values) if isinstance(v, (int, float))]
+        for key, label, style in (("train_loss", "train", "-"), ("val_loss", "validation", "--")):
+            pts = [(e, r.get(key)) for e, r in zip(epochs, records)]
+            pts = [(e, v) for e, v in pts if isinstance(e, int) and isinstance(v, (int, float))]
             if pts:
-                self.ax_loss.plot(*zip(*pts), marker="o", ms=3, label=label)
-        for cls, colour in (("lung", "tab:blue"), ("infection", "tab:red")):
+                self.ax_loss.plot(*zip(*pts), style, marker="o", ms=3, color="0.25" if key == "train_loss" else "tab:green",
+                                  label=label)
+        for cls, colour in CLASS_COLOURS:
             pts = [(e, ((r.get("val") or {}).get(cls) or {}).get("dice")) for e, r in zip(epochs, records)]
-            pts = [(e, v) for e, v in pts if isinstance(v, (int, float))]
+            pts = [(e, v) for e, v in pts if isinstance(e, int) and isinstance(v, (int, float))]
             if pts:
                 self.ax_dice.plot(*zip(*pts), marker="o", ms=3, color=colour, label=cls)
-        self.ax_dice.set_ylim(0, 1)
         for ax in (self.ax_loss, self.ax_dice):
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="best", framealpha=0.6)
+        numbered = [e for e in epochs if isinstance(e, int)]
+        if numbered:
+            self.ax_dice.set_xlim(min(numbered) - 0.5, max(numbered) + 0.5)
         self.n_points = len(records)
         self.draw_idle()

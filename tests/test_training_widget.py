@@ -1,0 +1,237 @@
+"""Training dock widget driven through its buttons: real ``python -m training`` child processes
+on a tiny phantom (CPU), stop/resume, the result used by the Segment widget, and failures."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from napari_covidseg.io.geometry import GEOMETRY_KEY
+from napari_covidseg.phantom import make_phantom
+from napari_covidseg.widgets import common, segment_widget, training_widget
+from napari_covidseg.widgets.segment_widget import SegmentWidget
+from napari_covidseg.widgets.training_widget import TrainingWidget, parse_extra_args, summarise_data_report
+
+SCREENSHOTS = os.path.join(os.path.dirname(__file__), "..", "screenshots")
+# a network and data small enough that one epoch takes ~1 s on one busy CPU core
+TINY_ARGS = ("--network-kwargs '{\"base\": 4}' --phantom-cases 4 --phantom-shape 8 64 64 "
+             "--max-steps-per-epoch 12 --threads 1 --augmentation none")
+PROCESS_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    shown = []
+    for module in (training_widget, segment_widget, common):
+        monkeypatch.setattr(module, "notify_error", lambda e, shown=shown: shown.append(common.error_text(e)))
+    return shown
+
+
+def _tiny_form(widget, out_dir, epochs=6):
+    widget.set_network("unet")
+    widget.phantom_check.setChecked(True)
+    widget.epochs_spin.setValue(epochs)
+    widget.batch_spin.setValue(2)
+    widget.size_edit.setText("64 64")
+    widget.val_spin.setValue(0.25)
+    widget.set_device("cpu")
+    widget.out_edit.setText(str(out_dir))
+    widget.extra_edit.setText(TINY_ARGS)
+
+
+def _click_and_wait_until_done(qtbot, widget, button):
+    qtbot.mouseClick(button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not widget.is_running(), timeout=PROCESS_TIMEOUT_MS)
+
+
+def _metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_form_prefills_the_paper_recipe_and_builds_the_command(make_napari_viewer, tmp_path, messages):
+    from napari_covidseg.models import get_network, network_names
+
+    widget = TrainingWidget(make_napari_viewer())
+    for name in network_names():
+        widget.set_network(name)
+        recipe = get_network(name).recipe
+        assert widget.epochs_spin.value() == recipe.epochs
+        assert widget.batch_spin.value() == recipe.batch_size
+        assert widget.lr_spin.value() == pytest.approx(recipe.lr)
+        assert widget.size_edit.text().split() == [str(s) for s in recipe.input_size]
+        assert name in widget.out_edit.text()  # a fresh output folder per network and run
+    _tiny_form(widget, tmp_path / "run")
+    widget.target_combo.setCurrentText("lung")
+    widget.split_combo.setCurrentIndex(1)
+    widget.folds_spin.setValue(4)
+    widget.fold_spin.setValue(3)
+    cmd = widget.request().command()
+    joined = " ".join(cmd)
+    for part in ("-m training train", "--network unet", "--data phantom", "--target lung", "--epochs 6",
+                 "--batch-size 2", "--input-size 64 64", "--folds 4 --fold 3", "--device cpu", "--threads 1"):
+        assert part in joined
+    assert "--val-fraction" not in joined
+    assert cmd[cmd.index("--network-kwargs") + 1] == '{"base": 4}'  # quotes keep the JSON in one argument
+    assert widget.fold_spin.maximum() == 3
+
+    widget.size_edit.setText("64")
+    widget.start()
+    assert "2D network" in widget.status_label.text() and not widget.is_running()
+    widget.size_edit.setText("64 64")
+    widget.extra_edit.setText("--network-kwargs '{\"base\": 4}")
+    widget.start()
+    assert "quotes" in widget.status_label.text() and not widget.is_running()
+    # an output folder that holds a run is never overwritten by a new one
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "last.pt").write_bytes(b"x")
+    widget.extra_edit.setText("")
+    widget.out_edit.setText(str(tmp_path / "used"))
+    assert widget.resume_button.isEnabled()
+    widget.start()
+    assert "already holds a training run" in widget.status_label.text() and not widget.is_running()
+    assert (tmp_path / "used" / "last.pt").read_bytes() == b"x"
+    assert len(messages) == 3
+    with pytest.raises(Exception, match="quotes"):
+        parse_extra_args("'")
+
+
+def test_summary_of_the_check_data_report():
+    report = {"data": "/d", "layout": "pairs", "n_cases": 3, "n_groups": 3, "problems": ["case c: the lung mask is empty"],
+              "cases": [{"id": "a", "shape": [10, 8, 8], "labels": ["lung", "infection"], "infection_voxels": 5},
+                        {"id": "b", "shape": [12, 8, 8], "labels": ["lung", "infection"], "infection_voxels": 0},
+                        {"id": "c", "shape": [4, 8, 8], "labels": ["lung"]}]}
+    text = summarise_data_report(report)
+    assert text.startswith("3 cases found (pairs layout)")
+    assert "lung masks 3/3, infection masks 2/3 (1 with no infection); 26 slices" in text
+    assert "1 problem(s): case c: the lung mask is empty" in text
+
+
+def test_check_button_counts_cases_and_labels(make_napari_viewer, qtbot, tmp_path):
+    import nibabel as nib
+
+    folder = tmp_path / "pairs"
+    for sub in ("images", "lung", "infection"):
+        (folder / sub).mkdir(parents=True)
+    for i, case in enumerate(("case_a", "case_b")):
+        phantom = make_phantom(shape=(6, 32, 32), seed=i)
+        affine = np.diag([1.0, 1.0, 1.0, 1.0])
+        nib.save(nib.Nifti1Image(phantom.ct.astype(np.int16).T, affine), folder / "images" / f"{case}.nii.gz")
+        nib.save(nib.Nifti1Image(phantom.lung.astype(np.uint8).T, affine), folder / "lung" / f"{case}.nii.gz")
+        if i == 0:
+            nib.save(nib.Nifti1Image(phantom.infection.astype(np.uint8).T, affine), folder / "infection" / f"{case}.nii.gz")
+
+    widget = TrainingWidget(make_napari_viewer())
+    assert not widget.check_button.isEnabled()  # the phantom needs no check
+    widget.phantom_check.setChecked(False)
+    widget.data_edit.setText(str(folder))
+    qtbot.mouseClick(widget.check_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.check_label.text() not in ("", "Checking..."), timeout=60_000)
+    assert widget.check_label.text().startswith("2 cases found (pairs layout): lung masks 2/2, infection masks 1/2")
+
+    widget.data_edit.setText(str(tmp_path))  # holds a folder but no NIfTI layout
+    qtbot.mouseClick(widget.check_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.check_label.text() not in ("", "Checking..."), timeout=60_000)
+    assert widget.check_label.text().startswith("Problem: cannot tell the layout")
+
+
+def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, qtbot, tmp_path, isolated_catalog, messages):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    phantom = make_phantom(shape=(8, 64, 64), seed=11)
+    ct = viewer.add_image(phantom.ct, name="phantom CT", scale=phantom.spacing, contrast_limits=(-1350, 150),
+                          metadata={GEOMETRY_KEY: phantom.geometry})
+    segment = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment, name="Segment", tabify=False)
+    widget = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Training")
+    out = tmp_path / "run"
+    _tiny_form(widget, out, epochs=6)
+    assert not widget.resume_button.isEnabled() and not widget.stop_button.isEnabled()
+
+    # start, watch the first points arrive, stop
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    assert widget.is_running() and widget.stop_button.isEnabled() and not widget.start_button.isEnabled()
+    assert widget.tabs.currentIndex() == 1  # the progress tab is shown while training
+    qtbot.waitUntil(lambda: widget.plot.n_points >= 1, timeout=PROCESS_TIMEOUT_MS)
+    assert "Epoch 1/6 done" in widget.status_label.text() and "ETA" in widget.status_label.text()
+    assert widget.progress.maximum() == 6 and widget.progress.value() >= 1
+    _click_and_wait_until_done(qtbot, widget, widget.stop_button)
+    assert widget.last_status == "stopped", widget.status_label.text()
+    assert "stopped" in widget.status_label.text() and "Resume" in widget.status_label.text()
+    assert (out / "last.pt").is_file()
+    stopped_at = widget.plot.n_points
+    assert 1 <= stopped_at < 6
+    assert widget.resume_button.isEnabled()
+
+    # resume: epochs go on from the checkpoint, the plot keeps the earlier points and gets more
+    _click_and_wait_until_done(qtbot, widget, widget.resume_button)
+    assert widget.last_status == "finished", widget.status_label.text()
+    records = _metrics(out)
+    starts = [r for r in records if r["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from_epoch"] == stopped_at
+    resumed_epochs = [r["epoch"] for r in records[records.index(starts[1]):] if r["event"] == "epoch"]
+    assert resumed_epochs == list(range(stopped_at + 1, 7))
+    assert widget.plot.n_points == 6 and widget.progress.value() == 6
+    assert "finished after epoch 6/6" in widget.status_label.text()
+    assert "Segment widget" in widget.status_label.text()
+
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    qtbot.wait(300)
+    viewer.window._qt_window.grab().save(os.path.join(SCREENSHOTS, "training_widget.png"))
+
+    # the best checkpoint is in the Segment widget's weights list and runs on the open CT
+    best = os.path.abspath(out / "best.pt")
+    assert widget.finished_checkpoint == str(out / "best.pt")
+    segment.set_network("unet")
+    assert best in [segment.weights.combo.itemData(i) for i in range(segment.weights.combo.count())]
+    assert segment.weights.select_path(best)
+    segment.set_device("cpu")
+    assert segment.ct_combo.current_layer() is ct
+    qtbot.mouseClick(segment.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not segment.runner.is_running(), timeout=60_000)
+    for name in ("unet lung", "unet infection"):
+        assert viewer.layers[name].data.shape == ct.data.shape
+    assert messages == []
+
+
+def test_failures_are_reported_in_plain_words(make_napari_viewer, qtbot, tmp_path, messages):
+    viewer = make_napari_viewer()
+    widget = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Training")
+
+    # a data folder the trainer cannot read: it fails in the child, napari goes on
+    bad = tmp_path / "not_ct"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("no CT here")
+    _tiny_form(widget, tmp_path / "bad_data_run")
+    widget.phantom_check.setChecked(False)
+    widget.data_edit.setText(str(bad))
+    _click_and_wait_until_done(qtbot, widget, widget.start_button)
+    status = widget.status_label.text()
+    assert widget.last_status == "failed"
+    assert status.startswith("Training failed: cannot tell the layout of") and "Last log lines:" in status
+    assert "Traceback" not in status
+    assert messages and messages[-1].startswith("Training failed")
+
+    # a folder that does not exist is refused before anything starts
+    widget.data_edit.setText(str(tmp_path / "missing"))
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    assert not widget.is_running() and "does not exist" in widget.status_label.text()
+
+    # CUDA asked for on a machine without a GPU
+    widget.phantom_check.setChecked(True)
+    widget.out_edit.setText(str(tmp_path / "cuda_run"))
+    widget.set_device("cuda")
+    _click_and_wait_until_done(qtbot, widget, widget.start_button)
+    status = widget.status_label.text()
+    if widget.last_status != "failed":
+        pytest.skip("this machine has a CUDA GPU")
+    assert status.startswith("Training failed: CUDA was requested but no usable NVIDIA GPU was found")
+    assert "Last log lines:" in status and "cuda" in status.split("Last log lines:")[1].lower()
+
+    # napari is still alive and usable
+    layer = viewer.add_image(np.zeros((4, 4)), name="still here")
+    assert viewer.layers["still here"] is layer
+    assert widget.start_button.isEnabled()
