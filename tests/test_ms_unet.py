@@ -1,0 +1,175 @@
+"""MS-UNet: shapes, gradients, SIM/HMM properties, the BCE + UAL loss and its cosine ramp, overfit."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_covidseg.models import get_network
+from napari_covidseg.models.ms_unet import (
+    BCEUncertaintyLoss,
+    HierarchicalMixing,
+    MSUNet,
+    ScaleIntegration,
+    cosine_ramp,
+    hybrid_pool,
+    uncertainty_aware_loss,
+)
+
+TINY = dict(base=4, mid=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny networks are bound by per-op overhead: one thread avoids thread contention on a
+    loaded 2-core machine (measured: 2 threads were several times slower there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _two_class_target(b, h, w, seed=0):
+    """Lung = a centred disk, infection = a smaller disk inside it, so both classes are present."""
+    yy, xx = np.mgrid[:h, :w]
+    lung = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (0.35 * min(h, w)) ** 2
+    inf = ((yy - h / 2) ** 2 + (xx - w / 2 - 0.1 * w) ** 2) < (0.12 * min(h, w)) ** 2
+    t = torch.from_numpy(np.stack([lung, inf & lung]).astype(np.float32))
+    return t[None].repeat(b, 1, 1, 1)
+
+
+@pytest.mark.parametrize("size", [(250, 250), (97, 131)])
+def test_output_shape_for_odd_sizes(size):
+    torch.manual_seed(0)
+    net = MSUNet(**TINY).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, *size))
+    assert out["logits"].shape == (2, 2) + size
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = MSUNet(**TINY)
+    x = torch.rand(2, 1, 40, 40)
+    target = _two_class_target(2, 40, 40)
+    loss, terms = BCEUncertaintyLoss()(net(x), target, 0.5)
+    loss.backward()
+    assert set(terms) == {"bce", "ual", "gamma"}
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets an all-zero gradient"
+
+
+def test_sim_attention_sums_to_one_and_output_has_main_size():
+    torch.manual_seed(0)
+    sim = ScaleIntegration(6).eval()
+    small, main, large = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 10, 14), torch.randn(2, 6, 15, 21)
+    with torch.no_grad():
+        s, m, l, attn = sim.attention(small, main, large)
+        fused = sim(small, main, large)
+    assert attn.shape == (2, 3, 10, 14)
+    assert torch.allclose(attn.sum(dim=1), torch.ones(2, 10, 14), atol=1e-6)
+    assert (attn >= 0).all()
+    assert s.shape == m.shape == l.shape == fused.shape == (2, 6, 10, 14)
+    # the fused map is the attention-weighted sum of the three aligned branches
+    expected = attn[:, :1] * s + attn[:, 1:2] * m + attn[:, 2:] * l
+    assert torch.allclose(fused, expected, atol=1e-6)
+
+
+def test_hybrid_pool_is_max_plus_mean_per_cell():
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    pooled = hybrid_pool(x, (2, 2))
+    cells = x.reshape(1, 1, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(1, 1, 2, 2, 4)
+    assert torch.allclose(pooled, cells.amax(-1) + cells.mean(-1))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_hmm_preserves_shape(groups):
+    torch.manual_seed(0)
+    hmm = HierarchicalMixing(8, groups=groups).eval()
+    x = torch.randn(2, 8, 13, 9)
+    with torch.no_grad():
+        y = hmm(x)
+    assert y.shape == x.shape
+    assert (y >= 0).all()  # final ReLU after the residual
+
+
+def test_cosine_ramp_endpoints_and_monotone():
+    loss = BCEUncertaintyLoss(gamma_min=0.1, gamma_max=1.0)
+    assert loss.gamma(0.0) == pytest.approx(0.1)
+    assert loss.gamma(1.0) == pytest.approx(1.0)
+    assert loss.gamma(0.5) == pytest.approx(0.55)
+    values = [loss.gamma(p) for p in np.linspace(0, 1, 51)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert values[1] - values[0] < values[26] - values[25]  # slow start: cosine, not linear
+    # progress outside [0, 1] (e.g. a resumed run) is clamped
+    assert cosine_ramp(-0.5, 0.0, 1.0) == 0.0 and cosine_ramp(2.0, 0.0, 1.0) == 1.0
+    assert BCEUncertaintyLoss().gamma(0.0) == 0.0  # ZoomNet's default endpoints
+
+
+def test_ual_values():
+    assert float(uncertainty_aware_loss(torch.zeros(1, 2, 3, 3))) == pytest.approx(1.0)
+    assert float(uncertainty_aware_loss(torch.full((1, 2, 3, 3), 30.0))) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+def test_loss_is_minimal_at_ground_truth(progress):
+    torch.manual_seed(0)
+    target = _two_class_target(2, 24, 24)
+    loss = BCEUncertaintyLoss()
+    perfect = 20.0 * (2 * target - 1)
+    best, _ = loss({"logits": perfect}, target, progress)
+    assert float(best) < 1e-6
+    flipped = perfect.clone()
+    flipped[:, 1, 10:12, 10:12] *= -1
+    candidates = [perfect + torch.randn_like(perfect) * 5 for _ in range(5)]
+    candidates += [0.2 * perfect, flipped, torch.zeros_like(perfect), -perfect]
+    for logits in candidates:
+        other, _ = loss({"logits": logits}, target, progress)
+        assert float(other) > float(best)
+
+
+def test_registered_sizes_match_docstring():
+    spec = get_network("ms_unet")
+    default = spec.create()
+    n_default = sum(p.numel() for p in default.parameters())
+    assert 12.5e6 < n_default < 13.8e6  # paper: 13.40 M
+    shipped = spec.create(**spec.shipped_kwargs)
+    n_shipped = sum(p.numel() for p in shipped.parameters())
+    assert 0.5e6 < n_shipped < 2e6
+    assert spec.stride == 32 and spec.recipe.optimizer == "adam" and spec.recipe.epochs == 100
+
+
+def _mean_dice(logits, target):
+    pred = (logits > 0).float()
+    inter = (pred * target).sum((0, 2, 3))
+    denom = pred.sum((0, 2, 3)) + target.sum((0, 2, 3))
+    return float((2 * inter / denom.clamp_min(1)).mean())
+
+
+def test_tiny_network_overfits_one_phantom_slice():
+    from napari_covidseg.phantom import make_phantom
+    from napari_covidseg.preprocessing import preprocess
+
+    spec = get_network("ms_unet")
+    ph = make_phantom(shape=(8, 64, 64), seed=0)
+    k = int(np.argmax(ph.infection.reshape(8, -1).sum(1)))
+    x = torch.from_numpy(preprocess(ph.ct[k], spec.preprocessing))[None, None]
+    target = torch.from_numpy(np.stack([ph.lung[k], ph.infection[k]]).astype(np.float32))[None]
+    assert target[:, 1].sum() > 20
+    torch.manual_seed(0)
+    net = MSUNet(base=8, mid=16)
+    loss_fn = spec.loss()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    steps = 90
+    dices = []
+    for step in range(steps):
+        out = net(x)
+        loss, _ = loss_fn(out, target, step / steps)
+        dices.append(_mean_dice(out["logits"].detach(), target))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert dices[0] < 0.3
+    assert max(dices[-5:]) > 0.7, dices[::10]
