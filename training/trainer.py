@@ -1,0 +1,542 @@
+"""The training loop shared by every registered network (2D slices or 3D patches, CPU or CUDA, DDP).
+
+Reproducibility: the model is initialised from ``seed``; every training sample (which slice or
+patch, and its augmentation) is drawn from a generator seeded with ``(seed, epoch, index)``, and the
+sample order from ``(seed, epoch)``, so an epoch depends only on the weights, the optimizer state
+and the epoch number.  ``last.pt`` stores those (plus the python/numpy/torch RNG states for dropout
+and the like), so a run resumed after a kill continues exactly as an uninterrupted run would (bit
+for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from napari_covidseg.checkpoint import load_checkpoint, load_shipped, save_checkpoint
+from napari_covidseg.errors import CovidsegError, DataFolderError, InputError
+from napari_covidseg.inference import predict_volume, resolve_device
+from napari_covidseg.metrics import all_metrics
+from napari_covidseg.models.registry import CLASS_NAMES, NetworkSpec
+from napari_covidseg.preprocessing import Preprocessing, preprocess
+
+from . import distributed
+from .augment import augment
+from .config import TrainConfig
+from .datasets import Case, load_cases
+from .metrics_log import MetricsLog
+from .signals import StopFlag
+from .splits import make_split, read_split, write_split
+
+CHANNELS = {"lung": [0], "infection": [1], "both": [0, 1]}
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+def training_preprocessing(spec: NetworkSpec, cfg: TrainConfig) -> Preprocessing:
+    """The spec's preprocessing with the sizes this run trains at (stored in the checkpoint)."""
+    d = spec.preprocessing.to_dict()
+    if spec.dims == 2:
+        d["inplane_size"] = list(cfg.input_size)
+    elif cfg.target_spacing is not None:
+        d["target_spacing"] = list(cfg.target_spacing)
+    return Preprocessing.from_dict(d)
+
+
+def _resample_volume(x: np.ndarray, shape, mode: str) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    kw = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(t, size=tuple(shape), mode=mode, **kw)[0, 0].numpy()
+
+
+class PreparedCase:
+    """A case as the network sees it: normalised image and a (2, ...) target on the training grid."""
+
+    def __init__(self, case: Case, prep: Preprocessing, dims: int):
+        image = preprocess(case.ct, prep)
+        target = np.zeros((2,) + case.ct.shape, dtype=np.float32)
+        if case.lung is not None:
+            target[0] = case.lung > 0
+        if case.infection is not None:
+            target[1] = case.infection > 0
+        if dims == 3 and prep.target_spacing is not None:
+            shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(case.ct.shape, case.spacing, prep.target_spacing))
+            if shape != tuple(case.ct.shape):
+                image = _resample_volume(image, shape, "trilinear")
+                target = np.stack([(_resample_volume(t, shape, "trilinear") > 0.5).astype(np.float32) for t in target])
+        self.case_id = case.case_id
+        self.image = image.astype(np.float32, copy=False)
+        self.target = target
+        self.lung_slices = np.flatnonzero(target[0].reshape(target.shape[1], -1).any(1) |
+                                          target[1].reshape(target.shape[1], -1).any(1))
+        self.foreground = None
+        if dims == 3:
+            fg = np.argwhere(target.max(0) > 0)
+            self.foreground = fg[:: max(1, len(fg) // 20000)] if len(fg) else fg
+
+
+class SampleDataset(Dataset):
+    """``length`` training samples per epoch; sample ``i`` of epoch ``e`` is a pure function of (seed, e, i)."""
+
+    def __init__(self, cases: List[PreparedCase], dims: int, input_size: Sequence[int], augmentation: Sequence[str],
+                 probabilities: dict, length: int, seed: int, lung_weight: float):
+        self.cases, self.dims, self.aug, self.probs = cases, dims, list(augmentation), dict(probabilities or {})
+        self.length, self.seed, self.lung_weight = int(length), int(seed), float(lung_weight)
+        self.epoch = 0
+        if dims == 2:
+            self.input_size = tuple(int(s) for s in input_size)
+        else:  # clip the patch to the smallest training volume so every patch has the same size
+            smallest = np.min([c.image.shape for c in cases], axis=0)
+            self.input_size = tuple(int(min(p, n)) for p, n in zip(input_size, smallest))
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        if self.dims == 2:
+            if len(case.lung_slices) and rng.random() < self.lung_weight:
+                z = int(rng.choice(case.lung_slices))
+            else:
+                z = int(rng.integers(case.image.shape[0]))
+            img = torch.from_numpy(case.image[z])[None, None]
+            tgt = torch.from_numpy(case.target[:, z])[None]
+            if tuple(img.shape[-2:]) != self.input_size:
+                img = F.interpolate(img, size=self.input_size, mode="bilinear", align_corners=False)
+                tgt = F.interpolate(tgt, size=self.input_size, mode="nearest")
+            image, masks = img[0, 0].numpy(), list(tgt[0].numpy())
+        else:
+            shape = case.image.shape
+            if case.foreground is not None and len(case.foreground) and rng.random() < self.lung_weight:
+                centre = case.foreground[int(rng.integers(len(case.foreground)))]
+            else:
+                centre = [int(rng.integers(n)) for n in shape]
+            starts = [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre, self.input_size, shape)]
+            region = tuple(slice(s, s + p) for s, p in zip(starts, self.input_size))
+            image, masks = case.image[region], [case.target[0][region], case.target[1][region]]
+        if self.aug:
+            image, masks = augment(image, masks, self.aug, rng, self.probs)
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        y = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in masks]))
+        return x, y
+
+
+# ------------------------------------------------------------------------------------------------
+# optimisation
+# ------------------------------------------------------------------------------------------------
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=True)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer):
+    """Stepped once per epoch (plateau: on the validation mean Dice)."""
+    epochs = int(cfg.epochs)
+    if cfg.schedule == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(0.0, 1.0 - e / epochs) ** cfg.poly_power)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=5)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+
+
+def _select(value, idx):
+    if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == 2:
+        return value[:, idx]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_select(v, idx) for v in value)
+    return value
+
+
+def masked_loss(loss_fn, outputs: dict, target: torch.Tensor, progress: float, target_name: str):
+    """The network's loss on the chosen channels only.
+
+    The outputs and target are cut to the chosen channels; a loss that needs both channels (e.g.
+    exclusive classes for MSA-CPP's auxiliary heads) gets instead the full outputs with the other
+    channel's target replaced by the network's own detached probability, so that channel's BCE
+    gradient is zero.
+    """
+    if target_name == "both":
+        return loss_fn(outputs, target, progress)
+    idx = CHANNELS[target_name]
+    try:
+        return loss_fn({k: _select(v, idx) for k, v in outputs.items()}, target[:, idx], progress)
+    except (ValueError, RuntimeError, IndexError):
+        other = [c for c in (0, 1) if c not in idx]
+        t = target.clone()
+        t[:, other] = torch.sigmoid(outputs["logits"][:, other].detach().float())
+        return loss_fn(outputs, t, progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+def validate(model, spec: NetworkSpec, prep: Preprocessing, cases: List[Case], device, cfg: TrainConfig,
+             patch_size=None) -> Tuple[Dict[str, Dict[str, float]], float, float]:
+    """Whole-volume prediction of the validation cases (as at inference); returns per-class mean
+    metrics, the mean Dice over the chosen classes, and a validation loss (BCE of the probabilities)."""
+    per_class = {name: [] for name in CLASS_NAMES}
+    losses = []
+    was_training = model.training
+    for case in cases:
+        prob = predict_volume(model, spec, case.ct, case.spacing, prep, device=device, batch_size=max(1, cfg.batch_size),
+                              patch_size=patch_size, amp=cfg.amp)
+        for c, name in enumerate(CLASS_NAMES):
+            gt = case.lung if c == 0 else case.infection
+            if gt is None:
+                continue
+            m = all_metrics(prob[c] > 0.5, gt, spacing=case.spacing, prob=prob[c], with_hd95=False)
+            per_class[name].append(m)
+            p = np.clip(prob[c], 1e-6, 1 - 1e-6)
+            g = gt > 0
+            losses.append(float(-np.mean(np.where(g, np.log(p), np.log(1 - p)))))
+    model.train(was_training)
+    summary = {}
+    for name, items in per_class.items():
+        if items:
+            summary[name] = {k: float(np.mean([m[k] for m in items])) for k in ("dice", "iou", "sensitivity", "specificity")}
+    chosen = [CLASS_NAMES[c] for c in CHANNELS[cfg.target] if CLASS_NAMES[c] in summary]
+    dice_mean = float(np.mean([summary[n]["dice"] for n in chosen])) if chosen else float("nan")
+    return summary, dice_mean, float(np.mean(losses)) if losses else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state
+# ------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    if not state:
+        return
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, echo=None, cases: Optional[List[Case]] = None):
+        self.cfg = cfg
+        self.given_cases = cases  # already-read cases (benchmarks); None: read cfg.data
+        self.stop = stop or StopFlag()
+        self.out = Path(cfg.out)
+        self.echo = echo
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _setup(self):
+        cfg = self.cfg
+        self.spec = cfg.spec()
+        self.device = resolve_device(cfg.device)
+        self.dist = distributed.init(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device(f"cuda:{self.dist.local_rank}")
+            torch.cuda.set_device(self.device)
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.is_main = self.dist.is_main
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.out, enabled=self.is_main, echo=self.echo if self.is_main else None)
+        self.amp = bool(cfg.amp) and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _data(self):
+        cfg = self.cfg
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if self.given_cases is not None:
+                self.layout, cases = "given", list(self.given_cases)
+            else:
+                self.layout, cases = load_cases(cfg.data, cfg.layout, cfg.phantom_cases, cfg.phantom_shape)
+        for w in caught:
+            self.log.line(f"warning: {w.message}")
+        needed = [CLASS_NAMES[c] for c in CHANNELS[cfg.target]]
+        usable = [c for c in cases if all(n in c.labels() for n in needed)]
+        dropped = [c.case_id for c in cases if c not in usable]
+        if dropped:
+            self.log.line(f"warning: {len(dropped)} case(s) lack a {' or '.join(needed)} mask and are left out: {', '.join(dropped[:10])}")
+        if len(usable) < 2:
+            raise DataFolderError(f"only {len(usable)} case(s) have {' and '.join(needed)} masks; at least 2 are needed "
+                                  f"(train --target {'lung' if 'infection' in needed else 'infection'} to use the others)")
+        if cfg.split_file:
+            split = read_split(cfg.split_file)
+            missing = sorted(set(split["train"] + split["val"]) - {c.case_id for c in usable})
+            if missing:
+                raise DataFolderError(f"the split {cfg.split_file} names cases not in the data: {', '.join(missing[:5])}")
+        else:
+            split = make_split([c.case_id for c in usable], [c.group for c in usable], cfg.val_fraction, cfg.test_fraction,
+                               cfg.folds, cfg.fold, cfg.seed)
+        split.update({"data": str(cfg.data), "layout": self.layout})
+        by_id = {c.case_id: c for c in usable}
+        self.split = split
+        self.train_cases = [by_id[i] for i in split["train"]]
+        self.val_cases = [by_id[i] for i in split["val"]]
+        if not self.train_cases or not self.val_cases:
+            raise DataFolderError("the split leaves no training or no validation case; use more cases or another --val-fraction")
+
+    def _model(self):
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self.prep = training_preprocessing(self.spec, cfg)
+        model = self.spec.create(**cfg.network_kwargs)
+        if cfg.init_from:
+            src = load_shipped(cfg.network) if cfg.init_from == "shipped" else load_checkpoint(cfg.init_from, expected_network=cfg.network)
+            if src.network_kwargs != {**self.spec.default_kwargs, **cfg.network_kwargs} and src.network_kwargs != cfg.network_kwargs:
+                raise InputError(f"--init-from weights were built with {src.network_kwargs}, this run with {cfg.network_kwargs}; "
+                                 "pass the same --network-kwargs (or --net-kwargs-shipped for the shipped weights)")
+            model.load_state_dict(src.model.state_dict())
+            self.log.line(f"initialised from {src.path}")
+        model.to(self.device)
+        if self.spec.dims == 2 and self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.loss_fn = self.spec.loss(**(cfg.loss_kwargs or {}))
+        self.optimizer = make_optimizer(cfg, model.parameters())
+        self.scheduler = make_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.ddp_model = model
+        if self.dist.enabled:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.start_epoch, self.best = 0, -math.inf
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    def _resume(self, path):
+        from napari_covidseg.checkpoint import _read_raw  # raw dict incl. optimizer state
+
+        raw = _read_raw(path, map_location="cpu")
+        if raw.get("network") != self.cfg.network:
+            raise InputError(f"--resume {path} holds a `{raw.get('network')}`, not a `{self.cfg.network}`")
+        loaded = load_checkpoint(path, expected_network=self.cfg.network, map_location="cpu")
+        self.model.load_state_dict(loaded.model.state_dict())
+        extra = raw.get("extra") or {}
+        if "optimizer" not in extra:
+            raise InputError(f"{path} holds no training state (it is a weights-only checkpoint); use --init-from to fine-tune from it")
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        self.start_epoch = int(extra["epoch"])
+        self.best = float(extra.get("best", -math.inf)) if extra.get("best") is not None else -math.inf
+        self._resume_rng = extra.get("rng")
+        self.log.line(f"resumed from {path} after epoch {self.start_epoch}")
+
+    def _loader(self):
+        cfg = self.cfg
+        prepared = [PreparedCase(c, self.prep, self.spec.dims) for c in self.train_cases]
+        if cfg.samples_per_epoch:
+            length = int(cfg.samples_per_epoch)
+        elif self.spec.dims == 2:
+            length = int(sum(p.image.shape[0] for p in prepared))
+        else:
+            length = max(int(cfg.batch_size) * 4, len(prepared) * 4)
+        if cfg.max_steps_per_epoch:
+            length = min(length, int(cfg.max_steps_per_epoch) * int(cfg.batch_size) * self.dist.world_size)
+        self.dataset = SampleDataset(prepared, self.spec.dims, cfg.input_size, cfg.augmentation, cfg.augmentation_probabilities,
+                                     length, cfg.seed, cfg.lung_slice_weight)
+        self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=False)
+        self.loader = DataLoader(self.dataset, batch_size=int(cfg.batch_size), sampler=self.sampler,
+                                 num_workers=int(cfg.num_workers), drop_last=False,
+                                 pin_memory=self.device.type == "cuda")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _save(self, path, epoch, metrics, half=False):
+        cfg = self.cfg
+        training = {"data": str(cfg.data), "layout": self.layout, "n_train": len(self.train_cases), "n_val": len(self.val_cases),
+                    "split": {k: self.split[k] for k in ("train", "val", "test", "seed", "method")},
+                    "recipe": {k: getattr(cfg, k) for k in ("optimizer", "lr", "weight_decay", "schedule", "epochs", "batch_size",
+                                                            "input_size", "augmentation", "target")},
+                    "epochs_done": epoch, "seed": cfg.seed}
+        extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.amp else {}, "epoch": epoch,
+                 "best": None if not math.isfinite(self.best) else self.best, "rng": rng_state(),
+                 "sampler_epoch": epoch, "config": cfg.to_dict()}
+        save_checkpoint(path, self.model, cfg.network, cfg.network_kwargs, self.prep, training=training,
+                        metrics=metrics, extra=extra, half=half)
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self) -> str:
+        """Train; returns the end status (``finished`` or ``stopped``). Errors propagate."""
+        cfg = self.cfg
+        self._setup()
+        self.log.line(f"training `{cfg.network}` on {cfg.data} ({self.device}, {self.dist.world_size} process(es))")
+        self._data()
+        self._model()
+        if self.is_main:
+            write_split(self.split, self.out / "split.json")
+            cfg.save(self.out / "config.json")
+            self.log.record("start", network=cfg.network, config=cfg.to_dict(), device=str(self.device.type),
+                            epochs=int(cfg.epochs), time=time.time(), resumed_from_epoch=self.start_epoch,
+                            split={k: self.split[k] for k in ("train", "val", "test")})
+        self._loader()
+        if getattr(self, "_resume_rng", None):
+            set_rng_state(self._resume_rng)
+        last, best = self.out / "last.pt", self.out / "best.pt"
+        status = "finished"
+        epochs = int(cfg.epochs)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log.line(f"{n_params} parameters; train {len(self.train_cases)} cases, val {len(self.val_cases)} cases; "
+                      f"{len(self.dataset)} samples per epoch")
+        for epoch in range(self.start_epoch, epochs):
+            t0 = time.time()
+            self.dataset.epoch = epoch
+            self.sampler.set_epoch(epoch)
+            self.ddp_model.train()
+            total_loss, n_samples, steps = 0.0, 0, 0
+            stopped = False
+            for x, y in self.loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.spec.dims == 2 and self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                progress = (epoch + steps / max(1, len(self.loader))) / epochs
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    outputs = self.ddp_model(x)
+                outputs = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in outputs.items()}
+                loss, _parts = masked_loss(self.loss_fn, outputs, y, progress, cfg.target)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate (--lr)")
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total_loss += float(loss.detach()) * x.shape[0]
+                n_samples += x.shape[0]
+                steps += 1
+                if distributed.any_true(self.stop.stopped, self.dist, self.device):
+                    stopped = True
+                    break
+            if stopped:
+                # the epoch is incomplete: last.pt keeps these weights with epoch = the last completed
+                # epoch, so a resume redoes this epoch from them (nothing learnt is thrown away).
+                if self.is_main:
+                    self._save(last, epoch, {})
+                status = "stopped"
+                break
+            train_loss = distributed.mean_value(total_loss / max(1, n_samples), self.dist, self.device)
+            record = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss}
+            if self.is_main:
+                summary, dice_mean, val_loss = validate(self.model, self.spec, self.prep, self.val_cases, self.device, cfg)
+                record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean)
+            dice_mean = distributed.broadcast_object(record.get("val_dice_mean"), self.dist)
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            if cfg.schedule == "plateau":
+                self.scheduler.step(dice_mean if dice_mean is not None and math.isfinite(dice_mean) else 0.0)
+            else:
+                self.scheduler.step()
+            seconds = time.time() - t0
+            improved = dice_mean is not None and math.isfinite(dice_mean) and dice_mean > self.best
+            if improved:
+                self.best = float(dice_mean)
+            if self.is_main:
+                metrics = {"val": record.get("val"), "val_dice_mean": dice_mean, "epoch": epoch + 1}
+                self._save(last, epoch + 1, metrics)
+                if improved or not best.exists():
+                    self._save(best, epoch + 1, {**metrics, "best": True})
+                record.update(lr=lr, seconds=seconds, throughput=n_samples * self.dist.world_size / max(seconds, 1e-9),
+                              device=str(self.device.type))
+                self.log.record("epoch", **record)
+                val = record.get("val") or {}
+                self.log.line(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} val dice "
+                              + " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items()) + f" lr {lr:.2e} {seconds:.1f}s")
+            distributed.barrier(self.dist)
+            if self.stop.stopped:
+                status = "stopped"
+                break
+            if cfg.stop_after_epochs is not None and epoch + 1 >= int(cfg.stop_after_epochs) and epoch + 1 < epochs:
+                status = "stopped"
+                break
+        if self.is_main:
+            self.log.record("end", status=status, last_checkpoint=str(last), best_checkpoint=str(best) if best.exists() else None,
+                            error=None, best_val_dice_mean=self.best if math.isfinite(self.best) else None)
+            self.log.line(f"{status}: last checkpoint {last}")
+        distributed.cleanup(self.dist)
+        return status
+
+
+def plain_error(exc: BaseException) -> str:
+    """A message for the user, without a traceback."""
+    if isinstance(exc, CovidsegError):
+        return str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return ("the GPU ran out of memory; lower --batch-size or --input-size, use a smaller network "
+                "(--net-kwargs-shipped or --network-kwargs), or train on the CPU (--device cpu)")
+    if isinstance(exc, FloatingPointError):
+        return str(exc)
+    return f"training failed unexpectedly: {type(exc).__name__}: {exc}"
+
+
+def run_training(cfg: TrainConfig, echo=None, cases: Optional[List[Case]] = None) -> Tuple[int, str]:
+    """Run with signal handling and end/failed records; returns ``(exit_code, status)``."""
+    stop = StopFlag().install()
+    trainer = Trainer(cfg, stop=stop, echo=echo, cases=cases)
+    try:
+        status = trainer.run()
+        return 0, status
+    except BaseException as exc:  # noqa: BLE001 - every failure must end with a log record
+        if isinstance(exc, (SystemExit,)):
+            raise
+        message = plain_error(exc)
+        log = getattr(trainer, "log", None)
+        if log is None:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            log = MetricsLog(cfg.out, enabled=int(os.environ.get("RANK", "0")) == 0)
+        if not isinstance(exc, (CovidsegError, FloatingPointError)):
+            log.line("unexpected error:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-6)))
+        last = Path(cfg.out) / "last.pt"
+        log.record("end", status="failed", last_checkpoint=str(last) if last.exists() else None,
+                   best_checkpoint=str(Path(cfg.out) / "best.pt") if (Path(cfg.out) / "best.pt").exists() else None,
+                   error=message)
+        log.line(f"failed: {message}")
+        trainer.error_message = message
+        code = 2 if isinstance(exc, DataFolderError) else 1
+        try:
+            distributed.cleanup(trainer.dist)
+        except Exception:
+            pass
+        return code, message
+    finally:
+        stop.uninstall()
