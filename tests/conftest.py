@@ -89,3 +89,8 @@ def isolated_catalog(tmp_path, monkeypatch):
     weights_catalog.reset()
     yield weights_catalog
     weights_catalog.reset()
+
+# Tests never read or write the user's real list of checkpoints (~/.config/napari-covidseg).
+import tempfile as _tempfile  # noqa: E402
+
+os.environ.setdefault("COVIDSEG_CONFIG_DIR", _tempfile.mkdtemp(prefix="covidseg-test-config-"))
