@@ -175,6 +175,6 @@ def test_tiny_overfit_on_one_phantom_slice():
         with torch.no_grad():
             dice = _hard_dice(model(x)["logits"], target)
         best = max(best, float(dice.mean()))
-        if best > start + 0.4 and float(dice[0]) > 0.85:
+        if best > start + 0.35 and float(dice[0]) > 0.85:
             break
     assert best > start + 0.3, f"mean Dice {start:.2f} -> {best:.2f} after {steps} steps"
