@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import DataFolderError, InputError
+from .errors import CancelledError, DataFolderError, InputError
 from .io.geometry import Geometry
 
 IMAGES_DIR = "images"
@@ -108,13 +108,17 @@ def _binary_mask(mask, shape, what: str) -> Optional[np.ndarray]:
     return (mask != 0).astype(np.uint8)
 
 
-def add_case(folder, case_id: str, image, geometry: Geometry, lung=None, infection=None) -> AddedCase:
+def add_case(
+    folder, case_id: str, image, geometry: Geometry, lung=None, infection=None, progress=None, should_cancel=None
+) -> AddedCase:
     """Write a case (display-ordered CT and masks, saved with ``geometry``) into ``folder``.
 
     Raises :class:`InputError` for a bad id, missing masks or mismatched shapes and
     :class:`DataFolderError` if the case id is taken (the message names a free id).  If writing
-    fails half way the files already written for this case are removed, so the folder never
-    holds a half case that would break training.
+    fails half way (or ``should_cancel()`` turns true between files, which raises
+    :class:`CancelledError`) the files already written for this case are removed, so the folder
+    never holds a half case that would break training.  ``progress(done, total)`` is called
+    after each file (compressing a full-size CT takes seconds).
     """
     from .io.nifti import save_volume  # imported here: nibabel I/O is only needed when saving
 
@@ -137,14 +141,17 @@ def add_case(folder, case_id: str, image, geometry: Geometry, lung=None, infecti
 
     image_path, lung_path, infection_path = _case_files(folder, case_id)
     planned = [(image_path, image), (lung_path, lung_mask), (infection_path, infection_mask)]
+    planned = [(path, array) for path, array in planned if array is not None]
     written: List[Path] = []
     try:
         for path, array in planned:
-            if array is None:
-                continue
+            if should_cancel is not None and should_cancel():
+                raise CancelledError(f"Adding case '{case_id}' was cancelled; nothing was kept.")
             path.parent.mkdir(parents=True, exist_ok=True)
             save_volume(path, array, geometry, overwrite=False)
             written.append(path)
+            if progress is not None:
+                progress(len(written), len(planned))
     except BaseException:
         for path in written:
             try:

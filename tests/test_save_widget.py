@@ -60,7 +60,8 @@ def test_save_writes_edited_mask_with_ct_affine(ct_viewer, qtbot, tmp_path):
     labels.data[3, 2, 1] = 0  # an eraser edit
     labels.refresh()
     out = tmp_path / "corrected.nii.gz"
-    assert widget.save_to(out) == out
+    assert widget.save_to(out) is not None
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=20000)
     saved = load_volume(out)
     np.testing.assert_array_equal(saved.data, labels.data)
     img = nib.load(str(out))
@@ -104,7 +105,8 @@ def test_existing_target_asks_first(ct_viewer, qtbot, monkeypatch, tmp_path):
     assert out.read_bytes() == b"precious"
     assert "mask_2.nii.gz" in widget.status.text()  # a free name is suggested
     monkeypatch.setattr(save_widget, "ask_overwrite", lambda *a: True)
-    assert widget.save_to(out) == out
+    assert widget.save_to(out) is not None
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=20000)
     np.testing.assert_array_equal(load_volume(out).data, labels.data)
 
 
@@ -123,6 +125,7 @@ def test_add_to_training_folder(ct_viewer, qtbot, tmp_path, monkeypatch):
     widget.lung_combo.set_layer(labels)
     widget.infection_combo.set_layer(inf_layer)
     widget.add_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=20000)
     for sub in ("images", "lung", "infection"):
         assert (folder / sub / "patient.nii.gz").exists()
     assert "now holds 1 case" in widget.status.text()
@@ -139,6 +142,7 @@ def test_add_to_training_folder(ct_viewer, qtbot, tmp_path, monkeypatch):
     assert "already exists" in widget.status.text()
     widget.infection_combo.set_layer(None)
     widget.add_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=20000)
     assert (folder / "lung" / "patient_2.nii.gz").exists()
     assert not (folder / "infection" / "patient_2.nii.gz").exists()
     assert "now holds 2 cases" in widget.status.text()
@@ -156,6 +160,7 @@ def test_screenshot(make_napari_viewer, qtbot, tmp_path):
     widget.lung_combo.set_layer(viewer.layers["phantom lung GT"])
     widget.infection_combo.set_layer(viewer.layers["phantom infection GT"])
     widget.add_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=20000)
     os.makedirs(SCREENSHOTS, exist_ok=True)
     viewer.window._qt_window.resize(1400, 900)
     qtbot.wait(200)

@@ -84,3 +84,31 @@ def test_case_id_from_name():
     assert case_id_from_name("coronacases_001.nii.gz") == "coronacases_001"
     assert case_id_from_name("///") == "case"
     assert validate_case_id(case_id_from_name("a b/c.nii")) == "a_b_c"
+
+
+def test_cancel_or_failure_leaves_no_half_case(tmp_path, monkeypatch):
+    from napari_covidseg.errors import CancelledError
+
+    ct, lung, infection, geometry = _case()
+    steps = []
+    with pytest.raises(CancelledError):
+        add_case(tmp_path, "c", ct, geometry, lung=lung, infection=infection,
+                 progress=lambda d, t: steps.append((d, t)), should_cancel=lambda: len(steps) >= 2)
+    assert steps == [(1, 3), (2, 3)]
+    assert not case_exists(tmp_path, "c")
+
+    import napari_covidseg.io.nifti as nifti
+
+    real = nifti.save_volume
+    calls = []
+
+    def failing(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(nifti, "save_volume", failing)
+    with pytest.raises(OSError):
+        add_case(tmp_path, "d", ct, geometry, lung=lung, infection=infection)
+    assert not case_exists(tmp_path, "d")

@@ -12,7 +12,7 @@ back the mask as it was when it appeared in the viewer (a copy is kept for every
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 from qtpy.QtCore import Qt
@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QMessageBox,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -31,9 +30,9 @@ from qtpy.QtWidgets import (
 
 from ..errors import CovidsegError, DataFolderError, InputError
 from ..io.geometry import GEOMETRY_KEY, Geometry
-from ..training_folder import add_case, case_id_from_name, list_cases, suggest_case_id
+from ..training_folder import add_case, case_exists, case_id_from_name, list_cases, suggest_case_id, validate_case_id
 from ._review import LayerCombo, ask_overwrite, free_path
-from .common import image_layers, labels_layers, notify_error
+from .common import TaskRunner, error_text, image_layers, labels_layers, notify_error
 
 
 def _same_file(a, b) -> bool:
@@ -80,6 +79,18 @@ def _compact(array: np.ndarray) -> np.ndarray:
             if top <= np.iinfo(dtype).max:
                 return array.astype(dtype)
     return array.copy()
+
+
+def _with_nifti_suffix(path) -> Path:
+    path = Path(path)
+    return path if path.name.lower().endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
+
+
+def run_save(path, array, geometry, overwrite, progress=None, should_cancel=None) -> Path:
+    """save_volume() for a :class:`TaskRunner` (one atomic write: nothing to cancel half way)."""
+    from ..io.nifti import save_volume
+
+    return save_volume(path, array, geometry, overwrite=overwrite)
 
 
 class SaveWidget(QWidget):
@@ -131,6 +142,15 @@ class SaveWidget(QWidget):
         training_layout.addLayout(training_form)
         training_layout.addWidget(self.add_button)
 
+        self.runner = TaskRunner(self, unit="files")
+        self.runner.setVisible(False)  # shown only while files are written
+        self.runner.started.connect(lambda: self.runner.setVisible(True))
+        self.runner.succeeded.connect(self._succeeded)
+        self.runner.failed.connect(self._failed)
+        self.runner.cancelled.connect(lambda: self.status.setText("Cancelled; nothing was kept."))
+        self.runner.finished.connect(self._finished)
+        self._on_success = self._on_failure = None
+
         self.status = QLabel("Edit a mask with the brush, then save it with its CT's geometry.")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)  # the saved path can be copied
@@ -139,6 +159,7 @@ class SaveWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(training_box)
+        layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
@@ -184,27 +205,32 @@ class SaveWidget(QWidget):
                 return Path(path).parent
         return Path.cwd()
 
-    def save_mask(self, path, overwrite: bool = False) -> Path:
-        """Save the chosen mask to ``path`` with the chosen CT's geometry; returns the path.
-
-        Never writes over the file the CT was read from, even with ``overwrite``.
-        """
-        from ..io.nifti import save_volume
-
+    def _prepare_save(self, path):
+        """(path, mask array, CT geometry) for saving, or a clear error; checks only, no I/O."""
         mask, ct = self.mask_combo.current_layer(), self.ct_combo.current_layer()
         if mask is None or ct is None:
             raise InputError("Choose the mask (Labels layer) to save and the CT it belongs to.")
-        path = Path(path)
-        if not path.name.lower().endswith((".nii", ".nii.gz")):
-            path = path.with_name(path.name + ".nii.gz")
+        path = _with_nifti_suffix(path)
         for source in source_paths(ct):
             if _same_file(path, source):
                 raise InputError(
                     f"{path} is the CT '{ct.name}' itself; it is never overwritten. Choose another file name."
                 )
         geometry = ct_geometry(ct, mask.data.shape)
-        save_volume(path, np.asarray(mask.data), geometry, overwrite=overwrite)
-        return path
+        return path, np.asarray(mask.data), geometry
+
+    def save_mask(self, path, overwrite: bool = False) -> Path:
+        """Save the chosen mask to ``path`` with the chosen CT's geometry, in this thread.
+
+        Never writes over the file the CT was read from, even with ``overwrite``.
+        """
+        from ..io.nifti import save_volume
+
+        path, array, geometry = self._prepare_save(path)
+        return save_volume(path, array, geometry, overwrite=overwrite)
+
+    def busy(self) -> bool:
+        return self.runner.is_running()
 
     def save_dialog(self):
         mask = self.mask_combo.current_layer()
@@ -218,27 +244,28 @@ class SaveWidget(QWidget):
         if path:
             self.save_to(path)
 
-    def save_to(self, path) -> Optional[Path]:
-        """Save, asking before replacing an existing file (the dialog's path lands here)."""
-        path = Path(path)
-        if not path.name.lower().endswith((".nii", ".nii.gz")):
-            path = path.with_name(path.name + ".nii.gz")
+    def save_to(self, path):
+        """Save in a worker, asking before replacing an existing file (the dialog's path lands here).
+
+        Returns the worker, or None when nothing is started (declined, or a clear error shown).
+        """
+        path = _with_nifti_suffix(path)
+        try:
+            path, array, geometry = self._prepare_save(path)
+        except CovidsegError as error:
+            notify_error(error)
+            self.status.setText(str(error))
+            return None
         overwrite = False
-        ct = self.ct_combo.current_layer()
-        is_ct = ct is not None and any(_same_file(path, s) for s in source_paths(ct))
-        if path.exists() and not is_ct:
+        if path.exists():
             if not ask_overwrite(self, path):
                 self.status.setText(f"Not saved: {path} exists. A free name would be {free_path(path).name}.")
                 return None
             overwrite = True
-        try:
-            written = self.save_mask(path, overwrite=overwrite)
-        except (CovidsegError, OSError) as error:
-            notify_error(error)
-            self.status.setText(str(error))
-            return None
-        self.status.setText(f"Saved '{self.mask_combo.current_layer().name}' to {written}")
-        return written
+        name = self.mask_combo.current_layer().name
+        # A copy: the user may go on painting while the file is compressed and written.
+        self._on_success = lambda written: self.status.setText(f"Saved '{name}' to {written}")
+        return self.runner.start(run_save, path, np.array(array, copy=True), geometry, overwrite, status=f"Saving {path.name}...")
 
     # --- training folder --------------------------------------------------------------------
     def choose_folder(self):
@@ -249,7 +276,7 @@ class SaveWidget(QWidget):
             self.status.setText(f"{folder} holds {n} case{'s' if n != 1 else ''}.")
 
     def add_to_training_folder(self):
-        """Write the CT and the chosen masks as a new case; refuses to replace an existing one."""
+        """Write the CT and the chosen masks as a new case in a worker; never replaces a case."""
         ct = self.ct_combo.current_layer()
         lung, infection = self.lung_combo.current_layer(), self.infection_combo.current_layer()
         folder = self.folder_edit.text().strip()
@@ -261,31 +288,64 @@ class SaveWidget(QWidget):
                 raise InputError("Choose a training data folder first (Browse...).")
             if lung is None and infection is None:
                 raise InputError("Choose a lung mask, an infection mask or both: a training case needs at least one mask.")
+            case_id = validate_case_id(case_id)
             geometry = ct_geometry(ct, ct.data.shape[-3:])
-            added = add_case(
-                folder,
-                case_id,
-                np.asarray(ct.data),
-                geometry,
-                lung=None if lung is None else np.asarray(lung.data),
-                infection=None if infection is None else np.asarray(infection.data),
-            )
+            for layer in (lung, infection):
+                if layer is not None and layer.data.shape != ct.data.shape:
+                    raise InputError(
+                        f"'{layer.name}' has shape {layer.data.shape} but the CT '{ct.name}' has shape "
+                        f"{ct.data.shape}: pick masks made from this CT."
+                    )
+            if case_exists(folder, case_id):
+                raise DataFolderError(
+                    f"Case '{case_id}' already exists in {folder}; nothing was written. "
+                    f"Use another case id, e.g. '{suggest_case_id(folder, case_id)}'."
+                )
         except DataFolderError as error:
-            notify_error(error)
-            self.status.setText(str(error))
-            if folder and case_id:
-                try:
-                    self.case_edit.setText(suggest_case_id(folder, case_id))
-                except OSError:
-                    pass
+            self._case_refused(error, folder, case_id)
             return None
         except (CovidsegError, OSError) as error:
             notify_error(error)
             self.status.setText(str(error))
             return None
+        self._on_success = lambda added: self._case_added(added, folder)
+        self._on_failure = lambda error: self._case_refused(error, folder, case_id) if isinstance(error, DataFolderError) else None
+        return self.runner.start(
+            add_case,
+            folder,
+            case_id,
+            np.asarray(ct.data),
+            geometry,
+            lung=None if lung is None else np.array(lung.data, copy=True),
+            infection=None if infection is None else np.array(infection.data, copy=True),
+            status=f"Adding case '{case_id}'...",
+        )
+
+    def _case_refused(self, error, folder, case_id):
+        notify_error(error)
+        self.status.setText(str(error))
+        try:
+            self.case_edit.setText(suggest_case_id(folder, case_id))
+        except OSError:
+            pass
+
+    def _case_added(self, added, folder):
         masks = " and ".join(n for n, p in (("lung", added.lung_path), ("infection", added.infection_path)) if p)
         self.status.setText(
             f"Added case '{added.case_id}' (CT + {masks}) to {folder}; "
             f"the folder now holds {added.n_cases} case{'s' if added.n_cases != 1 else ''}."
         )
-        return added
+
+    # --- runner callbacks ---------------------------------------------------------------------
+    def _succeeded(self, result):
+        if self._on_success is not None:
+            self._on_success(result)
+
+    def _failed(self, error):
+        self.status.setText(error_text(error))
+        if self._on_failure is not None:
+            self._on_failure(error)
+
+    def _finished(self):
+        self.runner.setVisible(False)
+        self._on_success = self._on_failure = None
