@@ -183,11 +183,22 @@ def test_errors_become_notifications(make_napari_viewer, qtbot, tiny_phantom, ti
 
 def test_catalog_changes_reach_the_widget(make_napari_viewer, tiny_unet_checkpoints, isolated_catalog, messages):
     viewer = make_napari_viewer()
-    widget = SegmentWidget(viewer)
+    # opened the way a user does (Plugins menu -> npe2 manifest)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-covidseg", "Segment")
+    assert isinstance(widget, SegmentWidget)
+    from napari_covidseg.widgets.side_by_side_widget import SideBySideWidget
+
+    _, side_by_side = viewer.window.add_plugin_dock_widget("napari-covidseg", "Side by side")
+    assert isinstance(side_by_side, SideBySideWidget)
     widget.set_network("unet")
     before = widget.weights.combo.count()
     # the Training widget registers its finished checkpoint: it is listed at once
     isolated_catalog.add_checkpoint(tiny_unet_checkpoints["trained"])
-    labels = [widget.weights.combo.itemText(i) for i in range(widget.weights.combo.count())]
-    assert any("trained.pt" in t for t in labels)
-    assert widget.weights.combo.count() in (before + 1, 2) or before == 1
+    for combo in (widget.weights.combo, side_by_side.network_weights["unet"].combo):
+        labels = [combo.itemText(i) for i in range(combo.count())]
+        assert any("trained.pt" in t for t in labels)
+    shipped = isolated_catalog.shipped_entry("unet") is not None
+    assert widget.weights.combo.count() == (2 if shipped else 1)
+    assert before == 1
+    # the shipped weights (when there are some) stay the default pick
+    assert widget.weights.current_entry().shipped == shipped
