@@ -83,8 +83,13 @@ def volume_comparison_fast(p: np.ndarray, g: np.ndarray, spacing):
     return overlay, slice_dice, region_metrics(p, g, spacing, with_hd95=False)
 
 
-def volume_comparison(p: np.ndarray, g: np.ndarray, spacing):
-    """Generator for a worker: yields the fast results, then returns the volume HD95 (mm)."""
+def volume_comparison(pred: np.ndarray, gt: np.ndarray, spacing):
+    """Generator for a worker: yields the fast results, then returns the volume HD95 (mm).
+
+    Takes the layers' arrays as they are (no copy in the GUI thread); a brush stroke landing
+    while this runs makes the result stale, and the widget then runs it again.
+    """
+    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
     yield volume_comparison_fast(p, g, spacing)
     return float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
 
@@ -321,8 +326,8 @@ class CompareWidget(QWidget):
         layer.editable = False  # an overlay edited by hand would no longer mean anything
 
     # --- computation -------------------------------------------------------------------------
-    def _masks(self):
-        """Foreground of the prediction and ground truth, or None (after a notification)."""
+    def _layer_arrays(self):
+        """The prediction's and ground truth's data, or None (after a notification)."""
         if self.pred_layer is None or self.gt_layer is None:
             return None
         pred, gt = np.asarray(self.pred_layer.data), np.asarray(self.gt_layer.data)
@@ -332,7 +337,12 @@ class CompareWidget(QWidget):
             notify_error(error)
             self.status.setText(str(error))
             return None
-        return pred != 0, gt != 0
+        return pred, gt
+
+    def _masks(self):
+        """Foreground of the prediction and ground truth, or None (after a notification)."""
+        layers = self._layer_arrays()
+        return None if layers is None else (layers[0] != 0, layers[1] != 0)
 
     def recompute(self):
         """Recompute the overlay, per-slice Dice and volume metrics now (HD95 in a worker)."""
@@ -353,23 +363,24 @@ class CompareWidget(QWidget):
         so only the edited slice (the one on screen) is redone in the GUI thread; the volume
         follows from a worker, and a result made stale by a newer edit is dropped.
         """
-        masks = self._masks()
-        if masks is None:
+        layers = self._layer_arrays()
+        if layers is None:
             return
-        p, g = masks
+        pred, gt = layers
         self._generation += 1
         z = self.current_slice()
-        if self.overlay_layer is not None and self.overlay_layer.data.shape == p.shape:
-            self.overlay_layer.data[z] = overlay_labels(p[z], g[z])
+        pz, gz = pred[z] != 0, gt[z] != 0  # only this slice in the GUI thread: milliseconds
+        if self.overlay_layer is not None and self.overlay_layer.data.shape == pred.shape:
+            self.overlay_layer.data[z] = overlay_labels(pz, gz)
             self.overlay_layer.refresh()
-        if len(self.slice_dice) == p.shape[0]:
-            self.slice_dice[z] = float(metrics.per_slice_dice(p[z : z + 1], g[z : z + 1])[0])
+        if len(self.slice_dice) == pred.shape[0]:
+            self.slice_dice[z] = float(metrics.per_slice_dice(pz[None], gz[None])[0])
             self.ranking = rank_worst_slices(self.slice_dice)
             self.plot.show_dice(self.slice_dice, z)
         self.update_slice_metrics()
         self.volume_metrics["hd95_mm"] = None
         self._show_volume_column()
-        self._start_volume_worker(p, g)
+        self._start_volume_worker(pred, gt)
 
     def _start_volume_worker(self, p, g):
         """One volume worker at a time: edits made while it runs are redone when it ends."""
@@ -391,9 +402,9 @@ class CompareWidget(QWidget):
     def _volume_worker_finished(self):
         self._volume_running = False
         if self._volume_dirty and self.pred_layer is not None:
-            masks = self._masks()
-            if masks is not None:
-                self._start_volume_worker(*masks)
+            layers = self._layer_arrays()
+            if layers is not None:
+                self._start_volume_worker(*layers)
 
     def _apply_volume(self, generation: int, fast):
         """Show a volume result (overlay, per-slice Dice, volume ratios) unless it is stale."""
