@@ -47,7 +47,8 @@ def _click_and_wait(qtbot, widget, timeout=30000):
     qtbot.waitUntil(lambda: not widget.runner.is_running(), timeout=timeout)
 
 
-def test_run_adds_masks_on_the_ct_grid(make_napari_viewer, qtbot, tiny_unet_checkpoints, isolated_catalog, messages):
+def test_run_adds_masks_on_the_ct_grid(make_napari_viewer, qtbot, tiny_unet_checkpoints, isolated_catalog, messages,
+                                       monkeypatch):
     viewer = make_napari_viewer()
     viewer.window._qt_window.resize(1500, 950)
     viewer.open_sample("napari-covidseg", "chest_phantom_small")  # the real plugin path (npe2 manifest)
@@ -94,6 +95,19 @@ def test_run_adds_masks_on_the_ct_grid(make_napari_viewer, qtbot, tiny_unet_chec
     assert len(viewer.layers) == n_layers
     assert viewer.layers["unet lung"] is lung
     np.testing.assert_array_equal(lung.data, (probability.data > 0.9).astype(np.uint8))
+
+    # a mask the user corrected is never overwritten by a re-run
+    z = ct.data.shape[0] // 2
+    lung.data_setitem((np.array([z]), np.array([0]), np.array([0])), 1)
+    edited = lung.data.copy()
+    monkeypatch.setattr(segment_widget, "notify_info", lambda m: messages.append("info: " + m))
+    widget.threshold_spin.setValue(0.5)
+    _click_and_wait(qtbot, widget)
+    assert viewer.layers["unet lung"] is lung
+    np.testing.assert_array_equal(lung.data, edited)
+    assert "unet lung (2)" in viewer.layers and "unet infection (2)" not in viewer.layers
+    np.testing.assert_array_equal(viewer.layers["unet lung (2)"].data, (probability.data > 0.5).astype(np.uint8))
+    assert any("has your edits" in m for m in messages)
 
 
 def test_gui_stays_responsive_and_cancel_stops(make_napari_viewer, qtbot, tiny_phantom, tiny_unet_checkpoints,

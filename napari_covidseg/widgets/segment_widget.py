@@ -42,12 +42,15 @@ from .common import (
     image_layers,
     layer_spacing,
     notify_error,
+    notify_info,
     notify_warning,
     volume_of,
 )
 from .weights_combo import WeightsCombo
 
 CLASS_COLORS = {"lung": LUNG_COLOR, "infection": INFECTION_COLOR}
+# set in a result layer's metadata once the user paints, fills or erases in it
+EDITED_KEY = "covidseg_edited"
 
 
 def mask_layer_name(network: str, cls: str) -> str:
@@ -275,17 +278,41 @@ class SegmentWidget(QWidget):
             f"(threshold {outcome.request.threshold:.2f})."
         )
 
+    def _free_name(self, base: str) -> str:
+        """``base`` unless that layer holds hand edits; then the first ``base (k)`` that is free or
+        unedited, so re-running never overwrites a corrected mask."""
+        candidates = [base] + [f"{base} ({k})" for k in range(2, 1000)]
+        for name in candidates:
+            if name not in self.viewer.layers or not self.viewer.layers[name].metadata.get(EDITED_KEY):
+                return name
+        return base  # pragma: no cover
+
+    @staticmethod
+    def _watch_edits(layer) -> None:
+        layer.metadata[EDITED_KEY] = False
+        if not layer.metadata.get("_covidseg_watched"):
+            layer.metadata["_covidseg_watched"] = True
+            layer.events.paint.connect(lambda event, layer=layer: layer.metadata.__setitem__(EDITED_KEY, True))
+
     def add_result_layers(self, outcome: RunOutcome):
-        """Add or refresh ``<net> lung``/``<net> infection`` (and the probability maps if asked)."""
+        """Add or refresh ``<net> lung``/``<net> infection`` (and the probability maps if asked).
+
+        A result layer the user has edited (paint, fill, erase) is kept: the new result goes to
+        ``<net> lung (2)`` and a notification says so.
+        """
         ref = self._ct_layer
         network = outcome.request.network
         result = outcome.result
         layers = []
         for cls, mask in (("lung", result.lung), ("infection", result.infection)):
-            layer = add_labels_like(self.viewer, mask, mask_layer_name(network, cls), ref,
-                                    color=CLASS_COLORS[cls], opacity=MASK_OPACITY)
+            base = mask_layer_name(network, cls)
+            name = self._free_name(base)
+            if name != base:
+                notify_info(f"'{base}' has your edits, so it was kept; the new result is '{name}'.")
+            layer = add_labels_like(self.viewer, mask, name, ref, color=CLASS_COLORS[cls], opacity=MASK_OPACITY)
             layer.metadata["covidseg_source"] = {"network": network, "weights": outcome.request.weights_path,
                                                  "threshold": outcome.request.threshold}
+            self._watch_edits(layer)
             layers.append(layer)
         if self.probability_check.isChecked():
             for channel, cls in enumerate(("lung", "infection")):
