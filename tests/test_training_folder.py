@@ -112,3 +112,22 @@ def test_cancel_or_failure_leaves_no_half_case(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         add_case(tmp_path, "d", ct, geometry, lung=lung, infection=infection)
     assert not case_exists(tmp_path, "d")
+
+
+def test_training_reads_what_the_gui_writes(tmp_path):
+    """The folder add_case() builds is a valid ``pairs`` data folder for ``training``."""
+    from training.datasets import load_cases
+
+    ct, lung, infection, geometry = _case()
+    add_case(tmp_path, "a", ct, geometry, lung=lung, infection=infection)
+    add_case(tmp_path, "b", ct, geometry, infection=infection)
+    layout, cases = load_cases(str(tmp_path))
+    assert layout == "pairs"
+    by_id = {c.case_id: c for c in cases}
+    assert set(by_id) == {"a", "b"}
+    a = by_id["a"]
+    np.testing.assert_array_equal(a.ct, ct)
+    np.testing.assert_array_equal(a.lung, (lung != 0).astype(np.uint8))
+    np.testing.assert_array_equal(a.infection, infection)
+    np.testing.assert_allclose(a.spacing, (2.5, 0.8, 0.7))
+    assert by_id["b"].lung is None
