@@ -111,3 +111,16 @@ def test_config_file_overrides_recipe_and_flags_override_config(tmp_path):
 
     with pytest.raises(InputError, match="unknown field"):
         build_config(str(cfg_file), network="unet")
+
+
+def test_3d_network_trains_on_patches_with_one_target(tmp_path):
+    out = tmp_path / "qchc"
+    code = main(["train", "--network", "qchc_unet3d", "--data", "phantom", "--phantom-cases", "3", "--phantom-shape", "16", "48", "48",
+                 "--device", "cpu", "--threads", "1", "--quiet", "--out", str(out), "--epochs", "1", "--input-size", "16", "32", "32",
+                 "--target-spacing", "15", "7.5", "7.5", "--batch-size", "2", "--slices-per-epoch", "2",
+                 "--network-kwargs", '{"base": 4}', "--target", "lung"])
+    assert code == 0
+    loaded = load_checkpoint(out / "last.pt", expected_network="qchc_unet3d")
+    assert loaded.preprocessing.target_spacing == (15.0, 7.5, 7.5) and loaded.preprocessing.normalisation == "zscore"
+    epoch = [r for r in _records(out) if r["event"] == "epoch"][0]
+    assert epoch["val_dice_mean"] == epoch["val"]["lung"]["dice"]  # only the chosen class counts

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=("adam", "adamw", "rmsprop", "sgd"))
     t.add_argument("--schedule", choices=("poly", "plateau", "cosine", "constant"))
     t.add_argument("--input-size", type=int, nargs="+", help="H W (2D) or D H W (3D patch)")
+    t.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="3D networks: resample to this spacing (mm)")
     t.add_argument("--augmentation", nargs="*", help="e.g. flip rotate scale gamma noise (none: no augmentation)")
     t.add_argument("--target", choices=("lung", "infection", "both"))
     t.add_argument("--val-fraction", type=float)
@@ -95,7 +96,7 @@ def _train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "network", "data", "layout", "out", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule",
-        "input_size", "augmentation", "target", "val_fraction", "test_fraction", "folds", "fold", "split_file", "seed",
+        "input_size", "target_spacing", "augmentation", "target", "val_fraction", "test_fraction", "folds", "fold", "split_file", "seed",
         "device", "amp", "resume", "init_from", "phantom_cases", "phantom_shape", "network_kwargs", "net_kwargs_shipped",
         "num_workers", "max_steps_per_epoch", "samples_per_epoch", "stop_after_epochs", "threads")}
     if args.resume == "auto":

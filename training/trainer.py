@@ -320,12 +320,16 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed)
         self.prep = training_preprocessing(self.spec, cfg)
-        model = self.spec.create(**cfg.network_kwargs)
+        src = None
         if cfg.init_from:
             src = load_shipped(cfg.network) if cfg.init_from == "shipped" else load_checkpoint(cfg.init_from, expected_network=cfg.network)
-            if src.network_kwargs != {**self.spec.default_kwargs, **cfg.network_kwargs} and src.network_kwargs != cfg.network_kwargs:
-                raise InputError(f"--init-from weights were built with {src.network_kwargs}, this run with {cfg.network_kwargs}; "
-                                 "pass the same --network-kwargs (or --net-kwargs-shipped for the shipped weights)")
+            if not cfg.network_kwargs:  # fine-tune the architecture the weights were made for
+                cfg.network_kwargs = dict(src.network_kwargs)
+            if {**self.spec.default_kwargs, **src.network_kwargs} != {**self.spec.default_kwargs, **cfg.network_kwargs}:
+                raise InputError(f"--init-from weights were built with {src.network_kwargs}, this run asks for {cfg.network_kwargs}; "
+                                 "leave --network-kwargs out (the weights' own are used) or pass the same")
+        model = self.spec.create(**cfg.network_kwargs)
+        if src is not None:
             model.load_state_dict(src.model.state_dict())
             self.log.line(f"initialised from {src.path}")
         model.to(self.device)
