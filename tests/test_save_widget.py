@@ -73,6 +73,14 @@ def test_save_writes_edited_mask_with_ct_affine(ct_viewer, qtbot, tmp_path):
     widget.revert_button.click()
     assert labels.data[4, 5:7, 2:4].sum() == 0 and labels.data[3, 2, 1] == 1
     assert int(labels.data.sum()) == 3 * 3 * 6
+    # A new prediction replacing the whole array becomes the state "Revert" returns to.
+    rerun = np.zeros_like(labels.data)
+    rerun[1, 1, 1] = 1
+    labels.data = rerun.copy()
+    labels.data[2, 2, 2] = 1  # then a brush edit
+    labels.refresh()
+    widget.revert_button.click()
+    np.testing.assert_array_equal(labels.data, rerun)
 
 
 def test_never_overwrites_the_source_ct(ct_viewer, qtbot, monkeypatch):

@@ -97,7 +97,8 @@ class SaveWidget(QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
-        self._originals: Dict[int, np.ndarray] = {}  # id(layer) -> mask as it first appeared
+        self._originals: Dict[int, np.ndarray] = {}  # id(layer) -> mask before brush edits
+        self._reverting = False
 
         self.mask_combo = LayerCombo(napari_viewer, labels_layers)
         self.ct_combo = LayerCombo(napari_viewer, image_layers)
@@ -171,15 +172,25 @@ class SaveWidget(QWidget):
         self._default_case_id()
 
     # --- original copies for "Revert edits" ---------------------------------------------------
+    # A copy of every Labels layer is taken when it appears and again whenever its whole array
+    # is replaced (``layer.data = ...``: a network re-run, a file re-read), never on brush edits
+    # (those change the array in place), so "Revert" goes back to the last computed mask.
     def _remember(self, layer):
-        if id(layer) not in self._originals and layer in labels_layers(self.viewer):
+        if layer in labels_layers(self.viewer) and id(layer) not in self._originals:
+            self._originals[id(layer)] = _compact(layer.data)
+            layer.events.data.connect(self._on_data_replaced)
+
+    def _on_data_replaced(self, event):
+        layer = getattr(event, "source", None)
+        if layer is not None and id(layer) in self._originals and not self._reverting:
             self._originals[id(layer)] = _compact(layer.data)
 
     def _on_inserted(self, event):
         self._remember(event.value)
 
     def _on_removed(self, event):
-        self._originals.pop(id(event.value), None)
+        if self._originals.pop(id(event.value), None) is not None:
+            event.value.events.data.disconnect(self._on_data_replaced)
 
     def revert(self):
         layer = self.mask_combo.current_layer()
@@ -189,7 +200,11 @@ class SaveWidget(QWidget):
         if original is None or original.shape != layer.data.shape:
             notify_error(f"No original copy of '{layer.name}' is kept, so its edits cannot be reverted.")
             return
-        layer.data = original.astype(layer.data.dtype)
+        self._reverting = True
+        try:
+            layer.data = original.astype(layer.data.dtype)
+        finally:
+            self._reverting = False
         self.status.setText(f"'{layer.name}' is back to how it was when it appeared.")
 
     # --- save -------------------------------------------------------------------------------
