@@ -134,7 +134,7 @@ def test_gui_stays_responsive_and_cancel_stops(make_napari_viewer, qtbot, tiny_p
     timer.start(20)
     qtbot.mouseClick(widget.run_button, Qt.LeftButton)
     assert widget.runner.is_running() and not widget.run_button.isEnabled()
-    qtbot.waitUntil(lambda: len(seen_progress) >= 2, timeout=20000)
+    qtbot.waitUntil(lambda: len(seen_progress) >= 3, timeout=20000)
     assert len(ticks) >= 5, "the GUI thread was blocked while the network ran"
     assert widget.runner.progress_bar.maximum() == ct.data.shape[0]
     qtbot.mouseClick(widget.runner.cancel_button, Qt.LeftButton)

@@ -142,7 +142,7 @@ class SegmentWidget(QWidget):
         self.weights.changed.connect(self._weights_changed)
         self.weights.other_network.connect(self._switch_to_checkpoint)
         self.weights_info = QLabel()
-        self.weights_info.setWordWrap(True)
+        self.weights_info.setWordWrap(False)  # short lines; the tooltip holds the whole description
         self.weights_info.setStyleSheet("color: gray;")
         self.weights_info.setAlignment(Qt.AlignTop | Qt.AlignLeft)
         self.weights_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
