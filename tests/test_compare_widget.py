@@ -188,6 +188,7 @@ def test_painting_updates_numbers(phantom_viewer, qtbot):
     z = pred.data.shape[0] // 2
     widget.go_to_slice(z)
     before = widget.slice_values["dice"]
+    viewer.layers["prediction vs phantom infection GT"].opacity = 0.3  # the user's choice stays
     # Paint the ground truth of this slice into the prediction, as the brush would.
     g = gt.data != 0
     pred.data[z][g[z]] = 1
@@ -203,6 +204,7 @@ def test_painting_updates_numbers(phantom_viewer, qtbot):
     qtbot.waitUntil(lambda: not widget.hd95_pending(), timeout=20000)
     p = pred.data != 0
     assert widget.volume_metrics["dice"] == pytest.approx(metrics.dice(p, g))
+    assert overlay.opacity == pytest.approx(0.3) and overlay is viewer.layers[-1]
 
     # The real brush: Labels.paint emits the same event at the end of the stroke.
     pred.selected_label = 1

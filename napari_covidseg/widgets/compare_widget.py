@@ -309,21 +309,25 @@ class CompareWidget(QWidget):
         if layer is None or layer not in self.viewer.layers:
             layer = self.viewer.layers[name] if name in self.viewer.layers else None
         if layer is not None and layer.data.shape == overlay.shape:
-            layer.data = overlay
+            layer.data = overlay  # keeps the user's opacity, blending and visibility
         else:
             if layer is not None:
                 self.viewer.layers.remove(layer)
-            layer = add_labels_like(self.viewer, overlay, name, self.pred_layer)
-        self._apply_overlay_style(layer)
+            layer = add_labels_like(self.viewer, overlay, name, self.pred_layer, opacity=OVERLAY_OPACITY)
+        self._apply_overlay_colours(layer)
+        layer.editable = False  # an overlay edited by hand would no longer mean anything
         self.overlay_layer = layer
 
     @staticmethod
-    def _apply_overlay_style(layer):
+    def _apply_overlay_colours(layer):
         from napari.utils.colormaps import DirectLabelColormap
 
-        layer.colormap = DirectLabelColormap(color_dict=overlay_color_dict())
-        layer.opacity = OVERLAY_OPACITY
-        layer.editable = False  # an overlay edited by hand would no longer mean anything
+        colours = overlay_color_dict()
+        current = getattr(layer.colormap, "color_dict", None)
+        if not isinstance(layer.colormap, DirectLabelColormap) or any(
+            value not in current or not np.allclose(current[value], rgba) for value, rgba in colours.items()
+        ):
+            layer.colormap = DirectLabelColormap(color_dict=colours)
 
     # --- computation -------------------------------------------------------------------------
     def _layer_arrays(self):
