@@ -308,7 +308,7 @@ class SideBySideWidget(QWidget):
                 continue
             path = self.network_weights[name].current_path()
             if not path:
-                raise InputError(f"`{name}` has no weights: train it or Browse... to a checkpoint, or untick it.")
+                raise InputError(f"`{name}` has no weights: train it, use Add checkpoint..., or untick it.")
             jobs.append(Job(name, path))
         if not jobs:
             raise InputError("Tick at least one network to run.")
@@ -400,7 +400,8 @@ class SideBySideWidget(QWidget):
         if self._gt_layer is not None:
             gt_name = f"ground truth ({self.class_name})"
             pairs.append((self._ct_copy(ref, f"CT · {gt_name}"),
-                          self._mask_layer(np.asarray(self._gt_layer.data), gt_name, GT_COLOR)))
+                          # a copy: a stray brush stroke in the tile must not change the real ground truth
+                          self._mask_layer(np.array(self._gt_layer.data, copy=True), gt_name, GT_COLOR)))
         for result in results:
             pairs.append((self._ct_copy(ref, f"CT · {result.network}"),
                           self._mask_layer(result.mask, tile_name(result, self.class_name), CLASS_COLORS[self.class_name])))
