@@ -141,7 +141,8 @@ class HierarchicalMixing(nn.Module):
             nn.Conv2d(hidden, groups * hidden, 1),
             nn.Softmax(dim=1),
         )
-        self.fuse = nn.Sequential(nn.Conv2d(groups * hidden, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+        self.fuse = nn.Sequential(nn.Conv2d(groups * hidden, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.expand(x).chunk(self.groups, dim=1)
@@ -194,7 +195,8 @@ class MSUNet(nn.Module):
         fused = [sim(s, m, l) for sim, s, m, l in zip(self.sims, small, main, large)]
         y = self.hmms[-1](fused[-1])
         for level in range(len(fused) - 2, -1, -1):
-            up = F.interpolate(self.project[level](y), size=fused[level].shape[2:], mode="bilinear", align_corners=False)
+            up = F.interpolate(self.project[level](y), size=fused[level].shape[2:], mode="bilinear",
+                               align_corners=False)
             y = self.hmms[level](fused[level] + up)
         return {"logits": crop_to(self.head(y), crop)}
 
