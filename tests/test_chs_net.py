@@ -1,7 +1,5 @@
 """CHS-Net: cascade wiring, RAIU-Net parts, loss, and a tiny overfit on one phantom slice (small widths)."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -160,14 +158,15 @@ def test_loss_is_minimal_at_the_ground_truth():
 def test_tiny_overfit_on_one_phantom_slice():
     torch.manual_seed(0)
     model = CHSNet(base=6).train()
-    x, target = _phantom_slice((64, 64))
+    x, target = _phantom_slice((48, 48))
     loss_fn = CHSNetLoss()
     with torch.no_grad():
         start = float(_hard_dice(model(x)["logits"], target).mean())
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    best, began, steps = start, time.monotonic(), 0
-    while steps < 200 and time.monotonic() - began < 15.0:
-        for _ in range(10):
+    # a step budget, not a time budget, so a busy machine cannot make the test fail
+    best, steps = start, 0
+    while steps < 80:
+        for _ in range(5):
             optimiser.zero_grad()
             loss_fn(model(x), target)[0].backward()
             optimiser.step()
@@ -175,6 +174,6 @@ def test_tiny_overfit_on_one_phantom_slice():
         with torch.no_grad():
             dice = _hard_dice(model(x)["logits"], target)
         best = max(best, float(dice.mean()))
-        if best > start + 0.35 and float(dice[0]) > 0.85:
+        if best > start + 0.35:
             break
     assert best > start + 0.3, f"mean Dice {start:.2f} -> {best:.2f} after {steps} steps"

@@ -1,7 +1,5 @@
 """QC-HC 3D U-Net: shapes, quick connections, hypercolumns, Tversky+BCE loss, tiny overfit on a phantom patch."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -156,9 +154,10 @@ def test_tiny_overfit_on_one_phantom_patch():
     with torch.no_grad():
         start = float(_hard_dice(model(x)["logits"], target).mean())
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    best, began, steps = start, time.monotonic(), 0
-    while steps < 200 and time.monotonic() - began < 15.0:
-        for _ in range(10):
+    # a step budget, not a time budget, so a busy machine cannot make the test fail
+    best, steps = start, 0
+    while steps < 80:
+        for _ in range(5):
             optimiser.zero_grad()
             loss_fn(model(x), target)[0].backward()
             optimiser.step()
@@ -166,6 +165,6 @@ def test_tiny_overfit_on_one_phantom_patch():
         with torch.no_grad():
             dice = _hard_dice(model(x)["logits"], target)
         best = max(best, float(dice.mean()))
-        if best > start + 0.35 and float(dice[0]) > 0.85:
+        if best > start + 0.35:
             break
     assert best > start + 0.3, f"mean Dice {start:.2f} -> {best:.2f} after {steps} steps"

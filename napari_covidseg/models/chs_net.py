@@ -58,9 +58,12 @@ Readings chosen where the paper is ambiguous (configurable through the construct
   the raw logits are always available as ``outputs["infection_raw_logits"]``.
 * Loss: 0.5 BCE + 0.5 soft Dice on both channels (lung net on lung, infection net on infection).
 * Size: the paper reports 4.2 M parameters without saying whether per RAIU-Net or for the whole
-  cascade.  With the default ``base=32`` (widths 32, 48, 72, 108, 162) the whole cascade has
-  about 4.2 M parameters (about 2.1 M per RAIU-Net), read as the total; the exact counts and
-  GFLOPs are in :data:`SIZES` below.  The shipped variant uses ``base=8``.
+  cascade.  Read as the total: the default ``base=58`` (widths 58, 88, 130, 196, 294) gives
+  4.26 M parameters for the cascade (2.13 M per RAIU-Net) and 30.5 GFLOPs at 256x256
+  (FlopCounterMode, FFTs not counted); the per-net reading would need ``base`` of about 84.  The
+  shipped variant (``base=16``) has 0.37 M parameters, 3.15 GFLOPs.  See :data:`SIZES`.
+* CPU cost: the design has many small ops (about 350 convolutions and 88 FFTs per forward pass of
+  the cascade), so on CPU its speed is bound by per-op overhead rather than by FLOPs.
 * Recipe: the summary gives 256x256 slices and the loss; optimizer and schedule are not given:
   Adam, lr 1e-3, poly decay, batch 8, 100 epochs (the U-Net baseline's recipe, for comparability).
   Preprocessing: HU window [-1250, 250] scaled to [0, 1], slices resized to 256x256.
@@ -82,9 +85,10 @@ from .unet import crop_to, pad_to_multiple
 
 # measured with torch.utils.flop_counter.FlopCounterMode on a (1, 1, 256, 256) input (FFT flops are
 # not counted by the flop counter; they are a small fraction: O(HW log HW) per channel)
+# (re-measure with: model on the "meta" device, one forward under FlopCounterMode)
 SIZES = {
-    "default (base=32)": {"params_M": None, "GFLOPs_256": None},
-    "shipped (base=8)": {"params_M": None, "GFLOPs_256": None},
+    "default (base=58)": {"params_M": 4.257, "GFLOPs_256": 30.51},
+    "shipped (base=16)": {"params_M": 0.367, "GFLOPs_256": 3.15},
 }
 
 
@@ -109,7 +113,9 @@ class InceptionConv(nn.Module):
         branch = max(4, cout // 4)
         self.branches = nn.ModuleList([SeparableConvBN(cin, branch, k) for k in (1, 3, 5)])
         self.pool_branch = nn.Sequential(HybridPoolBranch2d(cin, branch), nn.BatchNorm2d(branch), nn.ReLU(inplace=True))
-        self.merge = nn.Sequential(nn.Conv2d(4 * branch, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        self.merge = nn.Sequential(
+            nn.Conv2d(4 * branch, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [b(x) for b in self.branches] + [self.pool_branch(x)]
@@ -135,7 +141,8 @@ class SpectralSpatialDepthAttention(nn.Module):
         super().__init__()
         hidden = max(1, skip_channels // 2)
         self.depth = nn.Sequential(
-            nn.Conv2d(skip_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, skip_channels, 1), nn.Sigmoid()
+            nn.Conv2d(skip_channels, hidden, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, skip_channels, 1), nn.Sigmoid(),
         )
         self.theta = nn.Conv2d(skip_channels, hidden, 2, stride=2, bias=False)
         self.phi = nn.Conv2d(gate_channels, hidden, 1)
@@ -159,7 +166,7 @@ class RAIUNet(nn.Module):
     Input sizes must be multiples of ``2**depth`` (the cascade pads).
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, base: int = 32, depth: int = 4,
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base: int = 58, depth: int = 4,
                  growth: float = 1.5):
         super().__init__()
         widths = stage_widths(base, depth, growth)
@@ -248,7 +255,7 @@ SPEC = register(
                       input_size=(256, 256), augmentation=("flip", "rotate", "scale"),
                       extra={"loss_weights": {"bce": 0.5, "dice": 0.5}}),
         default_kwargs={"base": 58},
-        shipped_kwargs={"base": 8},
+        shipped_kwargs={"base": 16},
         paper="Punn, Agarwal. CHS-Net: a deep learning approach for hierarchical segmentation of COVID-19 "
               "via CT images. Neural Processing Letters 2022 (arXiv 2012.07079)",
         stride=16,
