@@ -18,7 +18,8 @@ Readings chosen
   Sigmoid probabilities of overlapping patches are averaged, with ``weighting="uniform"`` (plain
   mean, the paper's reading, default) or ``"gaussian"`` (centre-weighted, sigma = patch / 8, as in
   nnU-Net; weights never reach zero so every voxel is covered).  The probabilities are then
-  resampled back (trilinear) to the original grid.
+  resampled back (trilinear) to the original grid.  Patches run one at a time (``batch_size``
+  applies to 2D slices only): a 160x160x80 patch of a full-width 3D U-Net already needs a few GB.
 * On CUDA the forward passes run under ``torch.autocast`` (bfloat16 where the GPU supports it,
   else float16); on CPU in float32.  Everything runs under ``torch.inference_mode()``.
 * ``progress(done, total)`` is called after each batch (2D) or patch (3D); ``should_cancel()`` is

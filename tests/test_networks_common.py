@@ -6,8 +6,6 @@ every parameter through the network's own loss, the loss preferring perfect logi
 round trips, and a tiny overfit on one phantom slice (2D) or patch (3D).
 """
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,8 @@ from napari_covidseg.preprocessing import preprocess
 
 NETWORKS = network_names()
 ODD_SIZE = {2: (250, 250), 3: (20, 44, 36)}
-SMALL_SIZE = {2: (48, 48), 3: (16, 32, 32)}
+SMALL_SIZE = {2: (32, 32), 3: (16, 32, 32)}  # batch 2: BatchNorm works even at a 1x1 bottleneck
+OVERFIT_SIZE = {2: (48, 48), 3: (16, 32, 32)}  # batch 1: the multi-scale networks need 48 px
 
 
 def _build(name, seed=0):
@@ -105,7 +104,7 @@ def test_loss_prefers_perfect_logits(name):
     spec, model = _build(name)
     model.train()
     x, target = _phantom_sample(spec, SMALL_SIZE[spec.dims])
-    x, target = torch.cat([x, x]), torch.cat([target, target])
+    x, target = torch.cat([x, x.flip(-1)]), torch.cat([target, target.flip(-1)])
     with torch.no_grad():
         outputs = model(x)
         loss_fn = spec.loss()
@@ -123,8 +122,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(name, tmp_path):
     spec, model = _build(name, seed=3)
     model.train()
     with torch.no_grad():  # move BatchNorm running statistics away from their defaults
-        for _ in range(2):
-            model(torch.randn((2, 1) + SMALL_SIZE[spec.dims]))
+        model(torch.randn((2, 1) + SMALL_SIZE[spec.dims]))
     model.eval()
     path = save_checkpoint(tmp_path / f"{name}.pt", model, name, spec.shipped_kwargs, metrics={"val_dice_mean": 0.5})
     loaded = load_checkpoint(path, expected_network=name)
@@ -139,7 +137,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(name, tmp_path):
 def test_tiny_overfit_on_one_phantom_sample(name):
     """A few seconds of Adam on one slice/patch must clearly raise its Dice (lung, infection)."""
     spec, model = _build(name, seed=0)
-    x, target = _phantom_sample(spec, SMALL_SIZE[spec.dims], seed=1)
+    x, target = _phantom_sample(spec, OVERFIT_SIZE[spec.dims], seed=1)
     loss_fn = spec.loss()
     model.train()  # judged with batch statistics: a few dozen steps are too few for running means
 
@@ -149,9 +147,10 @@ def test_tiny_overfit_on_one_phantom_sample(name):
 
     start = float(dice_now().mean())
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    best, steps, max_steps = start, 0, 300
-    began = time.monotonic()
-    while steps < max_steps and time.monotonic() - began < 30.0:
+    # a step budget, not a time budget, so a busy machine cannot make the test fail; every network
+    # so far needs 5-20 steps (CHS-Net, whose infection branch learns last, about 15)
+    best, steps, max_steps = start, 0, 40
+    while steps < max_steps:
         for _ in range(5):
             optimiser.zero_grad()
             loss, _ = loss_fn(model(x), target, min(1.0, steps / max_steps))
@@ -160,6 +159,6 @@ def test_tiny_overfit_on_one_phantom_sample(name):
             steps += 1
         dice = dice_now()
         best = max(best, float(dice.mean()))
-        if best > start + 0.3 and float(dice[0]) > 0.8:
+        if best > start + 0.3:
             break
     assert best > start + 0.3, f"{name}: mean Dice {start:.2f} -> {best:.2f} after {steps} steps"
