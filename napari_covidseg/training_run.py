@@ -184,6 +184,10 @@ def plain_failure_message(end_record: Optional[dict], exit_code: Optional[int], 
         return "CUDA was requested but no usable NVIDIA GPU was found. Choose 'cpu' or 'auto' as device. " + (text or "")
     if text:
         return text
+    # no end record (e.g. bad arguments): the CLI's own one-line "error: ..." is the best reason
+    for line in reversed(list(log_tail)):
+        if line.strip().lower().startswith("error:"):
+            return line.strip()[len("error:"):].strip()
     if exit_code is not None and exit_code < 0:
         return f"The training process was killed (signal {-exit_code})."
     return f"The training process stopped with exit code {exit_code}. See the last log lines below."

@@ -3,6 +3,7 @@ on a tiny phantom (CPU), stop/resume, the result used by the Segment widget, and
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -17,8 +18,22 @@ from napari_covidseg.widgets.training_widget import TrainingWidget, parse_extra_
 SCREENSHOTS = os.path.join(os.path.dirname(__file__), "..", "screenshots")
 # a network and data small enough that one epoch takes ~1 s on one busy CPU core
 TINY_ARGS = ("--network-kwargs '{\"base\": 4}' --phantom-cases 4 --phantom-shape 8 64 64 "
-             "--max-steps-per-epoch 12 --threads 1 --augmentation none")
+             "--max-steps-per-epoch 12 --threads 1 --augmentation")  # bare: no augmentation
 PROCESS_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def make_training_widget():
+    """Training widgets whose trainer processes are always ended (even when a test fails)."""
+    made = []
+
+    def make(viewer):
+        made.append(TrainingWidget(viewer))
+        return made[-1]
+
+    yield make
+    for widget in made:
+        widget.shutdown(timeout_ms=20_000)
 
 
 @pytest.fixture
@@ -136,7 +151,8 @@ def test_check_button_counts_cases_and_labels(make_napari_viewer, qtbot, tmp_pat
     assert widget.check_label.text().startswith("Problem: cannot tell the layout")
 
 
-def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, qtbot, tmp_path, isolated_catalog, messages):
+def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, make_training_widget, qtbot, tmp_path,
+                                                        isolated_catalog, messages):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
     phantom = make_phantom(shape=(8, 64, 64), seed=11)
@@ -144,7 +160,7 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, qtbo
                           metadata={GEOMETRY_KEY: phantom.geometry})
     segment = SegmentWidget(viewer)
     viewer.window.add_dock_widget(segment, name="Segment", tabify=False)
-    widget = TrainingWidget(viewer)
+    widget = make_training_widget(viewer)
     viewer.window.add_dock_widget(widget, name="Training")
     out = tmp_path / "run"
     _tiny_form(widget, out, epochs=6)
@@ -154,8 +170,9 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, qtbo
     qtbot.mouseClick(widget.start_button, Qt.LeftButton)
     assert widget.is_running() and widget.stop_button.isEnabled() and not widget.start_button.isEnabled()
     assert widget.tabs.currentIndex() == 1  # the progress tab is shown while training
-    qtbot.waitUntil(lambda: widget.plot.n_points >= 1, timeout=PROCESS_TIMEOUT_MS)
-    assert "Epoch 1/6 done" in widget.status_label.text() and "ETA" in widget.status_label.text()
+    qtbot.waitUntil(lambda: widget.plot.n_points >= 1 or not widget.is_running(), timeout=PROCESS_TIMEOUT_MS)
+    assert widget.is_running(), widget.status_label.text()
+    assert re.search(r"Epoch [1-6]/6 done", widget.status_label.text()) and "ETA" in widget.status_label.text()
     assert widget.progress.maximum() == 6 and widget.progress.value() >= 1
     _click_and_wait_until_done(qtbot, widget, widget.stop_button)
     assert widget.last_status == "stopped", widget.status_label.text()
@@ -196,9 +213,9 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, qtbo
     assert messages == []
 
 
-def test_failures_are_reported_in_plain_words(make_napari_viewer, qtbot, tmp_path, messages):
+def test_failures_are_reported_in_plain_words(make_napari_viewer, make_training_widget, qtbot, tmp_path, messages):
     viewer = make_napari_viewer()
-    widget = TrainingWidget(viewer)
+    widget = make_training_widget(viewer)
     viewer.window.add_dock_widget(widget, name="Training")
 
     # a data folder the trainer cannot read: it fails in the child, napari goes on
@@ -235,3 +252,52 @@ def test_failures_are_reported_in_plain_words(make_napari_viewer, qtbot, tmp_pat
     layer = viewer.add_image(np.zeros((4, 4)), name="still here")
     assert viewer.layers["still here"] is layer
     assert widget.start_button.isEnabled()
+
+
+# --- the Qt-free half (napari_covidseg.training_run) -------------------------------------------
+def test_request_validation_and_kfold_command(tmp_path):
+    from napari_covidseg.errors import InputError
+    from napari_covidseg.training_run import TrainingRequest
+
+    req = TrainingRequest(network="unet", data="phantom", out_dir=str(tmp_path), folds=5, fold=2, init_from="shipped",
+                          small_network=True, extra_args=["--threads", "1"])
+    cmd = " ".join(req.command(python="py"))
+    assert cmd.startswith("py -u -m training train --network unet --data phantom")
+    assert "--folds 5 --fold 2" in cmd and "--val-fraction" not in cmd
+    assert "--init-from shipped" in cmd and "--net-kwargs-shipped" in cmd and cmd.endswith("--threads 1")
+    for kwargs, words in (({"data": str(tmp_path / "nope")}, "does not exist"), ({"out_dir": ""}, "output folder"),
+                          ({"folds": 5, "fold": 5}, "between 0 and 4"), ({"resume": str(tmp_path / "x.pt")}, "resume"),
+                          ({"target": "heart"}, "Unknown target")):
+        with pytest.raises(InputError, match=words):
+            TrainingRequest(**{"network": "unet", "data": "phantom", "out_dir": str(tmp_path), **kwargs}).validate()
+
+
+def test_metrics_tail_reads_only_complete_new_lines(tmp_path):
+    from napari_covidseg.training_run import MetricsTail, eta_seconds, format_duration
+
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.poll() == []  # not there yet
+    with open(path, "w") as f:
+        f.write(json.dumps({"event": "start", "epochs": 4}) + "\n" + json.dumps({"event": "epoch", "epoch": 1, "seconds": 10.0})
+                + '\n{"event": "epoch", "epo')  # the last record is still being written
+    assert [r["event"] for r in tail.poll()] == ["start", "epoch"]
+    with open(path, "a") as f:
+        f.write('ch": 2, "seconds": 20.0}\nnot json\n' + json.dumps({"event": "end", "status": "stopped"}) + "\n")
+    assert tail.poll()[0] == {"event": "epoch", "epoch": 2, "seconds": 20.0}
+    assert [r["epoch"] for r in tail.epochs] == [1, 2] and tail.end["status"] == "stopped"
+    assert eta_seconds(tail.epochs, 4) == pytest.approx(30.0) and eta_seconds([], 4) is None
+    assert format_duration(70) == "1:10" and format_duration(3725) == "1:02:05" and format_duration(None) == "--"
+
+
+def test_failure_messages_are_plain_words():
+    from napari_covidseg.training_run import plain_failure_message
+
+    oom = plain_failure_message({"error": "CUDA out of memory. Tried to allocate 2 GiB"}, 1, [])
+    assert "ran out of memory" in oom and "batch size" in oom
+    cuda = plain_failure_message({"error": "device 'cuda' was asked for but CUDA is not available here"}, 1, [])
+    assert cuda.startswith("CUDA was requested but no usable NVIDIA GPU was found")
+    # no end record (bad arguments): the CLI's "error:" line is the reason
+    assert plain_failure_message(None, 2, ["usage: ...", "error: unknown augmentation(s) foo"]) == "unknown augmentation(s) foo"
+    assert "killed" in plain_failure_message(None, -9, [])
+    assert "exit code 3" in plain_failure_message(None, 3, ["something"])

@@ -279,6 +279,7 @@ class TrainingWidget(QWidget):
         self.log_view.setMaximumBlockCount(3000)
         self.log_view.setLineWrapMode(QPlainTextEdit.NoWrap)
         self.log_view.setPlaceholderText("Training output appears here.")
+        self.log_view.setMinimumHeight(80)
         splitter = QSplitter(Qt.Vertical)
         splitter.addWidget(self.plot)
         splitter.addWidget(self.log_view)
@@ -337,7 +338,12 @@ class TrainingWidget(QWidget):
     def _data_source_changed(self, phantom: bool):
         for w in (self.data_edit, self.data_browse, self.check_button):
             w.setEnabled(not phantom)
-        self.check_label.setText("Synthetic chest CTs with lung and infection masks." if phantom else "")
+        self._show_check("Synthetic chest CTs with lung and infection masks." if phantom else "")
+
+    def _show_check(self, text: str):
+        """The data-check line, hidden while empty so the form has no gap."""
+        self.check_label.setText(text)
+        self.check_label.setVisible(bool(text))
 
     def _split_changed(self, *_):
         self.split_stack.setCurrentIndex(self.split_combo.currentIndex())
@@ -409,11 +415,11 @@ class TrainingWidget(QWidget):
     def check_data(self):
         folder = self.data_edit.text().strip()
         if not folder:
-            self.check_label.setText("Choose a data folder first.")
+            self._show_check("Choose a data folder first.")
             return
         if self.check_process is not None and self.check_process.state() != QProcess.NotRunning:
             return
-        self.check_label.setText("Checking...")
+        self._show_check("Checking...")
         self.check_button.setEnabled(False)
         proc = QProcess(self)
         proc.setProcessEnvironment(self._environment())
@@ -429,14 +435,14 @@ class TrainingWidget(QWidget):
         err = bytes(proc.readAllStandardError()).decode("utf-8", "replace").strip()
         if code != 0:
             reason = err.splitlines()[-1] if err else f"the check stopped with exit code {code}"
-            self.check_label.setText("Problem: " + re.sub(r"^error:\s*", "", reason))
+            self._show_check("Problem: " + re.sub(r"^error:\s*", "", reason))
             return
         try:
             report = json.loads(out)
         except ValueError:
-            self.check_label.setText(out.strip()[:500])
+            self._show_check(out.strip()[:500])
             return
-        self.check_label.setText(summarise_data_report(report))
+        self._show_check(summarise_data_report(report))
 
     # ------------------------------------------------------------ run control
     def _environment(self) -> QProcessEnvironment:
