@@ -10,6 +10,7 @@ running again replaces those layers' data rather than stacking duplicates.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
@@ -51,6 +53,7 @@ from .weights_combo import WeightsCombo
 CLASS_COLORS = {"lung": LUNG_COLOR, "infection": INFECTION_COLOR}
 # set in a result layer's metadata once the user paints, fills or erases in it
 EDITED_KEY = "covidseg_edited"
+INFO_WIDTH = 52  # characters per line of the weights summary
 
 
 def mask_layer_name(network: str, cls: str) -> str:
@@ -142,7 +145,10 @@ class SegmentWidget(QWidget):
         self.weights.changed.connect(self._weights_changed)
         self.weights.other_network.connect(self._switch_to_checkpoint)
         self.weights_info = QLabel()
-        self.weights_info.setWordWrap(False)  # short lines; the tooltip holds the whole description
+        # no word wrap (it leaves stray gaps in a form layout): lines are wrapped by hand, and the
+        # label never widens the dock (the tooltip holds the whole description)
+        self.weights_info.setWordWrap(False)
+        self.weights_info.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         self.weights_info.setStyleSheet("color: gray;")
         self.weights_info.setAlignment(Qt.AlignTop | Qt.AlignLeft)
         self.weights_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -215,11 +221,13 @@ class SegmentWidget(QWidget):
     def _weights_changed(self, *_):
         entry = self.weights.current_entry()
         if entry is None:
-            self.weights_info.setText("No weights for this network: train it (Train widget) or Browse... to a checkpoint.")
+            self.weights_info.setText(textwrap.fill(
+                "No weights for this network: train it (Train widget) or Browse... to a checkpoint.", INFO_WIDTH))
             self.weights_info.setToolTip("")
         else:
             lines = entry.description.splitlines()
-            self.weights_info.setText("\n".join(lines[2:4]) if len(lines) > 2 else entry.description)
+            shown = lines[2:4] if len(lines) > 2 else lines
+            self.weights_info.setText("\n".join(textwrap.fill(line, INFO_WIDTH) for line in shown))
             self.weights_info.setToolTip(entry.description)
         self._update_buttons()
 
