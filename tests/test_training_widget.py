@@ -107,6 +107,8 @@ def test_form_prefills_the_paper_recipe_and_builds_the_command(make_napari_viewe
     widget.start()
     assert "already holds a training run" in widget.status_label.text() and not widget.is_running()
     assert (tmp_path / "used" / "last.pt").read_bytes() == b"x"
+    widget.new_out_dir()
+    assert widget.out_edit.text() != str(tmp_path / "used") and not widget.resume_button.isEnabled()
     assert len(messages) == 3
     with pytest.raises(Exception, match="quotes"):
         parse_extra_args("'")

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 from qtpy.QtCore import QProcess, QProcessEnvironment, Qt, QTimer
 from qtpy.QtWidgets import (
+    QApplication,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -115,6 +116,12 @@ class TrainingWidget(QWidget):
         self._data_source_changed(True)
         self._split_changed()
         self._update_buttons()
+        app = QApplication.instance()
+        if app is not None:  # napari quitting: let the trainer write its checkpoint first
+            app.aboutToQuit.connect(self._on_quit)
+
+    def _on_quit(self):
+        self.shutdown(timeout_ms=20_000)
 
     # ------------------------------------------------------------------ form
     def _build_setup_tab(self) -> QWidget:
@@ -221,7 +228,9 @@ class TrainingWidget(QWidget):
         self.out_edit.setToolTip("Checkpoints (last.pt, best.pt) and logs are written here")
         out_browse = _small_button("...", "Choose the output folder")
         out_browse.clicked.connect(lambda: self._browse_dir(self.out_edit))
-        form.addRow("Output", self._row(self.out_edit, out_browse))
+        new_out = _small_button("New", "A fresh output folder for a new run (runs never share a folder)")
+        new_out.clicked.connect(self.new_out_dir)
+        form.addRow("Output", self._row(self.out_edit, out_browse, new_out))
 
         self.device_combo = QComboBox()
         for label, value in device_choices():
@@ -334,6 +343,10 @@ class TrainingWidget(QWidget):
         if not self.out_edit.text() or self.out_edit.text() == self._auto_out_dir:
             self._auto_out_dir = default_out_dir(spec.name)
             self.out_edit.setText(self._auto_out_dir)
+
+    def new_out_dir(self):
+        self._auto_out_dir = default_out_dir(self.network_combo.currentData())
+        self.out_edit.setText(self._auto_out_dir)
 
     def _data_source_changed(self, phantom: bool):
         for w in (self.data_edit, self.data_browse, self.check_button):
@@ -465,7 +478,7 @@ class TrainingWidget(QWidget):
             out = Path(request.out_dir)
             if request.resume is None and (out / "last.pt").exists():
                 raise InputError(f"{out} already holds a training run (last.pt). Press Resume to continue it, "
-                                 "or choose another output folder for a new run.")
+                                 "or New (next to Output) for a new run in a fresh folder.")
             out.mkdir(parents=True, exist_ok=True)
         except CovidsegError as exc:
             self._fail_before_start(str(exc))
