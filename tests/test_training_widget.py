@@ -161,9 +161,9 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, make
     ct = viewer.add_image(phantom.ct, name="phantom CT", scale=phantom.spacing, contrast_limits=(-1350, 150),
                           metadata={GEOMETRY_KEY: phantom.geometry})
     segment = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(segment, name="Segment", tabify=False)
+    viewer.window.add_dock_widget(segment, name="Segment")
     widget = make_training_widget(viewer)
-    viewer.window.add_dock_widget(widget, name="Training")
+    viewer.window.add_dock_widget(widget, name="Training", tabify=True)  # shown in front, full dock height
     out = tmp_path / "run"
     _tiny_form(widget, out, epochs=6)
     assert not widget.resume_button.isEnabled() and not widget.stop_button.isEnabled()

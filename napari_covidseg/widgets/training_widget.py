@@ -286,7 +286,6 @@ class TrainingWidget(QWidget):
         self.log_view = QPlainTextEdit()
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(3000)
-        self.log_view.setLineWrapMode(QPlainTextEdit.NoWrap)
         self.log_view.setPlaceholderText("Training output appears here.")
         self.log_view.setMinimumHeight(80)
         splitter = QSplitter(Qt.Vertical)
