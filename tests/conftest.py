@@ -4,13 +4,14 @@ import os
 
 import pytest
 
-# Keep CPU tests predictable on small CI machines (2 cores).
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread: the networks in the tests are tiny, so a second thread buys little, and on a
+# 2-core CI machine that also runs Xvfb and napari, oversubscription made CPU runs up to 10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 try:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
 
