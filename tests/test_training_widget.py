@@ -20,6 +20,7 @@ SCREENSHOTS = os.path.join(os.path.dirname(__file__), "..", "screenshots")
 TINY_ARGS = ("--network-kwargs '{\"base\": 4}' --phantom-cases 4 --phantom-shape 8 64 64 "
              "--max-steps-per-epoch 12 --threads 1 --augmentation")  # bare: no augmentation
 PROCESS_TIMEOUT_MS = 120_000
+EPOCHS = 8  # ~0.3-1.5 s each
 
 
 @pytest.fixture
@@ -165,7 +166,8 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, make
     widget = make_training_widget(viewer)
     viewer.window.add_dock_widget(widget, name="Training", tabify=True)  # shown in front, full dock height
     out = tmp_path / "run"
-    _tiny_form(widget, out, epochs=6)
+    _tiny_form(widget, out, epochs=EPOCHS)
+    widget.poll_timer.setInterval(100)  # see the first epoch early, so Stop lands well before the last one
     assert not widget.resume_button.isEnabled() and not widget.stop_button.isEnabled()
 
     # start, watch the first points arrive, stop
@@ -174,15 +176,16 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, make
     assert widget.tabs.currentIndex() == 1  # the progress tab is shown while training
     qtbot.waitUntil(lambda: widget.plot.n_points >= 1 or not widget.is_running(), timeout=PROCESS_TIMEOUT_MS)
     assert widget.is_running(), widget.status_label.text()
-    assert re.search(r"Epoch [1-6]/6 done", widget.status_label.text()) and "ETA" in widget.status_label.text()
-    assert widget.progress.maximum() == 6 and widget.progress.value() >= 1
+    assert re.search(rf"Epoch \d/{EPOCHS} done", widget.status_label.text()) and "ETA" in widget.status_label.text()
+    assert widget.progress.maximum() == EPOCHS and widget.progress.value() >= 1 and "ETA" in widget.progress.format()
+    assert not widget.setup_page.isEnabled()  # the form is locked while the run uses it
     _click_and_wait_until_done(qtbot, widget, widget.stop_button)
     assert widget.last_status == "stopped", widget.status_label.text()
     assert "stopped" in widget.status_label.text() and "Resume" in widget.status_label.text()
     assert (out / "last.pt").is_file()
     stopped_at = widget.plot.n_points
-    assert 1 <= stopped_at < 6
-    assert widget.resume_button.isEnabled()
+    assert 1 <= stopped_at < EPOCHS
+    assert widget.resume_button.isEnabled() and widget.setup_page.isEnabled()
 
     # resume: epochs go on from the checkpoint, the plot keeps the earlier points and gets more
     _click_and_wait_until_done(qtbot, widget, widget.resume_button)
@@ -191,9 +194,9 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, make
     starts = [r for r in records if r["event"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from_epoch"] == stopped_at
     resumed_epochs = [r["epoch"] for r in records[records.index(starts[1]):] if r["event"] == "epoch"]
-    assert resumed_epochs == list(range(stopped_at + 1, 7))
-    assert widget.plot.n_points == 6 and widget.progress.value() == 6
-    assert "finished after epoch 6/6" in widget.status_label.text()
+    assert resumed_epochs == list(range(stopped_at + 1, EPOCHS + 1))
+    assert widget.plot.n_points == EPOCHS and widget.progress.value() == EPOCHS
+    assert f"finished after epoch {EPOCHS}/{EPOCHS}" in widget.status_label.text()
     assert "Segment widget" in widget.status_label.text()
 
     os.makedirs(SCREENSHOTS, exist_ok=True)

@@ -263,6 +263,7 @@ class TrainingWidget(QWidget):
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         scroll.setFrameShape(QScrollArea.NoFrame)
         scroll.setWidget(page)
+        self.setup_page = page
         return scroll
 
     @staticmethod
@@ -391,6 +392,7 @@ class TrainingWidget(QWidget):
         running = self.is_running()
         self.start_button.setEnabled(not running)
         self.stop_button.setEnabled(running)
+        self.setup_page.setEnabled(not running)  # the running process keeps the settings it started with
         out = self.out_edit.text().strip()
         self.resume_button.setEnabled(not running and bool(out) and (Path(out) / "last.pt").is_file())
 
@@ -597,6 +599,7 @@ class TrainingWidget(QWidget):
             eta = format_duration(eta_seconds(session_epochs or epochs, self.total_epochs))
             dice = last.get("val_dice_mean")
             dice_txt = f", val Dice {dice:.3f}" if isinstance(dice, (int, float)) else ""
+            self.progress.setFormat(f"epoch %v / %m   ETA {eta}")
             if not self._stop_requested:
                 self.status_label.setText(
                     f"Epoch {last.get('epoch')}/{self.total_epochs} done{dice_txt} on {last.get('device', '?')}; ETA {eta}")
@@ -613,6 +616,7 @@ class TrainingWidget(QWidget):
         self._read_output()
         self.poll_metrics()
         self.poll_timer.stop()
+        self.progress.setFormat("epoch %v / %m")
         request = self.last_request
         ends = [r for r in self._session_records() if r.get("event") == "end"]
         end = ends[-1] if ends else None
