@@ -89,8 +89,11 @@ def _progress_printer(quiet: bool):
         now = time.monotonic()
         if done == total or now - state["last"] > 0.5:
             state["last"] = now
-            print(f"\r  {done}/{total} ({100.0 * done / max(total, 1):.0f}%)", end="\n" if done == total else "",
-                  file=sys.stderr, flush=True)
+            text = f"  {done}/{total} ({100.0 * done / max(total, 1):.0f}%)"
+            if sys.stderr.isatty():  # redraw one line in a terminal, plain lines in a log file
+                print("\r" + text, end="\n" if done == total else "", file=sys.stderr, flush=True)
+            else:
+                print(text, file=sys.stderr, flush=True)
 
     return report
 
