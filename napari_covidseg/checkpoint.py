@@ -93,6 +93,10 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: cannot store a {type(value).__name__} in a checkpoint; use numbers, strings, lists, dicts or tensors")
 
 
+def _fits_float16(tensor: torch.Tensor) -> bool:
+    return tensor.numel() == 0 or float(tensor.abs().max()) <= float(torch.finfo(torch.float16).max)
+
+
 def save_checkpoint(
     path: PathLike,
     model: nn.Module,
@@ -107,14 +111,16 @@ def save_checkpoint(
     """Write ``model`` and its description to ``path`` atomically; returns the path.
 
     ``preprocessing`` defaults to the registered network's own.  ``half=True`` stores floating
-    weights as float16 (halves the file; used for the weights shipped with the package).
+    weights as float16 (halves the file; used for the weights shipped with the package); a
+    tensor with values float16 cannot hold (BatchNorm running variances can exceed 65504) stays
+    float32, so no weight turns into inf.
     """
     spec = get_network(network)
     preprocessing = preprocessing if preprocessing is not None else spec.preprocessing
     state = {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu")
-        if half and tensor.is_floating_point():
+        if half and tensor.is_floating_point() and _fits_float16(tensor):
             tensor = tensor.half()
         state[key] = tensor.clone()
     payload = {

@@ -219,3 +219,20 @@ def test_real_shipped_weights_load():
         with torch.no_grad():
             logits = loaded.model(torch.zeros((1, 1) + size))["logits"]
         assert logits.shape == (1, 2) + size and torch.isfinite(logits).all()
+
+
+def test_fp16_keeps_values_float16_cannot_hold(tmp_path):
+    """A BatchNorm running variance above 65504 must not become inf in a half checkpoint."""
+    model = _unet(1)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var.fill_(1e6)
+    model.eval()
+    half = save_checkpoint(tmp_path / "half.pt", model, "unet", SMALL_UNET, half=True)
+    loaded = load_checkpoint(half)
+    for key, value in loaded.model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        a, b = torch.sigmoid(model(x)["logits"]), torch.sigmoid(loaded.model(x)["logits"])
+    assert torch.allclose(a, b, atol=5e-3)
