@@ -160,3 +160,19 @@ def test_training_package_imports_no_qt_or_napari():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_plateau_and_augmentation_probability_come_from_the_paper_recipe():
+    """QC-HC: reduce-on-plateau x0.1 with the paper's patience, every augmentation at p = 0.15."""
+    from training.config import build_config
+    from training.trainer import make_optimizer, make_scheduler
+
+    cfg = build_config(network="qchc_unet3d", data="phantom", out="unused")
+    assert cfg.schedule == "plateau" and cfg.plateau_factor == 0.1 and cfg.plateau_patience == 20
+    assert cfg.augmentation and set(cfg.augmentation_probabilities.values()) == {0.15}
+    import torch
+
+    sched = make_scheduler(cfg, make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))]))
+    assert sched.factor == 0.1 and sched.patience == 20
+    flagged = build_config(network="qchc_unet3d", data="phantom", out="unused", plateau_factor=0.5, augmentation=["none"])
+    assert flagged.plateau_factor == 0.5 and flagged.augmentation == []

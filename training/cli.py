@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--optimizer", choices=("adam", "adamw", "rmsprop", "sgd"))
     t.add_argument("--schedule", choices=("poly", "plateau", "cosine", "constant"))
+    t.add_argument("--plateau-factor", type=float, help="plateau schedule: lr multiplier (default: the recipe's)")
+    t.add_argument("--plateau-patience", type=int, help="plateau schedule: epochs without improvement before a cut")
     t.add_argument("--input-size", type=int, nargs="+", help="H W (2D) or D H W (3D patch)")
     t.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="3D networks: resample to this spacing (mm)")
     t.add_argument("--augmentation", nargs="*", help="e.g. flip rotate scale gamma noise (none: no augmentation)")
@@ -96,7 +98,7 @@ def _train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "network", "data", "layout", "out", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule",
-        "input_size", "target_spacing", "augmentation", "target", "val_fraction", "test_fraction", "folds", "fold", "split_file", "seed",
+        "plateau_factor", "plateau_patience", "input_size", "target_spacing", "augmentation", "target", "val_fraction", "test_fraction", "folds", "fold", "split_file", "seed",
         "device", "amp", "resume", "init_from", "phantom_cases", "phantom_shape", "network_kwargs", "net_kwargs_shipped",
         "num_workers", "max_steps_per_epoch", "samples_per_epoch", "stop_after_epochs", "threads")}
     if args.resume == "auto":

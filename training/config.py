@@ -38,6 +38,8 @@ class TrainConfig:
     loss_kwargs: Optional[Dict[str, Any]] = None
     momentum: float = 0.9  # sgd / rmsprop
     poly_power: float = 0.9
+    plateau_factor: Optional[float] = None  # None: the recipe's extra["plateau_factor"], else 0.1
+    plateau_patience: Optional[int] = None  # None: the recipe's extra["plateau_patience"], else 10
     target_spacing: Optional[List[float]] = None  # 3D: resample to this (z, y, x) mm
     # what to learn and on what
     target: str = "both"
@@ -82,6 +84,15 @@ class TrainConfig:
             self.input_size = list(r.input_size)
         if self.augmentation is None:
             self.augmentation = list(r.augmentation)
+        self.augmentation = [a for a in self.augmentation if a != "none"]
+        extra = dict(r.extra or {})
+        if not self.augmentation_probabilities and "augmentation_p" in extra:
+            # a paper that gives one probability for every transform (QC-HC: p = 0.15)
+            self.augmentation_probabilities = {a: float(extra["augmentation_p"]) for a in self.augmentation}
+        if self.plateau_factor is None:
+            self.plateau_factor = float(extra.get("plateau_factor", 0.1))
+        if self.plateau_patience is None:
+            self.plateau_patience = int(extra.get("plateau_patience", 10))
         if self.loss_kwargs is None:
             self.loss_kwargs = recipe_loss_kwargs(spec)
         if self.net_kwargs_shipped and not self.network_kwargs:

@@ -157,7 +157,8 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=5)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=float(cfg.plateau_factor),
+                                                          patience=int(cfg.plateau_patience))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
 
 
