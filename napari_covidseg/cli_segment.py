@@ -9,7 +9,7 @@ the CT's own affine and header, and with ``--probabilities`` also ``..._lung_pro
 ``--overwrite`` is given; this is checked before the (long) inference starts.
 
 :func:`add_parser` adds the sub-command to ``covidseg``'s argument parser and :func:`run` runs
-it, returning the exit status (0 success, 1 user error, 130 interrupted).
+it, returning the exit status (0 success, 2 user error as for every covidseg command, 130 interrupted).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def run(args) -> int:
         return _run(args)
     except CovidsegError as exc:
         print(f"covidseg segment: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("covidseg segment: interrupted; no file was written", file=sys.stderr)
         return 130

@@ -69,7 +69,7 @@ def test_refuses_to_overwrite_before_running(ct_file, unet_checkpoint, tmp_path,
     existing = out / "case01_unet_lung.nii.gz"
     existing.write_bytes(b"keep me")
     argv = ["segment", str(ct_path), "-n", "unet", "-c", str(unet_checkpoint), "--device", "cpu", "-o", str(out)]
-    assert cli_segment.run(_parse(argv)) == 1
+    assert cli_segment.run(_parse(argv)) == 2
     err = capsys.readouterr().err
     assert "already exist" in err and "--overwrite" in err and "Traceback" not in err
     assert existing.read_bytes() == b"keep me"
@@ -83,7 +83,7 @@ def test_errors_are_messages_and_nonzero(ct_file, unet_checkpoint, tmp_path, cap
     out = str(tmp_path / "out")
 
     def fails(argv, *fragments):
-        assert cli_segment.run(_parse(["segment"] + argv + ["-o", out])) == 1
+        assert cli_segment.run(_parse(["segment"] + argv + ["-o", out])) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err
         for fragment in fragments:
