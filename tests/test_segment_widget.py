@@ -216,3 +216,25 @@ def test_catalog_changes_reach_the_widget(make_napari_viewer, tiny_unet_checkpoi
     assert before == 1
     # the shipped weights (when there are some) stay the default pick
     assert widget.weights.current_entry().shipped == shipped
+
+
+def test_rewritten_checkpoint_refreshes_the_shown_info(make_napari_viewer, tiny_unet_checkpoints, isolated_catalog,
+                                                       tmp_path, messages):
+    """best.pt rewritten by a resumed run: the selected entry keeps its path but the info is new."""
+    import shutil
+
+    from napari_covidseg.checkpoint import load_checkpoint, save_checkpoint
+
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    widget.set_network("unet")
+    path = tmp_path / "best.pt"
+    shutil.copy(tiny_unet_checkpoints["trained"], path)
+    isolated_catalog.add_checkpoint(path)
+    assert widget.weights.select_path(str(path))
+    old = load_checkpoint(path)
+    save_checkpoint(path, old.model, "unet", old.network_kwargs, old.preprocessing,
+                    training={"data": "phantom, resumed run"}, metrics={"val_dice_mean": 0.777})
+    isolated_catalog.add_checkpoint(path)
+    assert widget.weights.current_path() == str(path)
+    assert "resumed run" in widget.weights_info.toolTip()

@@ -61,6 +61,7 @@ class WeightsCombo(QWidget):
 
     def refresh(self, keep: bool = True) -> None:
         previous = self.current_path() if keep else None
+        previous_description = self.current_entry().description if keep and self.current_entry() else None
         try:
             self._entries = weights_catalog.entries(self.network) if self.network else []
         except CovidsegError as exc:  # pragma: no cover - entries() swallows unreadable files
@@ -77,7 +78,9 @@ class WeightsCombo(QWidget):
         self.combo.setCurrentIndex(paths.index(previous) if previous in paths else 0)
         self.combo.blockSignals(False)
         self._update_tooltip()
-        if self.current_path() != previous:
+        entry = self.current_entry()
+        # the same path with new contents (best.pt after a resumed run) is a change too
+        if self.current_path() != previous or (entry is not None and entry.description != previous_description):
             self.changed.emit()
 
     def _index_changed(self, *_):
