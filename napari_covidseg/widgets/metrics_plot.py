@@ -40,7 +40,7 @@ class TrainingPlot(FigureCanvasQTAgg):
         """Plot train/validation loss and per-class validation Dice of ``records`` (epoch events)."""
         self.clear()
         epochs = [r.get("epoch") for r in records]
-        for key, label, style in (("train_loss", "train", "-"), ("val_loss", "validation", "--")):
+        for key, label, style in (("train_loss", "train (network loss)", "-"), ("val_loss", "validation (BCE)", "--")):
             pts = [(e, r.get(key)) for e, r in zip(epochs, records)]
             pts = [(e, v) for e, v in pts if isinstance(e, int) and isinstance(v, (int, float))]
             if pts:
