@@ -176,3 +176,21 @@ def test_plateau_and_augmentation_probability_come_from_the_paper_recipe():
     assert sched.factor == 0.1 and sched.patience == 20
     flagged = build_config(network="qchc_unet3d", data="phantom", out="unused", plateau_factor=0.5, augmentation=["none"])
     assert flagged.plateau_factor == 0.5 and flagged.augmentation == []
+
+
+def test_covid19ctseg_leaves_out_8bit_cases_with_a_warning(tmp_path):
+    """Half of the real release (the Radiopaedia cases) is 0..255 intensities, not HU."""
+    root = tmp_path / "zenodo"
+    rng = np.random.default_rng(3)
+    _write(root / "COVID-19-CT-Seg_20cases" / "coronacases_001.nii.gz", _ct(0))
+    _write(root / "COVID-19-CT-Seg_20cases" / "radiopaedia_4_85506_1.nii.gz", rng.integers(0, 256, size=SHAPE).astype(np.int16))
+    for cid in ("coronacases_001", "radiopaedia_4_85506_1"):
+        _write(root / "Lung_Mask" / f"{cid}.nii.gz", _labels((0, 1, 2)))
+        _write(root / "Infection_Mask" / f"{cid}.nii.gz", _labels((0, 1)))
+    with pytest.warns(UserWarning, match="radiopaedia_4_85506_1"):
+        _, cases = load_cases(str(root))
+    assert [c.case_id for c in cases] == ["coronacases_001"]
+    (root / "COVID-19-CT-Seg_20cases" / "coronacases_001.nii.gz").unlink()
+    with pytest.raises(DataFolderError, match="Hounsfield"):
+        with pytest.warns(UserWarning):
+            load_cases(str(root))

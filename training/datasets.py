@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from napari_covidseg.errors import CovidsegError, DataFolderError
+from napari_covidseg.io.nifti import NotHounsfieldError, load_volume
 
 LAYOUTS = ("covid19ctseg", "medseg", "pairs", "phantom")
 PHANTOM = "phantom"
@@ -84,8 +85,6 @@ def _nifti_by_stem(folder: Path) -> Dict[str, Path]:
 
 
 def _load(path: Path, kind: str):
-    from napari_covidseg.io.nifti import load_volume
-
     try:
         return load_volume(path, kind=kind, check_hounsfield=(kind == "image"))
     except CovidsegError as exc:
@@ -154,14 +153,21 @@ def _read_covid19ctseg(root: Path) -> List[Case]:
     lungs = _nifti_by_stem(root / "Lung_Mask")
     infections = _nifti_by_stem(root / "Infection_Mask")
     combined = _nifti_by_stem(root / "Lung_and_Infection_Mask")
-    cases = []
+    cases, skipped = [], []
     for cid, path in images.items():
         if cid not in lungs and cid not in infections and cid not in combined:
             raise DataFolderError(
                 f"case {cid}: no mask found in Lung_Mask/, Infection_Mask/ or Lung_and_Infection_Mask/ (expected {cid}.nii.gz); "
                 "add its masks or remove the CT"
             )
-        ct = _load(path, "image")
+        try:
+            ct = load_volume(path, kind="image")
+        except NotHounsfieldError:
+            # the release's 10 Radiopaedia cases are 8-bit display intensities: no HU to train on
+            skipped.append(cid)
+            continue
+        except CovidsegError:
+            ct = _load(path, "image")  # re-raised as a DataFolderError naming the file
         lung = infection = None
         if cid in lungs:
             lung = (np.isin(_mask_on(ct, _load(lungs[cid], "labels"), lungs[cid], "lung"), (1, 2))).astype(np.uint8)
@@ -174,6 +180,12 @@ def _read_covid19ctseg(root: Path) -> List[Case]:
             if infection is None:
                 infection = (both == 3).astype(np.uint8)
         cases.append(Case(cid, ct.data, lung, infection, _spacing(ct)))
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} case(s) left out because their CT is not in Hounsfield units (8-bit 0..255 "
+            f"intensities, as the Radiopaedia cases of COVID-19-CT-Seg): {', '.join(skipped)}", stacklevel=2)
+    if not cases:
+        raise DataFolderError(f"{root}: none of the CT volumes is in Hounsfield units, so there is nothing to train on")
     return cases
 
 

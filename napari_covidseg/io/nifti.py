@@ -254,6 +254,10 @@ def _looks_like_labels(values: np.ndarray) -> bool:
     return np.unique(values).size <= MAX_LABELS
 
 
+class NotHounsfieldError(InputError):
+    """The image holds display intensities (0..1 or 0..255), not Hounsfield units."""
+
+
 def _check_hounsfield(values: np.ndarray, name: str) -> None:
     """Refuse data that is clearly not a CT in Hounsfield units (with a way out)."""
     lo, hi = float(values.min()), float(values.max())
@@ -263,13 +267,13 @@ def _check_hounsfield(values: np.ndarray, name: str) -> None:
             "Check that the right file was exported."
         )
     if lo >= 0.0 and hi <= 1.0:
-        raise InputError(
+        raise NotHounsfieldError(
             f"{name} has all values in [0, 1] (range {lo:g}..{hi:g}): it looks like a normalised "
             "image, not Hounsfield units. covidseg needs the CT in HU (air about -1000, water 0): "
             "export the CT in HU (e.g. convert the original DICOM with dcm2niix)."
         )
     if lo >= 0.0 and hi <= 255.0:
-        raise InputError(
+        raise NotHounsfieldError(
             f"{name} has values {lo:g}..{hi:g}: it looks like an 8-bit (0..255) image, e.g. "
             "converted from PNG/JPEG or windowed for display, not Hounsfield units. covidseg needs "
             "the CT in HU (air about -1000, water 0): export the CT in HU (e.g. convert the original "
