@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .atomic_file import atomic_path
 from .errors import CheckpointError
 
 LOG = logging.getLogger(__name__)
@@ -89,10 +89,8 @@ def _save_paths(paths: List[str]) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         payload = {"checkpoints": [{"path": p} for p in paths[:MAX_REMEMBERED]], "saved": time.time()}
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoints.", suffix=".json", dir=str(target.parent))
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     except OSError as exc:
         LOG.warning("could not remember checkpoints in %s: %s", target, exc)
 

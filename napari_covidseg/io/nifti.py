@@ -17,8 +17,6 @@ half-written file behind.
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Optional, Tuple
 import nibabel as nib
 import numpy as np
 
+from ..atomic_file import atomic_path
 from ..errors import InputError
 from .geometry import Geometry
 
@@ -381,16 +380,6 @@ def _build_image(file_array: np.ndarray, geometry: Geometry):
     return img
 
 
-def _file_mode(path: Path) -> int:
-    """Permissions for the new file: those of the file it replaces, else the usual umask ones."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def save_volume(path, display_array, geometry: Geometry, overwrite: bool = False) -> Path:
     """Write a display-ordered (z, y, x) array as NIfTI in ``geometry``'s file orientation.
 
@@ -424,18 +413,11 @@ def save_volume(path, display_array, geometry: Geometry, overwrite: bool = False
     file_array = np.ascontiguousarray(geometry.from_display(arr))
     img = _build_image(file_array, geometry)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=str(folder))
-    os.close(fd)
-    try:
-        nib.save(img, tmp_name)
+
+    def refuse_if_it_appeared():
         if path.exists() and not overwrite:  # appeared while we were writing
             raise OutputExistsError(f"{path} appeared while saving and was not overwritten: choose another name.")
-        os.chmod(tmp_name, _file_mode(path))
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
+
+    with atomic_path(path, suffix=f".part{suffix}", before_replace=refuse_if_it_appeared) as tmp:
+        nib.save(img, str(tmp))
     return path
