@@ -9,7 +9,7 @@ the QC-HC paper's MIScnn pipeline does).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Tuple, Union
 
 import numpy as np

@@ -85,7 +85,6 @@ def test_overlay_values_exact_colours_and_screenshot(make_napari_viewer, qtbot):
     # What is drawn on screen: only the overlay, fully opaque, on a slice with all three values.
     z = int(np.argmax([(len(np.unique(s)) == 4) for s in overlay.data]))
     assert set(np.unique(overlay.data[z])) == {0, 1, 2, 3}
-    visible = {layer.name: layer.visible for layer in viewer.layers}
     for layer in viewer.layers:
         layer.visible = layer is overlay
     opacity, overlay.opacity = overlay.opacity, 1.0

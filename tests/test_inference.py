@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from napari_covidseg.checkpoint import LoadedModel
 from napari_covidseg.errors import CancelledError, InputError

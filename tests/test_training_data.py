@@ -12,7 +12,7 @@ import pytest
 from napari_covidseg.errors import DataFolderError
 from training.augment import augment
 from training.cli import main
-from training.datasets import check_data, detect_layout, load_cases
+from training.datasets import detect_layout, load_cases
 from training.splits import make_split
 
 ROOT = Path(__file__).resolve().parent.parent

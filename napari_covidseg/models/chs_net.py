@@ -78,7 +78,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .losses import bce_loss, soft_dice_loss
+from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
 from .spectral_pooling import HybridPool2d, HybridPoolBranch2d, global_spectral_pool2d
 from .unet import crop_to, pad_to_multiple
@@ -228,19 +228,11 @@ class CHSNet(nn.Module):
         }
 
 
-class CHSNetLoss(nn.Module):
+class CHSNetLoss(BCEDiceLoss):
     """``bce_weight * BCE + dice_weight * soft Dice`` on both channels (paper: 0.5 and 0.5)."""
 
     def __init__(self, bce_weight: float = 0.5, dice_weight: float = 0.5):
-        super().__init__()
-        self.bce_weight, self.dice_weight = bce_weight, dice_weight
-
-    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0):
-        logits = outputs["logits"]
-        bce = bce_loss(logits, target)
-        dice = soft_dice_loss(logits, target)
-        total = self.bce_weight * bce + self.dice_weight * dice
-        return total, {"bce": float(bce.detach()), "dice": float(dice.detach())}
+        super().__init__(bce_weight, dice_weight)
 
 
 SPEC = register(

@@ -20,7 +20,7 @@ Contract every registered network follows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch.nn as nn
 

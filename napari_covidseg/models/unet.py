@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .losses import bce_loss, soft_dice_loss
+from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
 
 
@@ -73,19 +73,6 @@ class UNet(nn.Module):
         for up, dec in zip(self.ups, self.decoders):
             x = dec(torch.cat([up(x), skips.pop()], dim=1))
         return {"logits": crop_to(self.head(x), crop)}
-
-
-class BCEDiceLoss(nn.Module):
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0):
-        super().__init__()
-        self.bce_weight, self.dice_weight = bce_weight, dice_weight
-
-    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0):
-        logits = outputs["logits"]
-        bce = bce_loss(logits, target)
-        dice = soft_dice_loss(logits, target)
-        total = self.bce_weight * bce + self.dice_weight * dice
-        return total, {"bce": float(bce.detach()), "dice": float(dice.detach())}
 
 
 SPEC = register(
