@@ -170,7 +170,7 @@ def _check_edit_burst(viewer, widget, pred, gt, qtbot):
         pred.refresh()
         pred.events.paint(value=[])
         widget.go_to_slice(z)
-        widget._edit_timer.stop()
+        widget._edits.stop()
         widget._after_edit()  # what the debounce timer would call
     qtbot.waitUntil(lambda: not widget.hd95_pending(), timeout=20000)
     p = pred.data != 0

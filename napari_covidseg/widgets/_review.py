@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QMessageBox
 
 
@@ -122,3 +123,47 @@ class LayerCombo(QComboBox):
         if layer in self._layers:
             self.setCurrentIndex(self._layers.index(layer))
         self._user_none = layer is None
+
+
+#: Labels layer events that mean "the mask changed": a brush/fill stroke, napari's own
+#: labels_update, and the whole array being replaced
+LABEL_EDIT_EVENTS = ("paint", "labels_update", "data")
+
+
+class EditWatcher:
+    """Turns a burst of edits of some Labels layers into one call of ``on_settled``.
+
+    ``on_settled`` runs ``delay_ms`` after the last edit (so painting stays fluid); ``enabled``
+    is asked at each edit (e.g. an "update automatically" checkbox).
+    """
+
+    def __init__(self, parent, on_settled, delay_ms: int, enabled=lambda: True):
+        self.timer = QTimer(parent)
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(delay_ms)
+        self.timer.timeout.connect(on_settled)
+        self._enabled = enabled
+        self.layers = []
+
+    def watch(self, layers) -> None:
+        """Listen to ``layers`` (and stop listening to the ones watched before)."""
+        self._connect(self.layers, False)
+        self.layers = [layer for layer in layers if layer is not None]
+        self._connect(self.layers, True)
+
+    def _connect(self, layers, connect: bool) -> None:
+        for layer in layers:
+            for name in LABEL_EDIT_EVENTS:
+                emitter = getattr(layer.events, name, None)
+                if emitter is not None:
+                    (emitter.connect if connect else emitter.disconnect)(self.edited)
+
+    def edited(self, event=None) -> None:
+        if self._enabled():
+            self.timer.start()
+
+    def stop(self) -> None:
+        self.timer.stop()
+
+    def pending(self) -> bool:
+        return self.timer.isActive()

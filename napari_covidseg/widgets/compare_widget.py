@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtGui import QColor, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -50,7 +50,7 @@ from ..overlay import (
     write_comparison_csv,
 )
 from .common import TaskRunner, add_labels_like, labels_layers, notify_error
-from ._review import LayerCombo, ask_overwrite, current_slice, go_to_slice
+from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
 
 EDIT_DEBOUNCE_MS = 250  # recompute this long after the last brush dab
 OVERLAY_OPACITY = 0.6
@@ -253,10 +253,7 @@ class CompareWidget(QWidget):
         layout.addStretch(1)
         self._set_result_buttons(False)
 
-        self._edit_timer = QTimer(self)
-        self._edit_timer.setSingleShot(True)
-        self._edit_timer.setInterval(EDIT_DEBOUNCE_MS)
-        self._edit_timer.timeout.connect(self._after_edit)
+        self._edits = EditWatcher(self, self._after_edit, EDIT_DEBOUNCE_MS)
         self.viewer.dims.events.current_step.connect(self._on_step)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
 
@@ -264,16 +261,6 @@ class CompareWidget(QWidget):
     def _set_result_buttons(self, enabled: bool):
         for button in (self.worst_button, self.next_worst_button, self.export_button):
             button.setEnabled(enabled)
-
-    def _connect_layer(self, layer, connect: bool):
-        for name in ("paint", "labels_update", "data"):
-            emitter = getattr(layer.events, name, None)
-            if emitter is None:
-                continue
-            if connect:
-                emitter.connect(self._on_edit)
-            else:
-                emitter.disconnect(self._on_edit)
 
     def compare(self):
         """Compare the chosen layers: add/update the overlay layer and all the numbers."""
@@ -288,14 +275,10 @@ class CompareWidget(QWidget):
             notify_error(error)
             self.status.setText(str(error))
             return
-        for layer in (self.pred_layer, self.gt_layer):
-            if layer is not None:
-                self._connect_layer(layer, False)
         self.pred_layer, self.gt_layer = pred, gt
         self.rank_position = -1
         self.overlay_layer = None
-        for layer in (pred, gt):
-            self._connect_layer(layer, True)
+        self._edits.watch([pred, gt])
         self.recompute()
         # Keep the prediction active so the brush paints the prediction, not the new overlay.
         self.viewer.layers.selection.active = pred
@@ -486,18 +469,13 @@ class CompareWidget(QWidget):
         self.update_slice_metrics()
         self.plot.move_marker(self.current_slice())
 
-    def _on_edit(self, event=None):
-        self._edit_timer.start()
-
     def _on_layer_removed(self, event):
         layer = event.value
         if layer is self.overlay_layer:
             self.overlay_layer = None
         if layer is self.pred_layer or layer is self.gt_layer:
-            self._edit_timer.stop()
-            for kept in (self.pred_layer, self.gt_layer):
-                if kept is not None:
-                    self._connect_layer(kept, False)
+            self._edits.stop()
+            self._edits.watch([])
             self.pred_layer = self.gt_layer = None
             self._generation += 1
             self._set_result_buttons(False)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import CancelledError, CovidsegError, InputError
 from ..quantify import quantify
-from ._review import LayerCombo, ask_overwrite
+from ._review import EditWatcher, LayerCombo, ask_overwrite
 from .common import TaskRunner, image_layers, labels_layers, notify_error
 
 EDIT_DEBOUNCE_MS = 400
@@ -138,7 +138,6 @@ class QuantifyWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.result: Optional[Dict] = None
-        self._watched: List = []
 
         self.lung_combo = LayerCombo(napari_viewer, labels_layers, prefer=lambda l: "lung" in l.name.lower())
         self.infection_combo = LayerCombo(
@@ -193,10 +192,7 @@ class QuantifyWidget(QWidget):
         layout.addStretch(1)
         self._set_export_enabled(False)
 
-        self._edit_timer = QTimer(self)
-        self._edit_timer.setSingleShot(True)
-        self._edit_timer.setInterval(EDIT_DEBOUNCE_MS)
-        self._edit_timer.timeout.connect(self._auto_update)
+        self._edits = EditWatcher(self, self._auto_update, EDIT_DEBOUNCE_MS, enabled=self.auto_check.isChecked)
 
     def _set_export_enabled(self, enabled: bool):
         self.csv_button.setEnabled(enabled)
@@ -220,15 +216,6 @@ class QuantifyWidget(QWidget):
         spacing = tuple(float(s) for s in (ct if ct is not None else lung).scale[-3:])
         return lung, infection, ct, spacing
 
-    def _watch(self, layers):
-        for layer in self._watched:
-            for name in ("paint", "labels_update", "data"):
-                getattr(layer.events, name).disconnect(self._on_edit)
-        self._watched = list(layers)
-        for layer in self._watched:
-            for name in ("paint", "labels_update", "data"):
-                getattr(layer.events, name).connect(self._on_edit)
-
     # --- compute -----------------------------------------------------------------------------
     def compute(self):
         """Quantify the chosen masks in a worker thread (seconds on a full-size CT)."""
@@ -238,12 +225,8 @@ class QuantifyWidget(QWidget):
             notify_error(error)
             self.status.setText(str(error))
             return None
-        self._watch([lung, infection])
+        self._edits.watch([lung, infection])
         return self._launch(lung, infection, spacing, "Computing...")
-
-    def _on_edit(self, event=None):
-        if self.auto_check.isChecked():
-            self._edit_timer.start()
 
     def _auto_update(self):
         """Recompute after an edit (debounced)."""
@@ -284,13 +267,13 @@ class QuantifyWidget(QWidget):
 
     def cancel(self):
         """Stop the running computation: its result is not shown."""
-        self._edit_timer.stop()
+        self._edits.stop()
         self._rerun = False
         self.runner.cancel()
 
     def busy(self) -> bool:
         """True while an edit is waiting to be quantified or a computation is running."""
-        return self._edit_timer.isActive() or self.runner.is_running() or self._rerun
+        return self._edits.pending() or self.runner.is_running() or self._rerun
 
     def _show(self, result, lung_name, infection_name, spacing):
         self.result = result
