@@ -35,3 +35,13 @@ def test_reader_writer_sample_and_widgets_are_declared():
     for expected in ("Segment", "Compare to ground truth", "Correct and save", "Quantify", "Side by side", "Train",
                      "CT window presets"):
         assert expected in titles
+
+
+def test_every_network_ships_weights_and_the_package_stays_small():
+    from napari_covidseg.checkpoint import available_shipped
+    from napari_covidseg.models import network_names
+
+    assert sorted(available_shipped()) == sorted(network_names())
+    package = ROOT / "napari_covidseg"
+    size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert size < 60 * 2**20, f"package is {size / 2**20:.1f} MiB"
