@@ -54,7 +54,7 @@ from ..preprocessing import Preprocessing
 from .cpp_pooling import cpp_pool, exclusive_classes, kl_to_prediction
 from .losses import bce_loss
 from .registry import NetworkSpec, Recipe, register
-from .unet import conv_bn_relu
+from .unet import conv_bn_relu, unet_decoder
 
 AUX_STRIDES = (2, 4, 8, 16)
 AUX_CLASS_NAMES = ("background", "lung without infection", "infection")
@@ -132,11 +132,7 @@ class MSACPPUNet(nn.Module):
         self.downs = nn.ModuleList([strided_down(a, b) for a, b in zip(widths[:4], widths[1:])])
         self.aux_heads = nn.ModuleList([aux_head(w, n_aux_classes) for w in widths[1:]])
         self.bottleneck = nn.Sequential(conv_bn_relu(widths[4], widths[4]), conv_bn_relu(widths[4], widths[4]))
-        self.ups = nn.ModuleList()
-        self.decoders = nn.ModuleList()
-        for w_low, w_high in zip(widths[::-1][:-1], widths[::-1][1:]):
-            self.ups.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
-            self.decoders.append(nn.Sequential(conv_bn_relu(2 * w_high, w_high), conv_bn_relu(w_high, w_high)))
+        self.ups, self.decoders = unet_decoder(widths)
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> dict:

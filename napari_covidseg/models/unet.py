@@ -46,6 +46,16 @@ def crop_to(x: torch.Tensor, crop):
     return x[(slice(None), slice(None)) + tuple(crop)]
 
 
+def unet_decoder(widths):
+    """U-Net's decoder for encoder ``widths`` (finest first): per level a 2x2 transposed conv from
+    the coarser level, then two Conv-BN-ReLU on [up-sampled, skip]; returns (ups, decoders)."""
+    ups, decoders = nn.ModuleList(), nn.ModuleList()
+    for w_low, w_high in zip(widths[::-1][:-1], widths[::-1][1:]):
+        ups.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
+        decoders.append(nn.Sequential(conv_bn_relu(2 * w_high, w_high), conv_bn_relu(w_high, w_high)))
+    return ups, decoders
+
+
 class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base: int = 64, depth: int = 4):
         super().__init__()
@@ -56,11 +66,7 @@ class UNet(nn.Module):
         for w in widths:
             self.encoders.append(nn.Sequential(conv_bn_relu(cin, w), conv_bn_relu(w, w)))
             cin = w
-        self.ups = nn.ModuleList()
-        self.decoders = nn.ModuleList()
-        for w_low, w_high in zip(widths[::-1][:-1], widths[::-1][1:]):
-            self.ups.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
-            self.decoders.append(nn.Sequential(conv_bn_relu(2 * w_high, w_high), conv_bn_relu(w_high, w_high)))
+        self.ups, self.decoders = unet_decoder(widths)
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> dict:
