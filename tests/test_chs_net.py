@@ -14,14 +14,7 @@ from napari_covidseg.models.chs_net import (
     stage_widths,
 )
 from napari_covidseg.preprocessing import preprocess
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads are 10x slower on the shared, loaded CI cores
-    yield
-    torch.set_num_threads(before)
+from network_helpers import hard_dice_per_class
 
 
 def _phantom_slice(size=(64, 64), seed=1):
@@ -34,12 +27,6 @@ def _phantom_slice(size=(64, 64), seed=1):
     x = torch.from_numpy(np.asarray(preprocess(ph.ct[k], spec.preprocessing), dtype=np.float32))[None, None]
     target = torch.from_numpy(np.stack([ph.lung[k] > 0, ph.infection[k] > 0]).astype(np.float32))[None]
     return x, target
-
-
-def _hard_dice(logits, target):
-    pred = (logits > 0).float()
-    inter = (pred * target).sum((2, 3))
-    return ((2 * inter + 1e-6) / (pred.sum((2, 3)) + target.sum((2, 3)) + 1e-6)).mean(0)
 
 
 def test_spec_is_registered_with_paper_recipe():
@@ -161,7 +148,7 @@ def test_tiny_overfit_on_one_phantom_slice():
     x, target = _phantom_slice((48, 48))
     loss_fn = CHSNetLoss()
     with torch.no_grad():
-        start = float(_hard_dice(model(x)["logits"], target).mean())
+        start = float(hard_dice_per_class(model(x)["logits"], target).mean())
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     # a step budget, not a time budget, so a busy machine cannot make the test fail
     best, steps = start, 0
@@ -172,7 +159,7 @@ def test_tiny_overfit_on_one_phantom_slice():
             optimiser.step()
             steps += 1
         with torch.no_grad():
-            dice = _hard_dice(model(x)["logits"], target)
+            dice = hard_dice_per_class(model(x)["logits"], target)
         best = max(best, float(dice.mean()))
         if best > start + 0.35:
             break

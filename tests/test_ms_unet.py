@@ -14,18 +14,9 @@ from napari_covidseg.models.ms_unet import (
     hybrid_pool,
     uncertainty_aware_loss,
 )
+from network_helpers import hard_dice_per_class
 
 TINY = dict(base=4, mid=8)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny networks are bound by per-op overhead: one thread avoids thread contention on a
-    loaded 2-core machine (measured: 2 threads were several times slower there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _two_class_target(b, h, w, seed=0):
@@ -141,13 +132,6 @@ def test_registered_sizes_match_docstring():
     assert spec.stride == 32 and spec.recipe.optimizer == "adam" and spec.recipe.epochs == 100
 
 
-def _mean_dice(logits, target):
-    pred = (logits > 0).float()
-    inter = (pred * target).sum((0, 2, 3))
-    denom = pred.sum((0, 2, 3)) + target.sum((0, 2, 3))
-    return float((2 * inter / denom.clamp_min(1)).mean())
-
-
 def test_tiny_network_overfits_one_phantom_slice():
     from napari_covidseg.phantom import make_phantom
     from napari_covidseg.preprocessing import preprocess
@@ -167,7 +151,7 @@ def test_tiny_network_overfits_one_phantom_slice():
     for step in range(steps):
         out = net(x)
         loss, _ = loss_fn(out, target, step / steps)
-        dices.append(_mean_dice(out["logits"].detach(), target))
+        dices.append(float(hard_dice_per_class(out["logits"].detach(), target).mean()))
         opt.zero_grad()
         loss.backward()
         opt.step()

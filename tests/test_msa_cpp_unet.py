@@ -14,17 +14,9 @@ from napari_covidseg.models.msa_cpp_unet import (
     MSACPPUNet,
     MultiScaleAttention,
 )
+from network_helpers import hard_dice_per_class
 
 TINY = dict(base=4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks are bound by per-op overhead: one thread avoids contention on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _two_class_target(b, h, w):
@@ -175,13 +167,6 @@ def test_registered_spec():
     assert 0.5e6 < sum(p.numel() for p in shipped.parameters()) < 2e6
 
 
-def _mean_dice(logits, target):
-    pred = (logits > 0).float()
-    inter = (pred * target).sum((0, 2, 3))
-    denom = pred.sum((0, 2, 3)) + target.sum((0, 2, 3))
-    return float((2 * inter / denom.clamp_min(1)).mean())
-
-
 def test_tiny_network_overfits_one_phantom_slice():
     from napari_covidseg.phantom import make_phantom
     from napari_covidseg.preprocessing import preprocess
@@ -201,7 +186,7 @@ def test_tiny_network_overfits_one_phantom_slice():
     for step in range(steps):
         out = net(x)
         loss, terms = loss_fn(out, target, step / steps)
-        dices.append(_mean_dice(out["logits"].detach(), target))
+        dices.append(float(hard_dice_per_class(out["logits"].detach(), target).mean()))
         aux_terms.append(sum(v for key, v in terms.items() if key.startswith("cpp_")))
         opt.zero_grad()
         loss.backward()

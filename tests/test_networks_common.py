@@ -13,6 +13,7 @@ import torch
 from napari_covidseg.checkpoint import load_checkpoint, save_checkpoint
 from napari_covidseg.models import get_network, network_names
 from napari_covidseg.preprocessing import preprocess
+from network_helpers import hard_dice_per_class
 
 NETWORKS = network_names()
 ODD_SIZE = {2: (250, 250), 3: (20, 44, 36)}
@@ -42,22 +43,6 @@ def _phantom_sample(spec, size, seed=0):
     x = torch.from_numpy(np.asarray(preprocess(ct, spec.preprocessing), dtype=np.float32))[None, None]
     target = torch.from_numpy(np.stack([lung > 0, infection > 0]).astype(np.float32))[None]
     return x, target
-
-
-def _hard_dice(logits, target):
-    pred = (logits > 0).float()
-    dims = tuple(range(2, logits.ndim))
-    inter = (pred * target).sum(dims)
-    denom = pred.sum(dims) + target.sum(dims)
-    return ((2 * inter + 1e-6) / (denom + 1e-6)).mean(0)  # per class
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(before, 2))
-    yield
-    torch.set_num_threads(before)
 
 
 def test_registry_has_networks():
@@ -143,7 +128,7 @@ def test_tiny_overfit_on_one_phantom_sample(name):
 
     def dice_now():
         with torch.no_grad():
-            return _hard_dice(model(x)["logits"], target)
+            return hard_dice_per_class(model(x)["logits"], target)
 
     start = float(dice_now().mean())
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)

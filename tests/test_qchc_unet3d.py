@@ -8,14 +8,7 @@ from napari_covidseg.models import get_network
 from napari_covidseg.models.qchc_unet3d import QCHCUNet3D, QuickConnectionBlock, TverskyCELoss, tversky_loss
 from napari_covidseg.models.unet import crop_to, pad_to_multiple
 from napari_covidseg.preprocessing import preprocess
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads are 10x slower on the shared, loaded CI cores
-    yield
-    torch.set_num_threads(before)
+from network_helpers import hard_dice_per_class
 
 
 def _phantom_patch(size=(16, 32, 32), seed=1):
@@ -27,13 +20,6 @@ def _phantom_patch(size=(16, 32, 32), seed=1):
     x = torch.from_numpy(np.asarray(preprocess(ph.ct, spec.preprocessing), dtype=np.float32))[None, None]
     target = torch.from_numpy(np.stack([ph.lung > 0, ph.infection > 0]).astype(np.float32))[None]
     return x, target
-
-
-def _hard_dice(logits, target):
-    pred = (logits > 0).float()
-    dims = (2, 3, 4)
-    inter = (pred * target).sum(dims)
-    return ((2 * inter + 1e-6) / (pred.sum(dims) + target.sum(dims) + 1e-6)).mean(0)
 
 
 def test_spec_follows_the_paper():
@@ -152,7 +138,7 @@ def test_tiny_overfit_on_one_phantom_patch():
     x, target = _phantom_patch((16, 32, 32))
     loss_fn = TverskyCELoss()
     with torch.no_grad():
-        start = float(_hard_dice(model(x)["logits"], target).mean())
+        start = float(hard_dice_per_class(model(x)["logits"], target).mean())
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     # a step budget, not a time budget, so a busy machine cannot make the test fail
     best, steps = start, 0
@@ -163,7 +149,7 @@ def test_tiny_overfit_on_one_phantom_patch():
             optimiser.step()
             steps += 1
         with torch.no_grad():
-            dice = _hard_dice(model(x)["logits"], target)
+            dice = hard_dice_per_class(model(x)["logits"], target)
         best = max(best, float(dice.mean()))
         if best > start + 0.35:
             break
