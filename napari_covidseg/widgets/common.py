@@ -154,6 +154,27 @@ def _copy_placement(ref_layer) -> dict:
     return placement
 
 
+def _add_or_update(viewer, layer_type, add, data, name: str, ref_layer, replace: bool, kwargs: dict,
+                   new_layer_defaults: Optional[dict] = None):
+    """Add a ``layer_type`` layer on ``ref_layer``'s grid, or give an existing one of that name,
+    type and shape the new data (so re-running updates instead of stacking duplicates);
+    ``new_layer_defaults`` apply only to a layer that is added."""
+    placement = _copy_placement(ref_layer)
+    layer = viewer.layers[name] if (replace and name in viewer.layers) else None
+    if layer is not None and (not isinstance(layer, layer_type) or layer.data.shape != np.shape(data)):
+        viewer.layers.remove(layer)
+        layer = None
+    if layer is None:
+        return add(data, name=name, **placement, **{**(new_layer_defaults or {}), **kwargs})
+    layer.scale = placement.get("scale", layer.scale)
+    layer.translate = placement.get("translate", layer.translate)
+    layer.metadata = {**(layer.metadata or {}), **placement.get("metadata", {})}
+    layer.data = data
+    for key, value in kwargs.items():
+        setattr(layer, key, value)
+    return layer
+
+
 def add_labels_like(viewer, data, name: str, ref_layer, color=None, replace: bool = True, **kwargs):
     """Add (or refresh) a Labels layer ``name`` on the grid of ``ref_layer`` (usually the CT).
 
@@ -163,21 +184,8 @@ def add_labels_like(viewer, data, name: str, ref_layer, color=None, replace: boo
     """
     from napari.layers import Labels
 
-    placement = _copy_placement(ref_layer)
-    layer = viewer.layers[name] if (replace and name in viewer.layers) else None
-    if layer is not None and (not isinstance(layer, Labels) or layer.data.shape != np.shape(data)):
-        viewer.layers.remove(layer)
-        layer = None
-    if layer is None:
-        kwargs.setdefault("opacity", MASK_OPACITY)
-        layer = viewer.add_labels(data, name=name, **placement, **kwargs)
-    else:
-        layer.scale = placement.get("scale", layer.scale)
-        layer.translate = placement.get("translate", layer.translate)
-        layer.metadata = {**(layer.metadata or {}), **placement.get("metadata", {})}
-        layer.data = data
-        for key, value in kwargs.items():
-            setattr(layer, key, value)
+    layer = _add_or_update(viewer, Labels, viewer.add_labels, data, name, ref_layer, replace, kwargs,
+                           new_layer_defaults={"opacity": MASK_OPACITY})
     if color is not None:
         layer.colormap = label_colormap(color)
     return layer
@@ -187,20 +195,7 @@ def add_image_like(viewer, data, name: str, ref_layer, replace: bool = True, **k
     """Add (or refresh) an Image layer ``name`` on the grid of ``ref_layer`` (e.g. probability maps)."""
     from napari.layers import Image
 
-    placement = _copy_placement(ref_layer)
-    layer = viewer.layers[name] if (replace and name in viewer.layers) else None
-    if layer is not None and (not isinstance(layer, Image) or layer.data.shape != np.shape(data)):
-        viewer.layers.remove(layer)
-        layer = None
-    if layer is None:
-        return viewer.add_image(data, name=name, **placement, **kwargs)
-    layer.scale = placement.get("scale", layer.scale)
-    layer.translate = placement.get("translate", layer.translate)
-    layer.metadata = {**(layer.metadata or {}), **placement.get("metadata", {})}
-    layer.data = data
-    for key, value in kwargs.items():
-        setattr(layer, key, value)
-    return layer
+    return _add_or_update(viewer, Image, viewer.add_image, data, name, ref_layer, replace, kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
