@@ -12,7 +12,7 @@ notification and no layer; the reader then returns napari's "read, but nothing t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -52,11 +52,6 @@ def volume_layer_data(volume: Volume, name: str) -> Tuple[Any, Dict[str, Any], s
         return volume.data, kwargs, "labels"
     kwargs.update(colormap="gray", contrast_limits=contrast_limits("lung"), interpolation2d="nearest")
     return volume.data, kwargs, "image"
-
-
-def read_layers(paths: Sequence[str]) -> List[Tuple[Any, Dict[str, Any], str]]:
-    """LayerData of each path; raises :class:`CovidsegError` for the first unusable file."""
-    return [volume_layer_data(load_volume(p), layer_name(p)) for p in paths]
 
 
 def read_nifti(path: PathOrPaths):

@@ -52,10 +52,6 @@ def _check(lung, infection, spacing) -> Tuple[np.ndarray, np.ndarray, Tuple[floa
     return lung != 0, infection != 0, spacing
 
 
-def _column_mean(mask: np.ndarray) -> float:
-    return float(np.nonzero(mask.any(axis=(0, 1)))[0].mean()) if mask.any() else float("nan")
-
-
 def split_left_right(lung: np.ndarray) -> Tuple[np.ndarray, np.ndarray, str]:
     """(left, right, method) boolean masks of the patient's left and right lung.
 

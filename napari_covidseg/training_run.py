@@ -18,7 +18,6 @@ from typing import List, Optional, Sequence
 
 PHANTOM = "phantom"
 METRICS_FILE = "metrics.jsonl"
-TEXT_LOG_FILE = "train.log"
 
 
 @dataclass
@@ -158,19 +157,6 @@ def format_duration(seconds: Optional[float]) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def last_lines(path, n: int = 20) -> List[str]:
-    """The last ``n`` lines of a text file (empty when missing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    return text.splitlines()[-n:]
 
 
 def plain_failure_message(end_record: Optional[dict], exit_code: Optional[int], log_tail: Sequence[str]) -> str:

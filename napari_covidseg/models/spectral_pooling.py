@@ -93,13 +93,6 @@ def global_spectral_pool2d(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(-2, -1), keepdim=True)
 
 
-class SpectralPool2d(nn.Module):
-    """Module form of :func:`spectral_pool2d` halving H and W (rounded down, like ``MaxPool2d(2)``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return spectral_pool2d(x)
-
-
 class HybridPool2d(nn.Module):
     """Down-sampling by 2: max pooling and spectral pooling in parallel, concatenated, 1x1 Conv-BN-ReLU.
 

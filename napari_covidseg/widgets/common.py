@@ -381,11 +381,6 @@ class TaskRunner(QWidget):
             time.sleep(0.005)
 
 
-def first_line(text: str, limit: int = 120) -> str:
-    line = (str(text).strip().splitlines() or [""])[0]
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def format_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
