@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
+from .intensity import HU, check_domain
 from .models.registry import NetworkSpec
 from .preprocessing import Preprocessing, preprocess
 
@@ -189,13 +190,17 @@ def predict_volume(
     overlap: float = 0.5,
     weighting: str = "uniform",
     amp: bool = True,
+    domain: str = HU,
 ) -> np.ndarray:
-    """Sigmoid probabilities ``(2, z, y, x)`` float32 (lung, infection) for a CT in HU.
+    """Sigmoid probabilities ``(2, z, y, x)`` float32 (lung, infection) for a CT.
 
-    ``ct_hu`` is display-ordered (z, y, x) with ``spacing`` (z, y, x) mm.  The model is moved to
-    ``device`` and put in eval mode.  See the module docstring for how 2D and 3D networks run.
+    ``ct_hu`` is display-ordered (z, y, x) with ``spacing`` (z, y, x) mm, in intensity ``domain``
+    (``"hu"`` or ``"display8"``; brought into the network's own by the checkpoint's preprocessing).
+    The model is moved to ``device`` and put in eval mode.  See the module docstring for how 2D
+    and 3D networks run.
     """
     ct, spacing = _check_input(ct_hu, spacing)
+    check_domain(domain)
     dims, stride, default_patch = _spec_parts(spec_or_dims)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, not {batch_size}")
@@ -206,21 +211,27 @@ def predict_volume(
     dev = resolve_device(device)
     model = model.to(dev).eval()
     _check_cancel(should_cancel)
-    # normalisation statistics of the whole volume (see module docstring)
-    volume = preprocess(ct, preprocessing)
+    # normalisation statistics of the whole volume (see module docstring); an 8-bit network's
+    # HU mapping may change the in-plane size: spacing follows, predictions go back to ct's grid
+    volume = preprocess(ct, preprocessing, domain)
+    spacing = (spacing[0],) + tuple(s * n / m for s, n, m in zip(spacing[1:], ct.shape[1:], volume.shape[1:]))
     if dims == 2:
-        return _predict_2d(model, volume, stride, preprocessing, dev, batch_size, progress, should_cancel, amp)
+        return _predict_2d(model, volume, stride, preprocessing, dev, batch_size, progress, should_cancel, amp,
+                           out_hw=ct.shape[1:])
     return _predict_3d(model, volume, spacing, stride, preprocessing, dev, patch_size or default_patch, overlap,
-                       weighting, progress, should_cancel, amp)
+                       weighting, progress, should_cancel, amp, out_shape=ct.shape)
 
 
-def _predict_2d(model, volume, stride, preprocessing, dev, batch_size, progress, should_cancel, amp) -> np.ndarray:
+def _predict_2d(model, volume, stride, preprocessing, dev, batch_size, progress, should_cancel, amp,
+                out_hw=None) -> np.ndarray:
     z, h, w = volume.shape
-    probabilities = np.empty((2, z, h, w), dtype=np.float32)
+    out_h, out_w = (int(v) for v in (out_hw or (h, w)))
+    probabilities = np.empty((2, z, out_h, out_w), dtype=np.float32)
     total = math.ceil(z / batch_size)
     resize = tuple(int(v) for v in preprocessing.inplane_size) if preprocessing.inplane_size else None
     if resize == (h, w):
         resize = None
+    back = None if (resize or (h, w)) == (out_h, out_w) else (out_h, out_w)
     with torch.inference_mode():
         for k, start in enumerate(range(0, z, batch_size)):
             _check_cancel(should_cancel)
@@ -231,8 +242,8 @@ def _predict_2d(model, volume, stride, preprocessing, dev, batch_size, progress,
             with _autocast(dev, amp):
                 logits = _forward_logits(model, x, stride)
             prob = torch.sigmoid(logits.float())
-            if resize is not None:
-                prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+            if back is not None:
+                prob = F.interpolate(prob, size=back, mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
             probabilities[:, start:stop] = prob.permute(1, 0, 2, 3).cpu().numpy()
             _call(progress, k + 1, total)
     return probabilities
@@ -248,12 +259,16 @@ def _resample(x: np.ndarray, size: Tuple[int, int, int]) -> np.ndarray:
 
 
 def _predict_3d(model, volume, spacing, stride, preprocessing, dev, patch_size, overlap, weighting,
-                progress, should_cancel, amp) -> np.ndarray:
-    original_shape = volume.shape
-    if preprocessing.target_spacing is not None:
+                progress, should_cancel, amp, out_shape=None) -> np.ndarray:
+    original_shape = tuple(out_shape or volume.shape)
+    if preprocessing.inplane_size is not None:  # 8-bit networks: slices resized, z kept (spacing unknown)
+        size = (volume.shape[0],) + tuple(int(v) for v in preprocessing.inplane_size)
+        if size != volume.shape:
+            volume = _resample(volume, size)
+    elif preprocessing.target_spacing is not None:
         target = tuple(float(s) for s in preprocessing.target_spacing)
-        new_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(original_shape, spacing, target))
-        if new_shape != original_shape:
+        new_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(volume.shape, spacing, target))
+        if new_shape != volume.shape:
             volume = _resample(volume, new_shape)
     shape = volume.shape
     patch_size = tuple(int(p) for p in patch_size)

@@ -1,10 +1,18 @@
 """The one preprocessing function shared by training and inference.
 
 A :class:`Preprocessing` is stored inside every checkpoint, so a network is always fed the same
-intensities at inference as during training.  It maps a CT in Hounsfield units to the float
-input of a network: clip to a HU window, then normalise either to [0, 1] (``"minmax"``) or to zero
-mean and unit variance of the clipped voxels (``"zscore"``, computed per volume or per patch, as
-the QC-HC paper's MIScnn pipeline does).
+intensities at inference as during training.  It records the **intensity domain** the network was
+trained in (see :mod:`napari_covidseg.intensity`) and how an image of the other domain is brought
+into it:
+
+* a network trained on CT in HU (``domain="hu"``) clips HU to ``[hu_min, hu_max]``; it cannot read
+  an 8-bit display image (HU cannot be recovered from one) and says so;
+* a network trained on 8-bit display images (``domain="display8"``) reads 0..255 as is and maps a
+  CT in HU through ``hu_to_display8`` (:class:`~napari_covidseg.intensity.HUToDisplay8`, e.g. the
+  COVID-19-CT-Seg PNG recipe or a lung window) first.
+
+The result is then normalised to [0, 1] (``"minmax"``: the clip window, or 0..255) or to zero mean
+and unit variance (``"zscore"``, per volume or per patch, as QC-HC's MIScnn pipeline does).
 """
 
 from __future__ import annotations
@@ -15,27 +23,31 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .intensity import DISPLAY8, HU, HUToDisplay8, check_domain, refuse_display_for_hu_network
+
 Array = Union[np.ndarray, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How HU become network input.
+    """How an image becomes network input.
 
     Attributes
     ----------
     hu_min, hu_max:
-        Clip window in HU.
+        Clip window in HU (networks trained in HU).
     normalisation:
-        ``"minmax"``: (clip - hu_min) / (hu_max - hu_min), in [0, 1].
-        ``"zscore"``: (clip - mean) / std of the clipped array (std floored at 1 HU).
+        ``"minmax"``: to [0, 1] ((clip - hu_min) / (hu_max - hu_min) in HU, value / 255 in 8-bit).
+        ``"zscore"``: (x - mean) / std of the array (std floored at 1 HU, or 1/255 in 8-bit).
     inplane_size:
-        For 2D networks: slices are resized to this (H, W) before the network and predictions are
-        resized back.  ``None`` keeps the native in-plane size (padded to a multiple of the
-        network's stride by the inference code).
+        Slices are resized to this (H, W) before the network and predictions are resized back.
+        ``None`` keeps the native in-plane size (padded to a multiple of the network's stride).
     target_spacing:
-        For 3D networks: (z, y, x) voxel spacing in mm to resample to before the network, or
-        ``None`` to keep the native spacing.
+        For 3D networks trained in HU: (z, y, x) voxel spacing in mm to resample to, or ``None``.
+    domain:
+        ``"hu"`` or ``"display8"``: the intensity domain the network was trained in.
+    hu_to_display8:
+        For ``domain="display8"``: :meth:`HUToDisplay8.to_dict` of the mapping applied to a CT in HU.
     """
 
     hu_min: float = -1250.0
@@ -43,12 +55,29 @@ class Preprocessing:
     normalisation: str = "minmax"
     inplane_size: Optional[Tuple[int, int]] = None
     target_spacing: Optional[Tuple[float, float, float]] = None
+    domain: str = HU
+    hu_to_display8: Optional[dict] = None
 
     def __post_init__(self):
         if self.hu_max <= self.hu_min:
             raise ValueError(f"hu_max ({self.hu_max}) must be above hu_min ({self.hu_min})")
         if self.normalisation not in ("minmax", "zscore"):
             raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'minmax' or 'zscore'")
+        check_domain(self.domain)
+        if self.domain == DISPLAY8:
+            HUToDisplay8.from_dict(self.hu_to_display8)  # validates
+
+    @property
+    def mapping(self) -> Optional[HUToDisplay8]:
+        """The HU -> 8-bit mapping of a display-domain network (``None`` for a HU network)."""
+        return HUToDisplay8.from_dict(self.hu_to_display8) if self.domain == DISPLAY8 else None
+
+    def describe_domains(self) -> str:
+        """One line for model cards and the GUI: what the network reads and how the other domain gets in."""
+        if self.domain == HU:
+            return (f"trained on CT in HU (window {self.hu_min:g}..{self.hu_max:g} HU); 8-bit display images "
+                    "cannot be mapped into HU and are refused")
+        return f"trained on 8-bit display images; a CT in HU is mapped {self.mapping.describe()}"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -63,17 +92,46 @@ class Preprocessing:
         for key in ("inplane_size", "target_spacing"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
-        return cls(**d)
+        return cls(**d)  # checkpoints without a domain were all trained in HU (the default)
 
 
-def preprocess(ct_hu: Array, spec: Preprocessing) -> Array:
-    """Clip and normalise a CT (any shape) in HU; returns float32 of the same type and shape."""
-    if isinstance(ct_hu, torch.Tensor):
-        x = ct_hu.float().clamp(spec.hu_min, spec.hu_max)
+def in_network_domain(image: np.ndarray, spec: Preprocessing, domain: str = HU) -> np.ndarray:
+    """``image`` (z, y, x) or (y, x) brought into the network's domain, not yet normalised.
+
+    A HU CT given to an 8-bit network is mapped (the in-plane size may change, e.g. to 256 x 256);
+    an 8-bit image given to a HU network raises :class:`~napari_covidseg.intensity.DomainError`.
+    """
+    check_domain(domain)
+    if spec.domain == domain:
+        return np.asarray(image)
+    if spec.domain == HU:
+        refuse_display_for_hu_network()
+    image = np.asarray(image)
+    mapped = spec.mapping(image[None] if image.ndim == 2 else image)
+    return mapped[0] if image.ndim == 2 else mapped
+
+
+def normalise(x: Array, spec: Preprocessing) -> Array:
+    """Network input of values already in the network's domain; float32 of the same type and shape."""
+    if spec.domain == DISPLAY8:
+        lo, hi, floor = 0.0, 255.0, 1.0 / 255.0
+    else:
+        lo, hi, floor = spec.hu_min, spec.hu_max, 1.0
+    if isinstance(x, torch.Tensor):
+        x = x.float().clamp(lo, hi)
         if spec.normalisation == "minmax":
-            return (x - spec.hu_min) / (spec.hu_max - spec.hu_min)
-        return (x - x.mean()) / x.std().clamp_min(1.0)
-    x = np.clip(np.asarray(ct_hu, dtype=np.float32), spec.hu_min, spec.hu_max)
+            return (x - lo) / (hi - lo)
+        x = x / 255.0 if spec.domain == DISPLAY8 else x
+        return (x - x.mean()) / x.std().clamp_min(floor)
+    x = np.clip(np.asarray(x, dtype=np.float32), lo, hi)
     if spec.normalisation == "minmax":
-        return (x - np.float32(spec.hu_min)) / np.float32(spec.hu_max - spec.hu_min)
-    return ((x - x.mean()) / max(float(x.std()), 1.0)).astype(np.float32)
+        return (x - np.float32(lo)) / np.float32(hi - lo)
+    x = x / np.float32(255.0) if spec.domain == DISPLAY8 else x
+    return ((x - x.mean()) / max(float(x.std()), floor)).astype(np.float32)
+
+
+def preprocess(image: Array, spec: Preprocessing, domain: str = HU) -> Array:
+    """Bring ``image`` (in ``domain``) into the network's domain and normalise it (float32)."""
+    if isinstance(image, torch.Tensor) and domain == spec.domain:
+        return normalise(image, spec)
+    return normalise(in_network_domain(np.asarray(image), spec, domain), spec)
