@@ -2,7 +2,10 @@
 
 ``load_volume`` turns a ``.nii`` / ``.nii.gz`` file into a display-ordered (z, y, x) array plus
 the :class:`~napari_covidseg.io.geometry.Geometry` needed to put it back, and decides whether it
-is a CT (``kind="image"``, Hounsfield units) or a mask (``kind="labels"``).  Everything a user can
+is a CT (``kind="image"``) or a mask (``kind="labels"``).  A CT is in one of two intensity domains
+(:mod:`napari_covidseg.intensity`): Hounsfield units, or an 8-bit display image (0..255, e.g. a
+PNG/JPG release converted to NIfTI); ``Volume.domain`` says which, and ``Volume.spacing_known``
+says whether the voxel size is a measurement or the 1 mm placeholder such conversions write.  Everything a user can
 get wrong (a truncated download, a PNG stack converted to NIfTI, a 4D series, a normalised image)
 is caught here and reported as an :class:`~napari_covidseg.errors.InputError` whose message says
 what is wrong and what to do, so the GUI and the CLI never show a traceback.
@@ -27,6 +30,7 @@ import numpy as np
 
 from ..atomic_file import atomic_path
 from ..errors import InputError
+from ..intensity import DISPLAY8, HU, looks_like_display8
 from .geometry import Geometry
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -51,13 +55,18 @@ class Volume:
     """A volume read from disk, ready for napari.
 
     ``data`` is display-ordered (z, y, x); ``geometry`` puts it back into the file's voxel order
-    and world space; ``kind`` is ``"image"`` (CT in HU: float32, or int16 when exact) or
-    ``"labels"`` (a mask: uint8 or uint16).
+    and world space; ``kind`` is ``"image"`` (a CT: in HU as float32, or int16 when exact; or an
+    8-bit display image as uint8) or ``"labels"`` (a mask: uint8 or uint16).  ``domain`` is
+    ``"hu"`` or ``"display8"`` for images; ``spacing_known`` is False where the file's voxel size is
+    a placeholder (1 mm everywhere in an 8-bit image or a file without units), so no mm or mL may be
+    derived from it.
     """
 
     data: np.ndarray
     geometry: Geometry
     kind: str
+    domain: str = HU
+    spacing_known: bool = True
 
     @property
     def spacing(self) -> Tuple[float, float, float]:
@@ -254,11 +263,11 @@ def _looks_like_labels(values: np.ndarray) -> bool:
 
 
 class NotHounsfieldError(InputError):
-    """The image holds display intensities (0..1 or 0..255), not Hounsfield units."""
+    """The image holds normalised intensities (0..1), neither Hounsfield units nor 8-bit display values."""
 
 
-def _check_hounsfield(values: np.ndarray, name: str) -> None:
-    """Refuse data that is clearly not a CT in Hounsfield units (with a way out)."""
+def image_domain(values: np.ndarray, name: str) -> str:
+    """``"hu"`` or ``"display8"`` for a CT's values; refuses images that are neither (with a way out)."""
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
         raise InputError(
@@ -269,23 +278,26 @@ def _check_hounsfield(values: np.ndarray, name: str) -> None:
         raise NotHounsfieldError(
             f"{name} has all values in [0, 1] (range {lo:g}..{hi:g}): it looks like a normalised "
             "image, not Hounsfield units. covidseg needs the CT in HU (air about -1000, water 0): "
-            "export the CT in HU (e.g. convert the original DICOM with dcm2niix)."
+            "export the CT in HU (e.g. convert the original DICOM with dcm2niix), or as 8-bit 0..255."
         )
-    if lo >= 0.0 and hi <= 255.0:
-        raise NotHounsfieldError(
-            f"{name} has values {lo:g}..{hi:g}: it looks like an 8-bit (0..255) image, e.g. "
-            "converted from PNG/JPEG or windowed for display, not Hounsfield units. covidseg needs "
-            "the CT in HU (air about -1000, water 0): export the CT in HU (e.g. convert the original "
-            "DICOM with dcm2niix)."
-        )
+    return DISPLAY8 if looks_like_display8(values) else HU
+
+
+def placeholder_spacing(img, domain: str) -> bool:
+    """True when the file's voxel size is not a measurement: exactly 1 mm along every axis in an
+    8-bit display image (what PNG/JPG-to-NIfTI converters write) or in a file without spatial units."""
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    spatial_unit = img.header.get_xyzt_units()[0]
+    return all(z == 1.0 for z in zooms) and (domain == DISPLAY8 or spatial_unit == "unknown")
 
 
 def load_volume(path, kind: str = "auto", check_hounsfield: bool = True) -> Volume:
     """Read a 3D NIfTI CT or mask into a display-ordered :class:`Volume`.
 
     ``kind`` is ``"auto"`` (a mask if the values are few non-negative integers, else a CT),
-    ``"image"`` or ``"labels"`` to insist on one.  ``check_hounsfield=False`` accepts CT data that
-    is not in HU (only for callers that rescale it themselves).
+    ``"image"`` or ``"labels"`` to insist on one.  An image is in HU or an 8-bit display image
+    (``Volume.domain``); ``check_hounsfield=False`` also accepts images that are neither (0..1 data,
+    a constant image; only for callers that rescale it themselves).
     Raises :class:`InputError` with a message for the user for anything that cannot be used.
     """
     if kind not in ("auto", KIND_IMAGE, KIND_LABELS):
@@ -304,16 +316,20 @@ def load_volume(path, kind: str = "auto", check_hounsfield: bool = True) -> Volu
         )
     if kind == "auto":
         kind = KIND_LABELS if is_labels else KIND_IMAGE
+    domain = HU
     if kind == KIND_LABELS:
         values = values.astype(np.uint8 if int(values.max()) <= 255 else np.uint16, copy=False)
     else:
         if check_hounsfield:
-            _check_hounsfield(values, name)
-        values = _image_dtype(values)
+            domain = image_domain(values, name)
+        elif looks_like_display8(values):
+            domain = DISPLAY8
+        values = values.astype(np.uint8) if domain == DISPLAY8 else _image_dtype(values)
     geometry = Geometry.from_nifti(img, source_path=str(path.resolve()))
     geometry.file_shape = tuple(int(s) for s in img.shape[:3])
     display = np.ascontiguousarray(geometry.to_display(values))
-    return Volume(data=display, geometry=geometry, kind=kind)
+    return Volume(data=display, geometry=geometry, kind=kind, domain=domain,
+                  spacing_known=not placeholder_spacing(img, domain))
 
 
 def check_same_grid(mask: Volume, ct: Volume, what: str = "mask") -> None:
