@@ -178,8 +178,9 @@ def test_plateau_and_augmentation_probability_come_from_the_paper_recipe():
     assert flagged.plateau_factor == 0.5 and flagged.augmentation == []
 
 
-def test_covid19ctseg_leaves_out_8bit_cases_with_a_warning(tmp_path):
-    """Half of the real release (the Radiopaedia cases) is 0..255 intensities, not HU."""
+def test_covid19ctseg_reads_8bit_cases_in_the_display_domain(tmp_path):
+    """Half of the real release (the Radiopaedia cases) is 0..255 display intensities, not HU:
+    they are read, marked as 8-bit, with their placeholder-free spacing kept as given."""
     root = tmp_path / "zenodo"
     rng = np.random.default_rng(3)
     _write(root / "COVID-19-CT-Seg_20cases" / "coronacases_001.nii.gz", _ct(0))
@@ -187,10 +188,6 @@ def test_covid19ctseg_leaves_out_8bit_cases_with_a_warning(tmp_path):
     for cid in ("coronacases_001", "radiopaedia_4_85506_1"):
         _write(root / "Lung_Mask" / f"{cid}.nii.gz", _labels((0, 1, 2)))
         _write(root / "Infection_Mask" / f"{cid}.nii.gz", _labels((0, 1)))
-    with pytest.warns(UserWarning, match="radiopaedia_4_85506_1"):
-        _, cases = load_cases(str(root))
-    assert [c.case_id for c in cases] == ["coronacases_001"]
-    (root / "COVID-19-CT-Seg_20cases" / "coronacases_001.nii.gz").unlink()
-    with pytest.raises(DataFolderError, match="Hounsfield"):
-        with pytest.warns(UserWarning):
-            load_cases(str(root))
+    _, cases = load_cases(str(root))
+    assert {c.case_id: c.domain for c in cases} == {"coronacases_001": "hu", "radiopaedia_4_85506_1": "display8"}
+    assert cases[1].ct.dtype == np.uint8

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a registered network (paper recipe by default)")
     t.add_argument("--network", required=True, help="registered network name (see `recipes`)")
-    t.add_argument("--data", required=True, help="data folder, or 'phantom' for the built-in synthetic CT")
+    t.add_argument("--data", required=True, action="append", metavar="SOURCE",
+                   help="data folder (repeat for several), or 'phantom'; options after commas: "
+                        "labels=lung+infection (masks to trust), weight=W (share of samples), cases=N (phantom), layout=NAME")
     t.add_argument("--layout", choices=LAYOUT_CHOICES, default=None)
     t.add_argument("--out", required=True, help="output folder for checkpoints and logs")
     t.add_argument("--config", help="JSON file with any recipe/config field (flags override it)")
@@ -45,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plateau-patience", type=int, help="plateau schedule: epochs without improvement before a cut")
     t.add_argument("--input-size", type=int, nargs="+", help="H W (2D) or D H W (3D patch)")
     t.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="3D networks: resample to this spacing (mm)")
+    t.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="2D: train on random crops of the input-size slices")
+    t.add_argument("--inplane-size", type=int, nargs=2, metavar=("H", "W"), help="3D on 8-bit data: resize slices to this")
+    t.add_argument("--domain", choices=("auto", "hu", "display8"), help="intensity domain to learn in (auto: 8-bit if any case is)")
+    t.add_argument("--hu-to-display8", choices=("recipe", "lung_window"),
+                   help="8-bit runs: how a HU CT is mapped (recipe: the COVID-19-CT-Seg PNG recipe, default)")
     t.add_argument("--augmentation", nargs="*", help="e.g. flip rotate scale gamma noise (none: no augmentation)")
     t.add_argument("--target", choices=("lung", "infection", "both"))
     t.add_argument("--val-fraction", type=float)
@@ -81,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--phantom-cases", type=int, default=8)
     e.add_argument("--phantom-shape", type=int, nargs=3, default=[32, 192, 192])
 
-    c = sub.add_parser("check-data", help="print (JSON) what a data folder holds")
-    c.add_argument("data")
+    c = sub.add_parser("check-data", help="print (JSON) what data folders hold, per source and intensity domain")
+    c.add_argument("data", nargs="+", help="one or more sources (as for train --data)")
     c.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto")
     c.add_argument("--phantom-cases", type=int, default=8)
     c.add_argument("--phantom-shape", type=int, nargs=3, default=[32, 192, 192])
@@ -97,7 +104,8 @@ def _train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "network", "data", "layout", "out", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule",
-        "plateau_factor", "plateau_patience", "input_size", "target_spacing", "augmentation", "target", "val_fraction", "test_fraction", "folds", "fold", "split_file", "seed",
+        "plateau_factor", "plateau_patience", "input_size", "target_spacing", "crop_size", "inplane_size", "domain",
+        "hu_to_display8", "augmentation", "target", "val_fraction", "test_fraction", "folds", "fold", "split_file", "seed",
         "device", "amp", "resume", "init_from", "phantom_cases", "phantom_shape", "network_kwargs", "net_kwargs_shipped",
         "num_workers", "max_steps_per_epoch", "samples_per_epoch", "stop_after_epochs", "threads")}
     if args.resume == "auto":
@@ -105,6 +113,8 @@ def _train(args) -> int:
         overrides["resume"] = str(last) if last.exists() else None
     if args.folds is not None and args.fold is None:
         raise CovidsegError("--folds needs --fold I (0-based) to pick the validation fold")
+    if overrides["data"] is not None and len(overrides["data"]) == 1:
+        overrides["data"] = overrides["data"][0]
     cfg = build_config(args.config, **overrides)
     echo = None if args.quiet else (lambda text: print(text, flush=True))
     code, message = run_training(cfg, echo=echo)
@@ -128,7 +138,8 @@ def _evaluate(args) -> int:
 def _check_data(args) -> int:
     from .datasets import check_data
 
-    report = check_data(args.data, args.layout, args.phantom_cases, args.phantom_shape)
+    data = args.data[0] if len(args.data) == 1 else args.data
+    report = check_data(data, args.layout, args.phantom_cases, args.phantom_shape)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -22,8 +22,12 @@ TARGETS = ("lung", "infection", "both")
 @dataclass
 class TrainConfig:
     network: str = "unet"
-    data: str = "phantom"
+    data: Any = "phantom"  # a source string, or a list of them (see training.sources)
     layout: str = "auto"
+    domain: str = "auto"  # intensity domain to learn in: auto | hu | display8
+    hu_to_display8: str = "recipe"  # display8 runs: how a HU CT is mapped (recipe | lung_window)
+    crop_size: Optional[List[int]] = None  # 2D: train on random crops of this size of the input_size slices
+    inplane_size: Optional[List[int]] = None  # 3D display8: slices resized to this (default 128 x 128)
     out: str = "runs/train"
     # recipe (None = the paper's value from the NetworkSpec)
     optimizer: Optional[str] = None
@@ -119,6 +123,22 @@ class TrainConfig:
             check_names(self.augmentation)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        if self.domain not in ("auto", "hu", "display8"):
+            raise InputError(f"unknown domain {self.domain!r}; use auto, hu or display8")
+        if self.hu_to_display8 not in ("recipe", "lung_window"):
+            raise InputError(f"unknown HU -> 8-bit mapping {self.hu_to_display8!r}; use recipe or lung_window")
+        if self.crop_size is not None:
+            self.crop_size = [int(v) for v in self.crop_size]
+            if spec.dims != 2 or len(self.crop_size) != 2 or min(self.crop_size) < 16 or \
+                    any(c > i for c, i in zip(self.crop_size, self.input_size)):
+                raise InputError(f"--crop-size is for 2D networks: two sizes of at least 16 and at most the input size "
+                                 f"{self.input_size}, not {self.crop_size}")
+            if any(c % spec.stride for c in self.crop_size):
+                raise InputError(f"--crop-size must be a multiple of {spec.stride} for `{spec.name}`, not {self.crop_size}")
+        if self.inplane_size is not None:
+            self.inplane_size = [int(v) for v in self.inplane_size]
+            if len(self.inplane_size) != 2 or min(self.inplane_size) < 16:
+                raise InputError(f"--inplane-size needs two sizes of at least 16, not {self.inplane_size}")
         if self.resume and self.init_from:
             raise InputError("choose either --resume (continue a run) or --init-from (fine-tune from weights), not both")
         if len(self.phantom_shape) != 3:

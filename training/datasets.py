@@ -1,14 +1,17 @@
 """Training data sources: the four folder layouts of ``docs/ARCHITECTURE.md`` read into cases.
 
-Every layout produces the same thing, a list of :class:`Case`: an id, the CT in HU
-(display-ordered (z, y, x), read through :func:`napari_covidseg.io.nifti.load_volume` so the
-orientation matches what the GUI shows), a binary lung mask, a binary infection mask (or
-``None`` where the source has none) and the spacing (z, y, x) mm.
+Every layout produces the same thing, a list of :class:`Case`: an id, the CT (display-ordered
+(z, y, x), read through :func:`napari_covidseg.io.nifti.load_volume` so the orientation matches
+what the GUI shows) in its intensity domain (HU or 8-bit display), a binary lung mask, a binary
+infection mask (or ``None`` where the source has none or its label is not trusted), the spacing
+(z, y, x) mm and whether that spacing is real.  Several folders are read into one list by
+:func:`load_sources` (see :mod:`training.sources`).
 
 Readings of the public releases (kept here so they are stated once):
 
 * ``covid19ctseg`` (Zenodo 3757476): lung labels 1 (left) and 2 (right) both mean lung; the
-  infection mask is binary.  ``Lung_and_Infection_Mask/`` (1 left lung, 2 right lung,
+  infection mask is binary.  The 10 Radiopaedia CTs of the release are 8-bit display images and
+  are read as such (domain ``display8``).  ``Lung_and_Infection_Mask/`` (1 left lung, 2 right lung,
   3 infection) is accepted when the separate folders are missing.
 * ``medseg`` (MedSeg COVID-19 CT segmentation): labels 1 ground glass and 2 consolidation are
   infection; 3 pleural effusion is *not* infection (effusion is fluid outside the lung
@@ -34,7 +37,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from napari_covidseg.errors import CovidsegError, DataFolderError
-from napari_covidseg.io.nifti import NotHounsfieldError, load_volume
+from napari_covidseg.intensity import DOMAINS, HU
+from napari_covidseg.io.nifti import load_volume
+
+from .sources import DataSource, as_sources
 
 LAYOUTS = ("covid19ctseg", "medseg", "pairs", "phantom")
 PHANTOM = "phantom"
@@ -45,15 +51,18 @@ DEFAULT_PHANTOM_SHAPE = (32, 192, 192)
 
 @dataclass
 class Case:
-    """One training/evaluation case (CT in HU plus binary masks on the same grid)."""
+    """One training/evaluation case (a CT plus binary masks on the same grid)."""
 
     case_id: str
-    ct: np.ndarray  # (z, y, x) HU
-    lung: Optional[np.ndarray]  # (z, y, x) uint8 0/1, None when the source has no lung mask
+    ct: np.ndarray  # (z, y, x), in ``domain``
+    lung: Optional[np.ndarray]  # (z, y, x) uint8 0/1, None when the source has no (trusted) lung mask
     infection: Optional[np.ndarray]  # (z, y, x) uint8 0/1, None when the source has none
     spacing: Tuple[float, float, float]
     group: str = ""  # cases of one group always land on the same side of a split
     notes: List[str] = field(default_factory=list)
+    domain: str = HU  # "hu" or "display8"
+    spacing_known: bool = True  # False: the spacing is a placeholder (no mm / mL from it)
+    source: str = ""  # name of the data source (folder) it came from
 
     def __post_init__(self):
         if not self.group:
@@ -106,6 +115,12 @@ def _spacing(vol) -> Tuple[float, float, float]:
     return tuple(float(s) for s in vol.spacing)
 
 
+def _case(cid: str, ct_vol, lung, infection, image=None, **kwargs) -> Case:
+    """A :class:`Case` of a loaded CT volume (``image`` replaces its voxels, e.g. a slice range)."""
+    return Case(cid, ct_vol.data if image is None else image, lung, infection, _spacing(ct_vol),
+                domain=ct_vol.domain, spacing_known=ct_vol.spacing_known, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------
 # layout detection
 # ------------------------------------------------------------------------------------------------
@@ -153,21 +168,14 @@ def _read_covid19ctseg(root: Path) -> List[Case]:
     lungs = _nifti_by_stem(root / "Lung_Mask")
     infections = _nifti_by_stem(root / "Infection_Mask")
     combined = _nifti_by_stem(root / "Lung_and_Infection_Mask")
-    cases, skipped = [], []
+    cases = []
     for cid, path in images.items():
         if cid not in lungs and cid not in infections and cid not in combined:
             raise DataFolderError(
                 f"case {cid}: no mask found in Lung_Mask/, Infection_Mask/ or Lung_and_Infection_Mask/ (expected {cid}.nii.gz); "
                 "add its masks or remove the CT"
             )
-        try:
-            ct = load_volume(path, kind="image")
-        except NotHounsfieldError:
-            # the release's 10 Radiopaedia cases are 8-bit display intensities: no HU to train on
-            skipped.append(cid)
-            continue
-        except CovidsegError:
-            ct = _load(path, "image")  # re-raised as a DataFolderError naming the file
+        ct = _load(path, "image")
         lung = infection = None
         if cid in lungs:
             lung = (np.isin(_mask_on(ct, _load(lungs[cid], "labels"), lungs[cid], "lung"), (1, 2))).astype(np.uint8)
@@ -179,13 +187,7 @@ def _read_covid19ctseg(root: Path) -> List[Case]:
                 lung = np.isin(both, (1, 2, 3)).astype(np.uint8)
             if infection is None:
                 infection = (both == 3).astype(np.uint8)
-        cases.append(Case(cid, ct.data, lung, infection, _spacing(ct)))
-    if skipped:
-        warnings.warn(
-            f"{len(skipped)} case(s) left out because their CT is not in Hounsfield units (8-bit 0..255 "
-            f"intensities, as the Radiopaedia cases of COVID-19-CT-Seg): {', '.join(skipped)}", stacklevel=2)
-    if not cases:
-        raise DataFolderError(f"{root}: none of the CT volumes is in Hounsfield units, so there is nothing to train on")
+        cases.append(_case(cid, ct, lung, infection))
     return cases
 
 
@@ -207,8 +209,8 @@ def _read_medseg(root: Path) -> List[Case]:
         )
         for g, start in enumerate(range(0, n, MEDSEG_STACK_GROUP)):
             sl = slice(start, min(n, start + MEDSEG_STACK_GROUP))
-            cases.append(Case(f"tr_im_{start:03d}", ct.data[sl], None, infection[sl], _spacing(ct), group=f"tr_im_group{g}",
-                              notes=["slice group of the MedSeg stack; no lung mask"]))
+            cases.append(_case(f"tr_im_{start:03d}", ct, None, infection[sl], image=ct.data[sl], group=f"tr_im_group{g}",
+                               notes=["slice group of the MedSeg stack; no lung mask"]))
     rp_images = _nifti_by_stem(root / "rp_im")
     rp_masks = _nifti_by_stem(root / "rp_msk")
     rp_lungs = _nifti_by_stem(root / "rp_lung_msk")
@@ -221,7 +223,7 @@ def _read_medseg(root: Path) -> List[Case]:
             infection = np.isin(_mask_on(ct, _load(rp_masks[cid], "labels"), rp_masks[cid], "infection"), (1, 2)).astype(np.uint8)
         if cid in rp_lungs:
             lung = (_mask_on(ct, _load(rp_lungs[cid], "labels"), rp_lungs[cid], "lung") != 0).astype(np.uint8)
-        cases.append(Case(f"rp_{cid}", ct.data, lung, infection, _spacing(ct)))
+        cases.append(_case(f"rp_{cid}", ct, lung, infection))
     if not cases:
         raise DataFolderError(f"{root}: no MedSeg volumes found (tr_im.nii.gz or rp_im/*.nii.gz)")
     return cases
@@ -249,7 +251,7 @@ def _read_pairs(root: Path) -> List[Case]:
         lung = (_mask_on(ct, _load(lungs[cid], "labels"), lungs[cid], "lung") != 0).astype(np.uint8) if cid in lungs else None
         infection = ((_mask_on(ct, _load(infections[cid], "labels"), infections[cid], "infection") != 0).astype(np.uint8)
                      if cid in infections else None)
-        cases.append(Case(cid, ct.data, lung, infection, _spacing(ct)))
+        cases.append(_case(cid, ct, lung, infection))
     return cases
 
 
@@ -292,20 +294,74 @@ def load_cases(data: str, layout: str = "auto", phantom_n: int = 8, phantom_shap
     return layout, cases
 
 
-def check_data(data: str, layout: str = "auto", phantom_n: int = 8, phantom_shape=DEFAULT_PHANTOM_SHAPE) -> dict:
-    """A report of what ``data`` holds (for ``python -m training check-data``); raises on unusable data."""
+def load_sources(data, phantom_n: int = 8, phantom_shape=DEFAULT_PHANTOM_SHAPE) -> Tuple[List[DataSource], List[str], List[Case]]:
+    """Read every source of ``data`` (see :func:`training.sources.as_sources`); returns
+    ``(sources, layouts, cases)``.  Labels a source does not trust are dropped (``None``); with
+    several sources, case ids and groups are prefixed ``<source>/`` so they stay apart."""
+    sources = as_sources(data)
+    layouts, cases = [], []
+    for source in sources:
+        n = source.cases if source.cases is not None else phantom_n
+        layout, found = load_cases(source.path, source.layout, n, phantom_shape)
+        layouts.append(layout)
+        for case in found:
+            case.source = source.name
+            if source.labels is not None:
+                if "lung" not in source.labels:
+                    case.lung = None
+                if "infection" not in source.labels:
+                    case.infection = None
+            if not case.labels():
+                raise DataFolderError(f"case {case.case_id} of {source.path} has none of the labels {'+'.join(source.labels)}")
+            if len(sources) > 1:
+                case.case_id, case.group = f"{source.name}/{case.case_id}", f"{source.name}/{case.group}"
+        cases.extend(found)
+    ids = [c.case_id for c in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DataFolderError(f"case id(s) {', '.join(duplicates[:5])} appear twice; give each case one file name")
+    return sources, layouts, cases
+
+
+def _domain_summary(cases: Sequence[Case]) -> dict:
+    out = {}
+    for domain in DOMAINS:
+        chosen = [c for c in cases if c.domain == domain]
+        if chosen:
+            out[domain] = {"cases": len(chosen), "slices": int(sum(c.ct.shape[0] for c in chosen)),
+                           "spacing_known": sum(c.spacing_known for c in chosen),
+                           "value_range": [float(min(c.ct.min() for c in chosen)), float(max(c.ct.max() for c in chosen))]}
+    return out
+
+
+def _label_summary(cases: Sequence[Case]) -> dict:
+    return {name: sum(1 for c in cases if name in c.labels()) for name in ("lung", "infection")}
+
+
+def check_data(data, layout: str = "auto", phantom_n: int = 8, phantom_shape=DEFAULT_PHANTOM_SHAPE) -> dict:
+    """A report of what ``data`` (one or several sources) holds, per source and per intensity
+    domain (for ``python -m training check-data``); raises on unusable data."""
+    if isinstance(data, str) and layout != "auto":
+        data = f"{data},layout={layout}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        layout, cases = load_cases(data, layout, phantom_n, phantom_shape)
+        sources, layouts, cases = load_sources(data, phantom_n, phantom_shape)
     problems = [str(w.message) for w in caught]
     report_cases = []
     for c in cases:
-        entry = {"id": c.case_id, "shape": list(c.ct.shape), "spacing": list(c.spacing), "labels": c.labels(),
-                 "group": c.group}
+        entry = {"id": c.case_id, "source": c.source, "shape": list(c.ct.shape), "spacing": list(c.spacing),
+                 "spacing_known": c.spacing_known, "domain": c.domain, "labels": c.labels(), "group": c.group}
         if c.lung is not None and not c.lung.any():
             problems.append(f"case {c.case_id}: the lung mask is empty")
         if c.infection is not None:
             entry["infection_voxels"] = int(np.count_nonzero(c.infection))
         report_cases.append(entry)
-    return {"data": str(data), "layout": layout, "n_cases": len(cases),
-            "n_groups": len({c.group for c in cases}), "cases": report_cases, "problems": problems}
+    per_source = []
+    for source, found_layout in zip(sources, layouts):
+        mine = [c for c in cases if c.source == source.name]
+        per_source.append({"source": source.to_text(), "name": source.name, "layout": found_layout, "n_cases": len(mine),
+                           "n_groups": len({c.group for c in mine}), "slices": int(sum(c.ct.shape[0] for c in mine)),
+                           "labels": _label_summary(mine), "domains": _domain_summary(mine)})
+    return {"data": [s.to_text() for s in sources], "layout": layouts[0] if len(layouts) == 1 else layouts,
+            "n_cases": len(cases), "n_groups": len({c.group for c in cases}), "domains": _domain_summary(cases),
+            "sources": per_source, "cases": report_cases, "problems": problems}

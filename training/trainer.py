@@ -29,111 +29,58 @@ from torch.utils.data.distributed import DistributedSampler
 from napari_covidseg.checkpoint import load_checkpoint, load_shipped, save_checkpoint
 from napari_covidseg.errors import CovidsegError, DataFolderError, InputError
 from napari_covidseg.inference import predict_volume, resolve_device
+from napari_covidseg.intensity import CT_SEG_PNG_RECIPE, DISPLAY8, HU, LUNG_WINDOW
 from napari_covidseg.metrics import all_metrics
 from napari_covidseg.models.registry import CLASS_NAMES, NetworkSpec
-from napari_covidseg.preprocessing import Preprocessing, preprocess
+from napari_covidseg.preprocessing import Preprocessing
 
 from . import distributed
-from .augment import augment
 from .config import TrainConfig
-from .datasets import Case, load_cases
+from .datasets import Case, load_sources
 from .metrics_log import MetricsLog
+from .samples import CHANNELS, PreparedCase, SampleDataset
 from .signals import StopFlag
+from .sources import sampling_shares
 from .splits import make_split, read_split, write_split
 
-CHANNELS = {"lung": [0], "infection": [1], "both": [0, 1]}
+HU_TO_DISPLAY8 = {"recipe": CT_SEG_PNG_RECIPE, "lung_window": LUNG_WINDOW}
+DEFAULT_3D_INPLANE = (128, 128)
 
 
 # ------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------
-def training_preprocessing(spec: NetworkSpec, cfg: TrainConfig) -> Preprocessing:
-    """The spec's preprocessing with the sizes this run trains at (stored in the checkpoint)."""
+def training_domain(cfg: TrainConfig, cases: Sequence[Case]) -> str:
+    """The intensity domain the network learns in: ``cfg.domain``, or (``auto``) 8-bit display as
+    soon as one case is 8-bit (HU can be mapped into 8-bit, not back), else HU."""
+    domains = {c.domain for c in cases}
+    if cfg.domain == "auto":
+        return DISPLAY8 if DISPLAY8 in domains else HU
+    if cfg.domain == HU and DISPLAY8 in domains:
+        names = [c.case_id for c in cases if c.domain == DISPLAY8][:3]
+        raise DataFolderError(f"--domain hu cannot use 8-bit display images ({', '.join(names)} ...): HU cannot be recovered "
+                              "from them; train with --domain display8 (HU cases are then mapped to 8-bit) or leave them out")
+    return cfg.domain
+
+
+def training_preprocessing(spec: NetworkSpec, cfg: TrainConfig, domain: str = HU) -> Preprocessing:
+    """The spec's preprocessing with the sizes and the domain this run trains in (stored in the checkpoint).
+
+    8-bit runs: a HU CT is mapped by ``cfg.hu_to_display8``; a 3D network resizes slices to
+    ``cfg.inplane_size`` instead of resampling to a spacing (the spacing of 8-bit sets is unknown).
+    """
     d = spec.preprocessing.to_dict()
+    d["domain"] = domain
+    if domain == DISPLAY8:
+        d["hu_to_display8"] = HU_TO_DISPLAY8[cfg.hu_to_display8].to_dict()
     if spec.dims == 2:
         d["inplane_size"] = list(cfg.input_size)
+    elif domain == DISPLAY8:
+        d["target_spacing"] = None
+        d["inplane_size"] = list(cfg.inplane_size or DEFAULT_3D_INPLANE)
     elif cfg.target_spacing is not None:
         d["target_spacing"] = list(cfg.target_spacing)
     return Preprocessing.from_dict(d)
-
-
-def _resample_volume(x: np.ndarray, shape, mode: str) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
-    kw = {"align_corners": False} if mode == "trilinear" else {}
-    return F.interpolate(t, size=tuple(shape), mode=mode, **kw)[0, 0].numpy()
-
-
-class PreparedCase:
-    """A case as the network sees it: normalised image and a (2, ...) target on the training grid."""
-
-    def __init__(self, case: Case, prep: Preprocessing, dims: int):
-        image = preprocess(case.ct, prep)
-        target = np.zeros((2,) + case.ct.shape, dtype=np.float32)
-        if case.lung is not None:
-            target[0] = case.lung > 0
-        if case.infection is not None:
-            target[1] = case.infection > 0
-        if dims == 3 and prep.target_spacing is not None:
-            shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(case.ct.shape, case.spacing, prep.target_spacing))
-            if shape != tuple(case.ct.shape):
-                image = _resample_volume(image, shape, "trilinear")
-                target = np.stack([(_resample_volume(t, shape, "trilinear") > 0.5).astype(np.float32) for t in target])
-        self.case_id = case.case_id
-        self.image = image.astype(np.float32, copy=False)
-        self.target = target
-        self.lung_slices = np.flatnonzero(target[0].reshape(target.shape[1], -1).any(1) |
-                                          target[1].reshape(target.shape[1], -1).any(1))
-        self.foreground = None
-        if dims == 3:
-            fg = np.argwhere(target.max(0) > 0)
-            self.foreground = fg[:: max(1, len(fg) // 20000)] if len(fg) else fg
-
-
-class SampleDataset(Dataset):
-    """``length`` training samples per epoch; sample ``i`` of epoch ``e`` is a pure function of (seed, e, i)."""
-
-    def __init__(self, cases: List[PreparedCase], dims: int, input_size: Sequence[int], augmentation: Sequence[str],
-                 probabilities: dict, length: int, seed: int, lung_weight: float):
-        self.cases, self.dims, self.aug, self.probs = cases, dims, list(augmentation), dict(probabilities or {})
-        self.length, self.seed, self.lung_weight = int(length), int(seed), float(lung_weight)
-        self.epoch = 0
-        if dims == 2:
-            self.input_size = tuple(int(s) for s in input_size)
-        else:  # clip the patch to the smallest training volume so every patch has the same size
-            smallest = np.min([c.image.shape for c in cases], axis=0)
-            self.input_size = tuple(int(min(p, n)) for p, n in zip(input_size, smallest))
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index: int):
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        case = self.cases[int(rng.integers(len(self.cases)))]
-        if self.dims == 2:
-            if len(case.lung_slices) and rng.random() < self.lung_weight:
-                z = int(rng.choice(case.lung_slices))
-            else:
-                z = int(rng.integers(case.image.shape[0]))
-            img = torch.from_numpy(case.image[z])[None, None]
-            tgt = torch.from_numpy(case.target[:, z])[None]
-            if tuple(img.shape[-2:]) != self.input_size:
-                img = F.interpolate(img, size=self.input_size, mode="bilinear", align_corners=False)
-                tgt = F.interpolate(tgt, size=self.input_size, mode="nearest")
-            image, masks = img[0, 0].numpy(), list(tgt[0].numpy())
-        else:
-            shape = case.image.shape
-            if case.foreground is not None and len(case.foreground) and rng.random() < self.lung_weight:
-                centre = case.foreground[int(rng.integers(len(case.foreground)))]
-            else:
-                centre = [int(rng.integers(n)) for n in shape]
-            starts = [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre, self.input_size, shape)]
-            region = tuple(slice(s, s + p) for s, p in zip(starts, self.input_size))
-            image, masks = case.image[region], [case.target[0][region], case.target[1][region]]
-        if self.aug:
-            image, masks = augment(image, masks, self.aug, rng, self.probs)
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-        y = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in masks]))
-        return x, y
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,64 +109,41 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
 
 
-def _select(value, idx):
-    if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == 2:
-        return value[:, idx]
-    if isinstance(value, (list, tuple)):
-        return type(value)(_select(v, idx) for v in value)
-    return value
-
-
-def masked_loss(loss_fn, outputs: dict, target: torch.Tensor, progress: float, target_name: str):
-    """The network's loss on the chosen channels only.
-
-    The outputs and target are cut to the chosen channels; a loss that needs both channels (e.g.
-    exclusive classes for MSA-CPP's auxiliary heads) gets instead the full outputs with the other
-    channel's target replaced by the network's own detached probability, so that channel's BCE
-    gradient is zero.
-    """
-    if target_name == "both":
-        return loss_fn(outputs, target, progress)
-    idx = CHANNELS[target_name]
-    try:
-        return loss_fn({k: _select(v, idx) for k, v in outputs.items()}, target[:, idx], progress)
-    except (ValueError, RuntimeError, IndexError):
-        other = [c for c in (0, 1) if c not in idx]
-        t = target.clone()
-        t[:, other] = torch.sigmoid(outputs["logits"][:, other].detach().float())
-        return loss_fn(outputs, t, progress)
-
-
 # ------------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------------
+def _mean_metrics(items: List[dict]) -> Dict[str, float]:
+    return {k: float(np.mean([m[k] for m in items])) for k in ("dice", "iou", "sensitivity", "specificity")}
+
+
 def validate(model, spec: NetworkSpec, prep: Preprocessing, cases: List[Case], device, cfg: TrainConfig,
-             patch_size=None) -> Tuple[Dict[str, Dict[str, float]], float, float]:
+             patch_size=None) -> Tuple[Dict[str, Dict[str, float]], float, float, Dict[str, dict]]:
     """Whole-volume prediction of the validation cases (as at inference); returns per-class mean
-    metrics, the mean Dice over the chosen classes, and a validation loss (BCE of the probabilities)."""
+    metrics, the mean Dice over the chosen classes, a validation loss (BCE of the probabilities)
+    and the per-class means of each data source."""
     per_class = {name: [] for name in CLASS_NAMES}
+    per_source: Dict[str, Dict[str, list]] = {}
     losses = []
     was_training = model.training
     for case in cases:
         prob = predict_volume(model, spec, case.ct, case.spacing, prep, device=device, batch_size=max(1, cfg.batch_size),
-                              patch_size=patch_size, amp=cfg.amp)
+                              patch_size=patch_size, amp=cfg.amp, domain=case.domain)
         for c, name in enumerate(CLASS_NAMES):
             gt = case.lung if c == 0 else case.infection
-            if gt is None:
+            if gt is None or c not in CHANNELS[cfg.target]:
                 continue
             m = all_metrics(prob[c] > 0.5, gt, spacing=case.spacing, prob=prob[c], with_hd95=False)
             per_class[name].append(m)
+            per_source.setdefault(case.source or "data", {}).setdefault(name, []).append(m)
             p = np.clip(prob[c], 1e-6, 1 - 1e-6)
             g = gt > 0
             losses.append(float(-np.mean(np.where(g, np.log(p), np.log(1 - p)))))
     model.train(was_training)
-    summary = {}
-    for name, items in per_class.items():
-        if items:
-            summary[name] = {k: float(np.mean([m[k] for m in items])) for k in ("dice", "iou", "sensitivity", "specificity")}
+    summary = {name: _mean_metrics(items) for name, items in per_class.items() if items}
+    by_source = {src: {name: _mean_metrics(items) for name, items in classes.items()} for src, classes in per_source.items()}
     chosen = [CLASS_NAMES[c] for c in CHANNELS[cfg.target] if CLASS_NAMES[c] in summary]
     dice_mean = float(np.mean([summary[n]["dice"] for n in chosen])) if chosen else float("nan")
-    return summary, dice_mean, float(np.mean(losses)) if losses else float("nan")
+    return summary, dice_mean, float(np.mean(losses)) if losses else float("nan"), by_source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,6 +170,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _count(values) -> List[Tuple[str, int]]:
+    out: Dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return sorted(out.items())
 
 
 def seed_everything(seed: int) -> None:
@@ -283,24 +214,35 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-    def _data(self):
+    def _read_cases(self) -> List[Case]:
         cfg = self.cfg
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if self.given_cases is not None:
-                self.layout, cases = "given", list(self.given_cases)
+                self.layout, self.sources, cases = "given", [], list(self.given_cases)
             else:
-                self.layout, cases = load_cases(cfg.data, cfg.layout, cfg.phantom_cases, cfg.phantom_shape)
+                data = f"{cfg.data},layout={cfg.layout}" if isinstance(cfg.data, str) and cfg.layout != "auto" else cfg.data
+                self.sources, layouts, cases = load_sources(data, cfg.phantom_cases, cfg.phantom_shape)
+                self.layout = layouts[0] if len(layouts) == 1 else "+".join(layouts)
         for w in caught:
             self.log.line(f"warning: {w.message}")
+        return cases
+
+    def _data(self):
+        cfg = self.cfg
+        cases = self._read_cases()
         needed = [CLASS_NAMES[c] for c in CHANNELS[cfg.target]]
-        usable = [c for c in cases if all(n in c.labels() for n in needed)]
+        usable = [c for c in cases if any(n in c.labels() for n in needed)]
         dropped = [c.case_id for c in cases if c not in usable]
         if dropped:
-            self.log.line(f"warning: {len(dropped)} case(s) lack a {' or '.join(needed)} mask and are left out: {', '.join(dropped[:10])}")
+            self.log.line(f"warning: {len(dropped)} case(s) have no {' or '.join(needed)} mask and are left out: {', '.join(dropped[:10])}")
+        partial = [c.case_id for c in usable if not all(n in c.labels() for n in needed)]
+        if partial:
+            self.log.line(f"{len(partial)} case(s) train only the labels they have (the others are masked out of the loss): "
+                          f"{', '.join(partial[:5])}{' ...' if len(partial) > 5 else ''}")
         if len(usable) < 2:
-            raise DataFolderError(f"only {len(usable)} case(s) have {' and '.join(needed)} masks; at least 2 are needed "
-                                  f"(train --target {'lung' if 'infection' in needed else 'infection'} to use the others)")
+            raise DataFolderError(f"only {len(usable)} case(s) have a {' or '.join(needed)} mask; at least 2 are needed")
+        self.domain = training_domain(cfg, usable)
         if cfg.split_file:
             split = read_split(cfg.split_file)
             missing = sorted(set(split["train"] + split["val"]) - {c.case_id for c in usable})
@@ -309,18 +251,28 @@ class Trainer:
         else:
             split = make_split([c.case_id for c in usable], [c.group for c in usable], cfg.val_fraction, cfg.test_fraction,
                                cfg.folds, cfg.fold, cfg.seed)
-        split.update({"data": str(cfg.data), "layout": self.layout})
+        split.update({"data": [s.to_text() for s in self.sources] or str(cfg.data), "layout": self.layout})
         by_id = {c.case_id: c for c in usable}
         self.split = split
         self.train_cases = [by_id[i] for i in split["train"]]
         self.val_cases = [by_id[i] for i in split["val"]]
         if not self.train_cases or not self.val_cases:
             raise DataFolderError("the split leaves no training or no validation case; use more cases or another --val-fraction")
+        self.log.line(f"intensity domain: {self.domain} ({', '.join(f'{d}: {n}' for d, n in _count(c.domain for c in usable))} cases)")
+
+    def _source_shares(self) -> Optional[Dict[str, float]]:
+        """Share of the samples per source name (``None``: every slice equally likely)."""
+        if not any(s.weight is not None for s in self.sources):
+            return None
+        slices = [sum(c.ct.shape[0] for c in self.train_cases if c.source == s.name) for s in self.sources]
+        present = [(s, n) for s, n in zip(self.sources, slices) if n > 0]
+        shares = sampling_shares([s for s, _ in present], [n for _, n in present])
+        return {s.name: share for (s, _), share in zip(present, shares)}
 
     def _model(self):
         cfg = self.cfg
         seed_everything(cfg.seed)
-        self.prep = training_preprocessing(self.spec, cfg)
+        self.prep = training_preprocessing(self.spec, cfg, self.domain)
         src = None
         if cfg.init_from:
             src = load_shipped(cfg.network) if cfg.init_from == "shipped" else load_checkpoint(cfg.init_from, expected_network=cfg.network)
@@ -371,7 +323,7 @@ class Trainer:
 
     def _loader(self):
         cfg = self.cfg
-        prepared = [PreparedCase(c, self.prep, self.spec.dims) for c in self.train_cases]
+        prepared = [PreparedCase(c, self.prep, self.spec.dims, CHANNELS[cfg.target]) for c in self.train_cases]
         if cfg.samples_per_epoch:
             length = int(cfg.samples_per_epoch)
         elif self.spec.dims == 2:
@@ -381,7 +333,8 @@ class Trainer:
         if cfg.max_steps_per_epoch:
             length = min(length, int(cfg.max_steps_per_epoch) * int(cfg.batch_size) * self.dist.world_size)
         self.dataset = SampleDataset(prepared, self.spec.dims, cfg.input_size, cfg.augmentation, cfg.augmentation_probabilities,
-                                     length, cfg.seed, cfg.lung_slice_weight)
+                                     length, cfg.seed, cfg.lung_slice_weight, crop_size=cfg.crop_size,
+                                     source_shares=self._source_shares())
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=False)
         self.loader = DataLoader(self.dataset, batch_size=int(cfg.batch_size), sampler=self.sampler,
@@ -391,10 +344,12 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, path, epoch, metrics, half=False):
         cfg = self.cfg
-        training = {"data": str(cfg.data), "layout": self.layout, "n_train": len(self.train_cases), "n_val": len(self.val_cases),
+        training = {"data": self.split["data"], "layout": self.layout, "domain": self.domain,
+                    "domains": dict(_count(c.domain for c in self.train_cases + self.val_cases)),
+                    "n_train": len(self.train_cases), "n_val": len(self.val_cases),
                     "split": {k: self.split[k] for k in ("train", "val", "test", "seed", "method")},
                     "recipe": {k: getattr(cfg, k) for k in ("optimizer", "lr", "weight_decay", "schedule", "epochs", "batch_size",
-                                                            "input_size", "augmentation", "target")},
+                                                            "input_size", "crop_size", "augmentation", "target")},
                     "epochs_done": epoch, "seed": cfg.seed}
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.amp else {}, "epoch": epoch,
@@ -433,8 +388,8 @@ class Trainer:
             self.ddp_model.train()
             total_loss, n_samples, steps = 0.0, 0, 0
             stopped = False
-            for x, y in self.loader:
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            for x, y, w in self.loader:
+                x, y, w = (t.to(self.device, non_blocking=True) for t in (x, y, w))
                 if self.spec.dims == 2 and self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 progress = (epoch + steps / max(1, len(self.loader))) / epochs
@@ -442,7 +397,7 @@ class Trainer:
                 with torch.autocast(self.device.type, enabled=self.amp):
                     outputs = self.ddp_model(x)
                 outputs = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in outputs.items()}
-                loss, _parts = masked_loss(self.loss_fn, outputs, y, progress, cfg.target)
+                loss, _parts = self.loss_fn(outputs, y, progress, weight=w)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate (--lr)")
                 self.scaler.scale(loss).backward()
@@ -464,8 +419,9 @@ class Trainer:
             train_loss = distributed.mean_value(total_loss / max(1, n_samples), self.dist, self.device)
             record = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss}
             if self.is_main:
-                summary, dice_mean, val_loss = validate(self.model, self.spec, self.prep, self.val_cases, self.device, cfg)
-                record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean)
+                summary, dice_mean, val_loss, by_source = validate(self.model, self.spec, self.prep, self.val_cases,
+                                                                   self.device, cfg)
+                record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean, val_by_source=by_source)
             dice_mean = distributed.broadcast_object(record.get("val_dice_mean"), self.dist)
             lr = float(self.optimizer.param_groups[0]["lr"])
             if cfg.schedule == "plateau":

@@ -49,9 +49,16 @@ def exclusive_classes(target: torch.Tensor) -> torch.Tensor:
     return torch.cat([background, lung_only, infection], dim=1)
 
 
-def kl_to_prediction(target_prob: torch.Tensor, pred_log_prob: torch.Tensor) -> torch.Tensor:
-    """Mean over cells of KL(target || prediction) = sum_c t_c (log t_c - log p_c), with 0 log 0 = 0."""
+def kl_to_prediction(target_prob: torch.Tensor, pred_log_prob: torch.Tensor, cell_weight=None) -> torch.Tensor:
+    """Mean over cells of KL(target || prediction) = sum_c t_c (log t_c - log p_c), with 0 log 0 = 0.
+
+    ``cell_weight`` ``(B, 1, h, w)`` (e.g. the CPP-pooled fraction of labelled pixels) weights the
+    cells; cells of weight 0 add nothing.
+    """
     t = target_prob
     log_t = torch.log(t.clamp_min(1e-12))
     per_cell = (t * (log_t - pred_log_prob)).sum(dim=1)
-    return per_cell.mean()
+    if cell_weight is None:
+        return per_cell.mean()
+    w = cell_weight[:, 0].to(per_cell.dtype)
+    return (per_cell * w).sum() / w.sum().clamp_min(1.0)

@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .losses import bce_loss
+from .losses import bce_loss, weighted_mean
 from .registry import NetworkSpec, Recipe, register
 from .unet import conv_bn_relu, crop_to, pad_to_multiple
 
@@ -207,9 +207,10 @@ def cosine_ramp(progress: float, start: float, end: float) -> float:
     return start + (end - start) * (1.0 - math.cos(math.pi * p)) / 2.0
 
 
-def uncertainty_aware_loss(logits: torch.Tensor) -> torch.Tensor:
-    """UAL = mean(1 - |2p - 1|^2): 1 where the network hesitates (p = 0.5), 0 where it is sure."""
-    return (1.0 - (2.0 * torch.sigmoid(logits) - 1.0).pow(2)).mean()
+def uncertainty_aware_loss(logits: torch.Tensor, weight=None) -> torch.Tensor:
+    """UAL = mean(1 - |2p - 1|^2): 1 where the network hesitates (p = 0.5), 0 where it is sure
+    (averaged over the voxels whose label is known, like the BCE it is added to)."""
+    return weighted_mean(1.0 - (2.0 * torch.sigmoid(logits) - 1.0).pow(2), weight)
 
 
 class BCEUncertaintyLoss(nn.Module):
@@ -222,10 +223,10 @@ class BCEUncertaintyLoss(nn.Module):
     def gamma(self, progress: float) -> float:
         return cosine_ramp(progress, self.gamma_min, self.gamma_max)
 
-    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0):
+    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0, weight=None):
         logits = outputs["logits"]
-        bce = bce_loss(logits, target)
-        ual = uncertainty_aware_loss(logits)
+        bce = bce_loss(logits, target, weight)
+        ual = uncertainty_aware_loss(logits, weight)
         gamma = self.gamma(progress)
         total = bce + gamma * ual
         return total, {"bce": float(bce.detach()), "ual": float(ual.detach()), "gamma": gamma}

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
 from .cpp_pooling import cpp_pool, exclusive_classes, kl_to_prediction
-from .losses import bce_loss
+from .losses import bce_loss, full_weight
 from .registry import NetworkSpec, Recipe, register
 from .unet import conv_bn_relu, unet_decoder
 
@@ -158,9 +158,11 @@ class BCECPPLoss(nn.Module):
         super().__init__()
         self.lambda_cpp, self.strides = lambda_cpp, tuple(strides)
 
-    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0):
-        bce = bce_loss(outputs["logits"], target)
+    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0, weight=None):
+        bce = bce_loss(outputs["logits"], target, weight)
         classes = exclusive_classes(target)
+        # the 3 exclusive classes need both labels: a pixel counts only where lung and infection are known
+        both_known = None if weight is None else full_weight(weight, target).prod(dim=1, keepdim=True)
         if "aux_logits" in outputs:
             log_probs = [F.log_softmax(a, dim=1) for a in outputs["aux_logits"]]
         else:
@@ -173,7 +175,7 @@ class BCECPPLoss(nn.Module):
             t = cpp_pool(classes, s)
             if t.shape != log_p.shape:
                 raise ValueError(f"auxiliary map at 1/{s} has shape {tuple(log_p.shape)}, CPP target {tuple(t.shape)}")
-            kl = kl_to_prediction(t, log_p)
+            kl = kl_to_prediction(t, log_p, None if both_known is None else cpp_pool(both_known, s))
             terms[f"cpp_{s}"] = float(kl.detach())
             cpp_total = cpp_total + kl
         total = bce + self.lambda_cpp * cpp_total

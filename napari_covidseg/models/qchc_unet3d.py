@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .losses import bce_loss
+from .losses import bce_loss, full_weight, mean_over_labelled
 from .registry import NetworkSpec, Recipe, register
 from .unet import crop_to, pad_to_multiple
 
@@ -141,14 +141,16 @@ class QCHCUNet3D(nn.Module):
 
 
 def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, beta: float = 0.5,
-                 eps: float = 1.0) -> torch.Tensor:
-    """1 - Tversky index TP / (TP + alpha FP + beta FN) per (sample, channel) on sigmoid probabilities, averaged."""
+                 eps: float = 1.0, weight=None) -> torch.Tensor:
+    """1 - Tversky index TP / (TP + alpha FP + beta FN) per (sample, channel) on sigmoid probabilities,
+    over the known voxels, averaged over the (sample, channel) pairs that have any."""
     prob = torch.sigmoid(logits)
+    w = full_weight(weight, prob)
     dims = tuple(range(2, logits.ndim))
-    tp = (prob * target).sum(dims)
-    fp = (prob * (1 - target)).sum(dims)
-    fn = ((1 - prob) * target).sum(dims)
-    return (1.0 - (tp + eps) / (tp + alpha * fp + beta * fn + eps)).mean()
+    tp = (w * prob * target).sum(dims)
+    fp = (w * prob * (1 - target)).sum(dims)
+    fn = (w * (1 - prob) * target).sum(dims)
+    return mean_over_labelled(1.0 - (tp + eps) / (tp + alpha * fp + beta * fn + eps), weight)
 
 
 class TverskyCELoss(nn.Module):
@@ -159,10 +161,10 @@ class TverskyCELoss(nn.Module):
         self.alpha, self.beta = alpha, beta
         self.tversky_weight, self.ce_weight = tversky_weight, ce_weight
 
-    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0):
+    def forward(self, outputs: dict, target: torch.Tensor, progress: float = 0.0, weight=None):
         logits = outputs["logits"]
-        tversky = tversky_loss(logits, target, self.alpha, self.beta)
-        ce = bce_loss(logits, target)
+        tversky = tversky_loss(logits, target, self.alpha, self.beta, weight=weight)
+        ce = bce_loss(logits, target, weight)
         total = self.tversky_weight * tversky + self.ce_weight * ce
         return total, {"tversky": float(tversky.detach()), "bce": float(ce.detach())}
 
