@@ -4,6 +4,11 @@ A CT becomes an Image layer in the lung window with ``scale`` = voxel spacing (s
 aspect ratio are in mm) and the :class:`~napari_covidseg.io.geometry.Geometry` in its metadata (so
 masks made from it can be saved back onto the CT's grid); a mask becomes a Labels layer.
 
+An 8-bit display image (0..255, e.g. a PNG/JPG release converted to NIfTI) opens in its own
+domain: the layer name ends in "[8-bit, not HU]", its contrast spans 0..255, one notification
+says that HU cannot be read from it, and ``metadata`` records the domain and whether the spacing
+is a placeholder, for every widget that derives layers or numbers from it.
+
 A file the user cannot use (truncated, not NIfTI, 4D, not in HU, ...) is reported with a napari
 notification and no layer; the reader then returns napari's "read, but nothing to add" sentinel
 ``[(None,)]`` so napari neither raises nor asks another reader.
@@ -17,9 +22,10 @@ from typing import Any, Dict, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import CovidsegError
-from .io.geometry import GEOMETRY_KEY, Geometry
+from .intensity import DISPLAY8, DISPLAY8_LAYER_NOTE, DOMAIN_KEY
+from .io.geometry import GEOMETRY_KEY, SPACING_KNOWN_KEY, Geometry
 from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY, Volume, is_nifti_path, load_volume
-from .windowing import contrast_limits
+from .windowing import default_contrast_limits
 
 #: napari's documented value for "the file was handled but there is no layer to add"
 NO_LAYERS = [(None,)]
@@ -46,12 +52,24 @@ def layer_name(path) -> str:
 
 def volume_layer_data(volume: Volume, name: str) -> Tuple[Any, Dict[str, Any], str]:
     """napari LayerData tuple of a loaded volume (used by the reader and the CLI)."""
-    metadata = {GEOMETRY_KEY: volume.geometry, SOURCE_PATH_KEY: volume.source_path}
+    metadata = {GEOMETRY_KEY: volume.geometry, SOURCE_PATH_KEY: volume.source_path,
+                SPACING_KNOWN_KEY: volume.spacing_known}
     kwargs: Dict[str, Any] = {"name": name, "scale": tuple(volume.spacing), "metadata": metadata}
     if volume.kind == KIND_LABELS:
         return volume.data, kwargs, "labels"
-    kwargs.update(colormap="gray", contrast_limits=contrast_limits("lung"), interpolation2d="nearest")
+    metadata[DOMAIN_KEY] = volume.domain
+    if volume.domain == DISPLAY8:
+        kwargs["name"] = name + DISPLAY8_LAYER_NOTE
+    kwargs.update(colormap="gray", contrast_limits=default_contrast_limits(volume.domain), interpolation2d="nearest")
     return volume.data, kwargs, "image"
+
+
+def display8_note(name: str, spacing_known: bool) -> str:
+    """The one notification an 8-bit image gets when it opens."""
+    return (f"{name} is an 8-bit display image (0..255), not a CT in Hounsfield units: its grey values were "
+            "windowed by whoever published it, so no HU can be read from it and the window presets are display "
+            "presets. The shipped networks segment it (they were trained on such images)."
+            + ("" if spacing_known else " Its voxel size is a placeholder (1 mm): sizes are given in voxels, not mm or mL."))
 
 
 def read_nifti(path: PathOrPaths):
@@ -68,6 +86,10 @@ def read_nifti(path: PathOrPaths):
             continue
         if volume.kind == KIND_LABELS:
             _warn_if_mask_fits_no_open_ct(volume, Path(p).name)
+        elif volume.domain == DISPLAY8:
+            from napari.utils.notifications import show_info
+
+            show_info(display8_note(Path(p).name, volume.spacing_known))
         layers.append(volume_layer_data(volume, layer_name(p)))
     return layers or NO_LAYERS
 

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .errors import CovidsegError
+from .intensity import DISPLAY8, DOMAIN_TITLES
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -59,31 +60,38 @@ def describe_volume(path) -> dict:
         "spacing_zyx_mm": [round(float(s), 6) for s in geometry.spacing],
         "orientation": "".join(nib.aff2axcodes(geometry.affine)),
         "dtype": str(data.dtype),
-        "volume_ml": round(float(np.prod(data.shape)) * geometry.voxel_volume_ml, 3),
+        "spacing_known": bool(volume.spacing_known),
+        "volume_ml": round(float(np.prod(data.shape)) * geometry.voxel_volume_ml, 3) if volume.spacing_known else None,
     }
     if volume.kind == "labels":
         labels, counts = np.unique(data, return_counts=True)
         facts["labels"] = {int(l): int(c) for l, c in zip(labels, counts)}
     else:
-        facts["hu_range"] = [float(data.min()), float(data.max())]
+        facts["domain"] = volume.domain
+        facts["value_range" if volume.domain == DISPLAY8 else "hu_range"] = [float(data.min()), float(data.max())]
     return facts
 
 
 def format_facts(facts: dict) -> str:
     z, y, x = facts["shape_zyx"]
     sz, sy, sx = facts["spacing_zyx_mm"]
+    kind = f" ({DOMAIN_TITLES[facts['domain']]})" if facts["kind"] == "image" else " (mask)"
+    known = facts["spacing_known"]
     lines = [
         f"file:        {facts['file']}",
-        f"kind:        {facts['kind']}" + (" (CT, Hounsfield units)" if facts["kind"] == "image" else " (mask)"),
+        f"kind:        {facts['kind']}{kind}",
         f"shape:       {z} x {y} x {x} (z, y, x); in the file {tuple(facts['file_shape'])}",
-        f"spacing:     {sz:g} x {sy:g} x {sx:g} mm (z, y, x)",
+        f"spacing:     {sz:g} x {sy:g} x {sx:g} mm (z, y, x)" + ("" if known else ": a placeholder, not a measurement"),
         f"orientation: {facts['orientation']} (file axes; shown as L P S: patient left on the right)",
         f"dtype:       {facts['dtype']}",
-        f"field:       {facts['volume_ml']:g} mL (whole volume)",
+        f"field:       {facts['volume_ml']:g} mL (whole volume)" if known else "field:       unknown (no real voxel size)",
     ]
     if "hu_range" in facts:
         lo, hi = facts["hu_range"]
         lines.append(f"HU range:    {lo:g} .. {hi:g}")
+    elif "value_range" in facts:
+        lo, hi = facts["value_range"]
+        lines.append(f"values:      {lo:g} .. {hi:g} (8-bit display values, not HU)")
     else:
         lines.append("labels:      " + ", ".join(f"{l}: {c} voxels" for l, c in facts["labels"].items()))
     return "\n".join(lines)

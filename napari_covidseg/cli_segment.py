@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import CovidsegError, InputError
+from .intensity import DOMAIN_TITLES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -141,12 +142,14 @@ def _run(args) -> int:
     if kind in ("mask", "labels", "label"):
         raise InputError(f"{ct_path} looks like a mask (it holds only a few integer labels), not a CT in HU")
     geometry = volume.geometry
+    loaded.preprocessing.check_can_read(volume.domain, f"`{loaded.network}` ({loaded.path})")
     ct = np.asarray(volume.data, dtype=np.float32)
     spacing = geometry.spacing
-    say(f"segmenting {ct_path.name} {ct.shape} (z, y, x) at {tuple(round(s, 3) for s in spacing)} mm "
+    where = f"at {tuple(round(s, 3) for s in spacing)} mm" if volume.spacing_known else "(voxel size unknown)"
+    say(f"segmenting {ct_path.name} {ct.shape} (z, y, x) {where}, {DOMAIN_TITLES[volume.domain]}, "
         f"with `{loaded.network}` on {device}")
     started = time.monotonic()
-    result = segment_volume(loaded, ct, spacing, threshold=args.threshold, device=device,
+    result = segment_volume(loaded, ct, spacing, threshold=args.threshold, device=device, domain=volume.domain,
                             batch_size=args.batch_size, progress=_progress_printer(args.quiet))
     say(f"done in {time.monotonic() - started:.1f} s")
 
@@ -159,11 +162,13 @@ def _run(args) -> int:
         save_volume(str(path), arrays[key], geometry, overwrite=args.overwrite)
         say(f"wrote {path}")
     if not args.quiet:
-        voxel_ml = geometry.voxel_volume_ml
-        lung_ml = float(result.lung.sum()) * voxel_ml
-        inf_ml = float(result.infection.sum()) * voxel_ml
-        share = f" ({100.0 * inf_ml / lung_ml:.1f}% of lung)" if lung_ml > 0 else ""
-        say(f"lung {lung_ml:.1f} mL, infection {inf_ml:.1f} mL{share}")
+        lung, infection = int(result.lung.sum()), int(result.infection.sum())
+        share = f" ({100.0 * infection / lung:.1f}% of lung)" if lung > 0 else ""
+        if volume.spacing_known:
+            voxel_ml = geometry.voxel_volume_ml
+            say(f"lung {lung * voxel_ml:.1f} mL, infection {infection * voxel_ml:.1f} mL{share}")
+        else:
+            say(f"lung {lung} voxels, infection {infection} voxels{share} (the file's voxel size is a placeholder: no mL)")
     return 0
 
 

@@ -36,6 +36,9 @@ HU = "hu"
 DISPLAY8 = "display8"
 DOMAINS = (HU, DISPLAY8)
 
+#: layer metadata key of an image's intensity domain (copied to the layers derived from it)
+DOMAIN_KEY = "covidseg_domain"
+
 DOMAIN_TITLES = {HU: "CT in Hounsfield units", DISPLAY8: "8-bit display image (not HU)"}
 
 #: HU values below this are padding outside the scanner's field of view (-2048, -3024), i.e. air
@@ -72,6 +75,10 @@ def looks_like_display8(values: np.ndarray) -> bool:
         return True
     sample = values.reshape(-1)[:: max(1, values.size // 100_000)]
     return bool(np.all(sample == np.round(sample)))
+
+
+#: suffix of the name of a layer that holds an 8-bit display image (a persistent "not HU" note)
+DISPLAY8_LAYER_NOTE = " [8-bit, not HU]"
 
 
 def domain_title(domain: str) -> str:

@@ -72,6 +72,12 @@ class Preprocessing:
         """The HU -> 8-bit mapping of a display-domain network (``None`` for a HU network)."""
         return HUToDisplay8.from_dict(self.hu_to_display8) if self.domain == DISPLAY8 else None
 
+    def check_can_read(self, domain: str, what: str = "This network") -> None:
+        """Raise :class:`~napari_covidseg.intensity.DomainError` when images of ``domain`` cannot be
+        brought into this network's domain (8-bit display images for a network trained in HU)."""
+        if self.domain == HU and check_domain(domain) == DISPLAY8:
+            refuse_display_for_hu_network(what)
+
     def describe_domains(self) -> str:
         """One line for model cards and the GUI: what the network reads and how the other domain gets in."""
         if self.domain == HU:
@@ -101,11 +107,9 @@ def in_network_domain(image: np.ndarray, spec: Preprocessing, domain: str = HU) 
     A HU CT given to an 8-bit network is mapped (the in-plane size may change, e.g. to 256 x 256);
     an 8-bit image given to a HU network raises :class:`~napari_covidseg.intensity.DomainError`.
     """
-    check_domain(domain)
+    spec.check_can_read(domain)
     if spec.domain == domain:
         return np.asarray(image)
-    if spec.domain == HU:
-        refuse_display_for_hu_network()
     image = np.asarray(image)
     mapped = spec.mapping(image[None] if image.ndim == 2 else image)
     return mapped[0] if image.ndim == 2 else mapped

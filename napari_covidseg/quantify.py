@@ -92,7 +92,8 @@ def split_left_right(lung: np.ndarray) -> Tuple[np.ndarray, np.ndarray, str]:
     return left, right, "midline"
 
 
-def quantify(lung, infection, spacing: Sequence[float], min_lesion_ml: float = MIN_LESION_ML) -> Dict:
+def quantify(lung, infection, spacing: Sequence[float], min_lesion_ml: float = MIN_LESION_ML,
+             spacing_known: bool = True) -> Dict:
     """Volumes (mL), involvement (%) and lesions of one CT.
 
     Returns a dict with ``lung_ml``, ``infection_ml`` (all infection voxels),
@@ -100,41 +101,46 @@ def quantify(lung, infection, spacing: Sequence[float], min_lesion_ml: float = M
     ``right_infection_ml`` (infection inside each lung), ``left_involvement_pct``,
     ``right_involvement_pct``, ``total_involvement_pct`` (infection inside the lungs / lung
     volume; NaN for a lung of zero volume), ``n_lesions``, ``lesion_volumes_ml`` (largest
-    first, lesions of at least ``min_lesion_ml``), ``lung_split_method`` and ``voxel_volume_ml``.
+    first, lesions of at least ``min_lesion_ml``), ``lung_split_method``, ``voxel_volume_ml``,
+    ``spacing_known`` and ``volume_unit``.
+
+    ``spacing_known=False`` (the spacing is a placeholder, e.g. 8-bit slices published without
+    it): no millilitres can be derived, so every ``*_ml`` key becomes ``*_voxels`` (voxel counts),
+    lesions are kept from ``min_lesion_ml * 1000`` voxels (the same size at 1 mm voxels) and
+    ``voxel_volume_ml`` is ``None``; percentages are unit-free and stay.
     """
     lung_mask, inf_mask, spacing = _check(lung, infection, spacing)
-    voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
+    voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0 if spacing_known else 1.0
+    min_lesion = min_lesion_ml if spacing_known else min_lesion_ml * 1000.0
+    suffix = "_ml" if spacing_known else "_voxels"
     left, right, method = split_left_right(lung_mask)
 
-    def ml(mask) -> float:
-        return float(np.count_nonzero(mask)) * voxel_ml
+    def size(mask) -> float:
+        count = int(np.count_nonzero(mask))
+        return float(count) * voxel_ml if spacing_known else count
 
     def pct(part: float, whole: float) -> float:
         return 100.0 * part / whole if whole > 0 else float("nan")
 
-    lung_ml = ml(lung_mask)
-    left_ml, right_ml = ml(left), ml(right)
-    left_inf, right_inf = ml(inf_mask & left), ml(inf_mask & right)
-    infection_ml = ml(inf_mask)
+    lung_size = size(lung_mask)
+    left_size, right_size = size(left), size(right)
+    left_inf, right_inf = size(inf_mask & left), size(inf_mask & right)
     labels, n = ndimage.label(inf_mask, structure=_STRUCTURE_26)
+    lesions = []
     if n:
         volumes = np.bincount(labels.ravel())[1:] * voxel_ml
-        lesion_volumes = sorted((float(v) for v in volumes if v >= min_lesion_ml), reverse=True)
-    else:
-        lesion_volumes = []
+        lesions = sorted((float(v) if spacing_known else int(v) for v in volumes if v >= min_lesion), reverse=True)
+    sizes = {"lung": lung_size, "infection": size(inf_mask), "infection_outside_lung": size(inf_mask & ~lung_mask),
+             "left_lung": left_size, "right_lung": right_size, "left_infection": left_inf, "right_infection": right_inf}
     return {
-        "lung_ml": lung_ml,
-        "infection_ml": infection_ml,
-        "infection_outside_lung_ml": ml(inf_mask & ~lung_mask),
-        "left_lung_ml": left_ml,
-        "right_lung_ml": right_ml,
-        "left_infection_ml": left_inf,
-        "right_infection_ml": right_inf,
-        "left_involvement_pct": pct(left_inf, left_ml),
-        "right_involvement_pct": pct(right_inf, right_ml),
-        "total_involvement_pct": pct(left_inf + right_inf, lung_ml),
-        "n_lesions": len(lesion_volumes),
-        "lesion_volumes_ml": lesion_volumes,
+        **{name + suffix: value for name, value in sizes.items()},
+        "left_involvement_pct": pct(left_inf, left_size),
+        "right_involvement_pct": pct(right_inf, right_size),
+        "total_involvement_pct": pct(left_inf + right_inf, lung_size),
+        "n_lesions": len(lesions),
+        "lesion_volumes" + suffix: lesions,
         "lung_split_method": method,
-        "voxel_volume_ml": voxel_ml,
+        "voxel_volume_ml": voxel_ml if spacing_known else None,
+        "spacing_known": bool(spacing_known),
+        "volume_unit": "mL" if spacing_known else "voxels",
     }

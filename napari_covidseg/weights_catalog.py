@@ -147,9 +147,16 @@ def checkpoint_info(path) -> dict:
 
 
 def _label_for(info: dict, path: str) -> str:
+    """``run/best.pt (lung 0.97, infection 0.78)``: per-class Dice where stored (a mean hides a failing class)."""
     p = Path(path)
     name = p.name if p.parent.name in ("", ".") else f"{p.parent.name}/{p.name}"
-    dice = _mean_dice(info.get("metrics") or {})
+    metrics = info.get("metrics") or {}
+    block = metrics.get("val") if isinstance(metrics.get("val"), dict) else metrics
+    per_class = [f"{cls} {float(block[cls]['dice']):.2f}" for cls in ("lung", "infection")
+                 if isinstance(block.get(cls), dict) and isinstance(block[cls].get("dice"), (int, float))]
+    if per_class:
+        return f"{name} ({', '.join(per_class)})"
+    dice = _mean_dice(metrics)
     return f"{name} (Dice {dice:.2f})" if dice is not None else name
 
 
@@ -240,18 +247,26 @@ def remove_checkpoint(path) -> None:
 # ------------------------------------------------------------------------------------------------
 # text for tooltips
 # ------------------------------------------------------------------------------------------------
-def describe(info: dict, shipped: bool = False) -> str:
-    """A few lines saying what the weights are and how good they were on validation data."""
-    lines = []
-    network = info.get("network", "?")
-    lines.append(("Shipped weights" if shipped else "Checkpoint") + f" for `{network}`")
-    if info.get("path"):
-        lines.append(str(info["path"]))
-    training = info.get("training") or {}
+def _class_metrics(metrics: dict, key: str) -> List[str]:
+    """``lung: dice 0.970, ...`` parts of ``metrics[key]`` (``key`` "" = top level, as older files)."""
+    block = metrics.get(key) if key else metrics
+    parts = []
+    for cls in ("lung", "infection"):
+        entry = (block or {}).get(cls) if isinstance(block, dict) else None
+        if isinstance(entry, dict):
+            shown = [f"{k} {float(v):.3f}" for k, v in entry.items()
+                     if isinstance(v, (int, float)) and k in ("dice", "iou", "sensitivity", "specificity")]
+            if shown:
+                parts.append(f"{cls}: " + ", ".join(shown[:2]))
+    return parts
+
+
+def _data_line(training: dict) -> Optional[str]:
     data = training.get("data") or training.get("data_source") or training.get("dataset") or training.get("layout")
     parts = []
     if data:
-        parts.append(f"data: {data}")
+        names = [Path(str(d).split(",")[0]).name or str(d) for d in (data if isinstance(data, list) else [data])]
+        parts.append("data: " + " + ".join(names))
     for key, label in (("n_cases", "cases"), ("cases", "cases"), ("n_train", "train cases"), ("n_val", "val cases")):
         value = training.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -262,22 +277,43 @@ def describe(info: dict, shipped: bool = False) -> str:
         if isinstance(training.get(key), (int, float)):
             parts.append(f"epochs: {int(training[key])}")
             break
-    if parts:
-        lines.append(", ".join(parts))
+    return ", ".join(parts) if parts else None
+
+
+def phantom_only(info: dict) -> bool:
+    """True when the weights were trained on synthetic phantoms only (no patient CT)."""
+    data = (info.get("training") or {}).get("data")
+    items = data if isinstance(data, list) else [data] if data else []
+    return bool(items) and all(str(d).split(",")[0] == "phantom" for d in items)
+
+
+def describe(info: dict, shipped: bool = False) -> str:
+    """A few lines saying what the weights are, what they read and how good they were on held-out data."""
+    from .preprocessing import Preprocessing
+
+    network = info.get("network", "?")
+    lines = [("Shipped weights" if shipped else "Checkpoint") + f" for `{network}`"]
+    if info.get("path"):
+        lines.append(str(info["path"]))
+    training = info.get("training") or {}
+    data_line = _data_line(training)
+    if data_line:
+        lines.append(data_line + (" (synthetic phantoms only: not validated on patient CT)" if phantom_only(info) else ""))
+    try:
+        lines.append(Preprocessing.from_dict(info.get("preprocessing") or {}).describe_domains())
+    except (TypeError, ValueError):
+        lines.append("preprocessing settings unreadable")
     metrics = info.get("metrics") or {}
-    metric_parts = []
-    for cls in ("lung", "infection"):
-        entry = metrics.get(cls)
-        if isinstance(entry, dict):
-            shown = [f"{k} {float(v):.3f}" for k, v in entry.items() if isinstance(v, (int, float)) and k in ("dice", "iou", "sensitivity", "specificity")]
-            if shown:
-                metric_parts.append(f"{cls}: " + ", ".join(shown))
+    test = _class_metrics(metrics, "test")
+    val = _class_metrics(metrics, "val") or _class_metrics(metrics, "")
     mean = _mean_dice(metrics)
-    if metric_parts:
-        lines.append("validation " + "; ".join(metric_parts))
-    elif mean is not None:
+    if test:
+        lines.append(f"held-out test ({metrics.get('test_set', 'test cases')}) " + "; ".join(test))
+    if val:
+        lines.append("validation " + "; ".join(val))
+    elif mean is not None and not test:
         lines.append(f"validation mean Dice {mean:.3f}")
-    else:
+    elif not test:
         lines.append("no validation metrics stored")
     n_params = info.get("n_parameters")
     if isinstance(n_params, int) and n_params:

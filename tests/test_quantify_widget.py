@@ -108,7 +108,7 @@ def test_cancel_drops_the_result_and_errors_notify(phantom_viewer, qtbot, monkey
     messages = []
     monkeypatch.setattr(quantify_widget, "notify_error", lambda e: messages.append(str(e)))
     real = quantify_widget.quantify
-    monkeypatch.setattr(quantify_widget, "quantify", lambda *a: (__import__("time").sleep(0.3), real(*a))[1])
+    monkeypatch.setattr(quantify_widget, "quantify", lambda *a, **k: (__import__("time").sleep(0.3), real(*a, **k))[1])
     widget = _widget(viewer, qtbot)
     widget.compute_button.click()
     assert widget.busy() and not widget.runner.isHidden()

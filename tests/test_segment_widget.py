@@ -234,7 +234,7 @@ def test_rewritten_checkpoint_refreshes_the_shown_info(make_napari_viewer, tiny_
     assert widget.weights.select_path(str(path))
     old = load_checkpoint(path)
     save_checkpoint(path, old.model, "unet", old.network_kwargs, old.preprocessing,
-                    training={"data": "phantom, resumed run"}, metrics={"val_dice_mean": 0.777})
+                    training={"data": "resumed-run-data"}, metrics={"val_dice_mean": 0.777})
     isolated_catalog.add_checkpoint(path)
     assert widget.weights.current_path() == str(path)
-    assert "resumed run" in widget.weights_info.toolTip()
+    assert "resumed-run-data" in widget.weights_info.toolTip() and "0.777" in widget.weights_info.toolTip()

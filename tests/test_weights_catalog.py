@@ -20,8 +20,7 @@ def test_add_checkpoint_lists_persists_and_notifies(isolated_catalog, tiny_unet_
     assert calls == [1]
     assert entry.network == "unet" and not entry.shipped
     assert entry.path == os.path.abspath(tiny_unet_checkpoints["trained"])
-    assert "Dice" in entry.label  # mean validation Dice of lung 0.9 / infection 0.1
-    assert "0.50" in entry.label
+    assert "lung 0.90" in entry.label and "infection 0.10" in entry.label  # per class: a mean would hide a failing class
     assert "lung: dice 0.900" in entry.description
     assert "data: phantom" in entry.description
 

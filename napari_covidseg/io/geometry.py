@@ -23,6 +23,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 DISPLAY_AXCODES = ("L", "P", "S")
 GEOMETRY_KEY = "covidseg_geometry"
+#: layer metadata key: False where the layer's spacing (napari scale) is a placeholder, not a measurement
+SPACING_KNOWN_KEY = "covidseg_spacing_known"
 
 
 @dataclass

@@ -20,7 +20,8 @@ from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..errors import CancelledError, CovidsegError, InputError
-from ..io.geometry import GEOMETRY_KEY, Geometry
+from ..intensity import DISPLAY8, DOMAIN_KEY, DOMAINS, HU, looks_like_display8
+from ..io.geometry import GEOMETRY_KEY, SPACING_KNOWN_KEY, Geometry
 from ._review import LayerCombo
 
 LOG = logging.getLogger("napari_covidseg")
@@ -134,6 +135,32 @@ def layer_spacing(layer) -> tuple:
     return tuple(float(s) for s in layer.scale[-3:])
 
 
+def layer_spacing_known(layer) -> bool:
+    """False where the layer's spacing is a placeholder (set by the reader; layers made by other
+    means count as measured)."""
+    return bool((getattr(layer, "metadata", None) or {}).get(SPACING_KNOWN_KEY, True))
+
+
+def check_weights_read(entry, domain: str, network: str) -> None:
+    """Raise (with the reason) when the weights ``entry`` cannot segment an image of ``domain``."""
+    from ..preprocessing import Preprocessing
+
+    if entry is not None:
+        Preprocessing.from_dict(entry.info.get("preprocessing") or {}).check_can_read(
+            domain, f"These `{network}` weights ({entry.label})")
+
+
+def layer_domain(layer) -> str:
+    """``"hu"`` or ``"display8"``: the reader's record, else judged from the values (8-bit data
+    can never be HU: a CT always holds air at about -1000)."""
+    recorded = (getattr(layer, "metadata", None) or {}).get(DOMAIN_KEY)
+    if recorded in DOMAINS:
+        return recorded
+    data = np.asarray(layer.data)
+    sample = data[:: max(1, data.shape[0] // 8)] if data.ndim == 3 else data
+    return DISPLAY8 if looks_like_display8(sample) else HU
+
+
 def label_colormap(color, label: int = 1):
     """A napari ``DirectLabelColormap`` that paints ``label`` in ``color`` and everything else clear."""
     from napari.utils.colormaps import DirectLabelColormap
@@ -151,6 +178,9 @@ def _copy_placement(ref_layer) -> dict:
     if geometry is None and np.ndim(ref_layer.data) == 3:
         geometry = layer_geometry(ref_layer)
     placement["metadata"] = {GEOMETRY_KEY: geometry} if geometry is not None else {}
+    for key in (SPACING_KNOWN_KEY, DOMAIN_KEY):  # derived layers keep what is known of the source
+        if key in (ref_layer.metadata or {}):
+            placement["metadata"][key] = ref_layer.metadata[key]
     return placement
 
 

@@ -49,7 +49,7 @@ from ..overlay import (
     region_metrics,
     write_comparison_csv,
 )
-from .common import TaskRunner, add_labels_like, labels_layers, notify_error
+from .common import TaskRunner, add_labels_like, labels_layers, layer_spacing_known, notify_error
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
 
 EDIT_DEBOUNCE_MS = 250  # recompute this long after the last brush dab
@@ -278,10 +278,18 @@ class CompareWidget(QWidget):
         self.pred_layer, self.gt_layer = pred, gt
         self.rank_position = -1
         self.overlay_layer = None
+        self._show_hd95_unit(layer_spacing_known(pred) and layer_spacing_known(gt))
         self._edits.watch([pred, gt])
         self.recompute()
         # Keep the prediction active so the brush paints the prediction, not the new overlay.
         self.viewer.layers.selection.active = pred
+
+    def _show_hd95_unit(self, spacing_known: bool) -> None:
+        """HD95 in mm where the spacing is real, in voxels (px) where it is a placeholder."""
+        row = [key for key, _ in METRIC_COLUMNS].index("hd95_mm")
+        self.table.verticalHeaderItem(row).setText("HD95 (mm)" if spacing_known else "HD95 (px)")
+        self.table.verticalHeaderItem(row).setToolTip(
+            "" if spacing_known else "The voxel size of this CT is a placeholder, so HD95 is in voxels, not mm")
 
     def _spacing(self):
         return tuple(float(s) for s in self.pred_layer.scale[-3:])

@@ -37,25 +37,26 @@ from qtpy.QtWidgets import (
 from ..errors import CancelledError, CovidsegError, InputError
 from ..quantify import quantify
 from ._review import EditWatcher, LayerCombo, ask_overwrite
-from .common import TaskRunner, image_layers, labels_layers, notify_error
+from .common import TaskRunner, image_layers, labels_layers, layer_spacing_known, notify_error
 
 EDIT_DEBOUNCE_MS = 400
 
-# (key in quantify()'s result, row label, unit) in table order; other scalar keys follow.
+# (key in quantify()'s result without its unit suffix, row label, unit) in table order; other
+# scalar keys follow.  Volumes ("vol") are in mL, or in voxels where the spacing is a placeholder.
 ROWS: Tuple[Tuple[str, str, str], ...] = (
-    ("infection_ml", "Infection volume", "mL"),
-    ("lung_ml", "Lung volume", "mL"),
+    ("infection", "Infection volume", "vol"),
+    ("lung", "Lung volume", "vol"),
     ("left_involvement_pct", "Left lung involved", "%"),
     ("right_involvement_pct", "Right lung involved", "%"),
     ("total_involvement_pct", "Total involvement", "%"),
     ("n_lesions", "Lesions", ""),
-    ("left_lung_ml", "Left lung volume", "mL"),
-    ("right_lung_ml", "Right lung volume", "mL"),
-    ("left_infection_ml", "Left lung infection", "mL"),
-    ("right_infection_ml", "Right lung infection", "mL"),
-    ("infection_outside_lung_ml", "Infection outside lung", "mL"),
+    ("left_lung", "Left lung volume", "vol"),
+    ("right_lung", "Right lung volume", "vol"),
+    ("left_infection", "Left lung infection", "vol"),
+    ("right_infection", "Right lung infection", "vol"),
+    ("infection_outside_lung", "Infection outside lung", "vol"),
 )
-HIDDEN_KEYS = {"voxel_volume_ml", "lung_split_method"}  # in the exports, not in the table
+HIDDEN_KEYS = {"voxel_volume_ml", "lung_split_method", "spacing_known", "volume_unit"}  # in the exports, not in the table
 
 
 def _plain(value):
@@ -74,19 +75,22 @@ def _plain(value):
 
 def table_rows(result: Dict) -> List[Tuple[str, str]]:
     """(label, text) rows for the table: the known keys first, then any other scalar key."""
-    rows = []
-    for key, label, unit in ROWS:
+    rows, shown = [], set()
+    in_ml = result.get("volume_unit", "mL") == "mL"
+    for base, label, unit in ROWS:
+        key = base + ("_ml" if in_ml else "_voxels") if unit == "vol" else base
         if key not in result:
             continue
+        shown.add(key)
         value = result[key]
-        if key == "n_lesions":
-            text = str(int(value))
+        if key == "n_lesions" or (unit == "vol" and not in_ml):
+            text = str(int(value)) + ("" if key == "n_lesions" else " voxels")
         elif value is None or (isinstance(value, float) and not math.isfinite(value)):
             text = "n/a"
         else:
-            text = f"{float(value):.1f} {unit}".strip()
+            text = f"{float(value):.1f} {'mL' if unit == 'vol' else unit}".strip()
         rows.append((label, text))
-    known = {k for k, _, _ in ROWS} | HIDDEN_KEYS
+    known = shown | HIDDEN_KEYS
     for key, value in result.items():
         if key in known:
             continue
@@ -94,7 +98,8 @@ def table_rows(result: Dict) -> List[Tuple[str, str]]:
             rows.append((key.replace("_", " "), f"{float(value):.4g}"))
         elif isinstance(value, (list, tuple, np.ndarray)) and "lesion" in key and len(value):
             largest = sorted((float(v) for v in value), reverse=True)[:3]
-            rows.append(("Largest lesions", ", ".join(f"{v:.1f}" for v in largest) + " mL"))
+            rows.append(("Largest lesions", ", ".join(f"{v:.1f}" if in_ml else f"{v:.0f}" for v in largest)
+                         + (" mL" if in_ml else " voxels")))
     return rows
 
 
@@ -125,9 +130,9 @@ def write_quantify_json(path, result: Dict, layers: Dict[str, Optional[str]], ov
     return path
 
 
-def run_quantify(lung, infection, spacing, progress=None, should_cancel=None):
+def run_quantify(lung, infection, spacing, spacing_known=True, progress=None, should_cancel=None):
     """quantify() for a :class:`TaskRunner`: it cannot stop half way, so Cancel drops the result."""
-    result = quantify(lung, infection, spacing)
+    result = quantify(lung, infection, spacing, spacing_known=spacing_known)
     if should_cancel is not None and should_cancel():
         raise CancelledError("Quantification cancelled.")
     return result
@@ -250,7 +255,8 @@ class QuantifyWidget(QWidget):
         lung_data, infection_data = np.array(lung.data, copy=True), np.array(infection.data, copy=True)
         self._pending = ((lung.name, infection.name), spacing)
         self.status.setText(message)
-        return self.runner.start(run_quantify, lung_data, infection_data, spacing, status=message)
+        source = self.ct_combo.current_layer() or lung
+        return self.runner.start(run_quantify, lung_data, infection_data, spacing, layer_spacing_known(source), status=message)
 
     def _succeeded(self, result):
         names, spacing = self._pending
@@ -290,8 +296,10 @@ class QuantifyWidget(QWidget):
         self.table.setMinimumHeight(height)
         self.table.setMaximumHeight(height)
         self._set_export_enabled(True)
+        voxel = (f"voxel {spacing[0]:.2f} x {spacing[1]:.2f} x {spacing[2]:.2f} mm" if result.get("spacing_known", True)
+                 else "voxel size unknown (a placeholder in the file), so volumes are voxel counts, not mL")
         self.status.setText(
-            f"'{infection_name}' in '{lung_name}', voxel {spacing[0]:.2f} x {spacing[1]:.2f} x {spacing[2]:.2f} mm. "
+            f"'{infection_name}' in '{lung_name}', {voxel}. "
             "Left and right are the patient's"
             + (f" (lungs split by {result['lung_split_method']})." if result.get("lung_split_method") else ".")
         )

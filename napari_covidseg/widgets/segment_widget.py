@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import InputError
+from ..intensity import HU
 from ..models.registry import get_network, network_names
 from .common import (
     INFECTION_COLOR,
@@ -39,10 +40,13 @@ from .common import (
     TaskRunner,
     add_image_like,
     add_labels_like,
+    check_weights_read,
     device_choices,
     format_seconds,
     image_layers,
+    layer_domain,
     layer_spacing,
+    layer_spacing_known,
     notify_error,
     notify_info,
     notify_warning,
@@ -74,6 +78,8 @@ class RunRequest:
     weights_path: str
     device: str
     threshold: float
+    domain: str = HU
+    spacing_known: bool = True
 
 
 @dataclass
@@ -94,7 +100,7 @@ def run_segmentation(request: RunRequest, progress=None, should_cancel=None) -> 
     device = resolve_device(request.device)
     loaded = load_checkpoint(request.weights_path, expected_network=request.network, map_location="cpu")
     result = segment_volume(loaded, request.ct, request.spacing, threshold=request.threshold, device=device,
-                            progress=progress, should_cancel=should_cancel)
+                            progress=progress, should_cancel=should_cancel, domain=request.domain)
     return RunOutcome(request=request, result=result, device_used=describe_device(device),
                       seconds=time.perf_counter() - t0, n_slices=int(request.ct.shape[0]))
 
@@ -121,6 +127,19 @@ def check_hounsfield(ct: np.ndarray, name: str) -> Optional[str]:
     return None
 
 
+def result_sizes(outcome: RunOutcome) -> str:
+    """Lung and infection size: mL where the spacing is real, voxels (and a note) where it is a placeholder."""
+    result, request = outcome.result, outcome.request
+    lung, infection = int(result.lung.sum()), int(result.infection.sum())
+    if request.spacing_known:
+        voxel_ml = float(np.prod(request.spacing)) / 1000.0
+        sizes = f"Lung {lung * voxel_ml:.0f} mL, infection {infection * voxel_ml:.1f} mL"
+    else:
+        sizes = f"Lung {lung} voxels, infection {infection} voxels (spacing unknown: no mL)"
+    share = f", {100.0 * infection / lung:.1f}% of the lung" if lung else ""
+    return f"{sizes}{share} (threshold {request.threshold:.2f})."
+
+
 class SegmentWidget(QWidget):
     """Choose CT, network, weights, device and threshold; Run adds the masks to the viewer."""
 
@@ -131,7 +150,7 @@ class SegmentWidget(QWidget):
         self._ct_layer = None
 
         self.ct_combo = LayerComboBox(napari_viewer, image_layers)
-        self.ct_combo.setToolTip("The chest CT (Image layer, in Hounsfield units) to segment")
+        self.ct_combo.setToolTip("The chest CT to segment (Image layer: a CT in HU or an 8-bit display image)")
 
         self.network_combo = QComboBox()
         for name in network_names():
@@ -226,7 +245,7 @@ class SegmentWidget(QWidget):
             self.weights_info.setToolTip("")
         else:
             lines = entry.description.splitlines()
-            shown = lines[2:4] if len(lines) > 2 else lines
+            shown = lines[2:5] if len(lines) > 2 else lines  # data, domains, held-out figures
             self.weights_info.setText("\n".join(textwrap.fill(line, INFO_WIDTH) for line in shown))
             self.weights_info.setToolTip(entry.description)
         self._update_buttons()
@@ -253,9 +272,12 @@ class SegmentWidget(QWidget):
 
         device = self.device_combo.currentData() or "auto"
         resolve_device(device)  # fail now, in the GUI thread, with the reason
+        domain = layer_domain(layer)
+        check_weights_read(self.weights.current_entry(), domain, self.network)
         self._ct_layer = layer
         return RunRequest(ct=ct, spacing=layer_spacing(layer), network=self.network, weights_path=path,
-                          device=device, threshold=float(self.threshold_spin.value()))
+                          device=device, threshold=float(self.threshold_spin.value()), domain=domain,
+                          spacing_known=layer_spacing_known(layer))
 
     def run(self):
         if self.runner.is_running():
@@ -266,7 +288,7 @@ class SegmentWidget(QWidget):
             notify_error(exc)
             self.runner.set_status(str(exc))
             return None
-        warning = check_hounsfield(request.ct, self._ct_layer.name)
+        warning = check_hounsfield(request.ct, self._ct_layer.name) if request.domain == HU else None
         if warning:
             notify_warning(warning)
         return self.runner.start(run_segmentation, request,
@@ -278,13 +300,9 @@ class SegmentWidget(QWidget):
     def _on_success(self, outcome: RunOutcome):
         self.last_outcome = outcome
         self.add_result_layers(outcome)
-        result = outcome.result
-        voxel_ml = float(np.prod(outcome.request.spacing)) / 1000.0
         self.runner.set_status(
             f"{outcome.request.network}: {outcome.n_slices} slices in {format_seconds(outcome.seconds)} on {outcome.device_used}.\n"
-            f"Lung {result.lung.sum() * voxel_ml:.0f} mL, infection {result.infection.sum() * voxel_ml:.1f} mL "
-            f"(threshold {outcome.request.threshold:.2f})."
-        )
+            + result_sizes(outcome))
 
     def _free_name(self, base: str) -> str:
         """``base`` unless that layer holds hand edits; then the first ``base (k)`` that is free or

@@ -51,11 +51,14 @@ from .common import (
     LayerComboBox,
     TaskRunner,
     add_labels_like,
+    check_weights_read,
     device_choices,
     format_seconds,
     image_layers,
     labels_layers,
+    layer_domain,
     layer_spacing,
+    layer_spacing_known,
     notify_error,
     volume_of,
 )
@@ -97,7 +100,7 @@ class NetworkResult:
 
 
 def run_networks(jobs: List[Job], ct: np.ndarray, spacing, cls: str, gt: Optional[np.ndarray], threshold: float,
-                 device: str, progress=None, should_cancel=None, report=None) -> List[NetworkResult]:
+                 device: str, progress=None, should_cancel=None, report=None, domain: str = "hu") -> List[NetworkResult]:
     """Run every job one after the other (worker thread; no Qt).  Progress is in thousandths of
     the whole run; ``report(text)`` says which network is running."""
     from ..checkpoint import load_checkpoint
@@ -123,7 +126,7 @@ def run_networks(jobs: List[Job], ct: np.ndarray, spacing, cls: str, gt: Optiona
                 progress(int(1000 * (k + min(done, total) / max(total, 1)) / n), 1000)
 
         seg = segment_volume(loaded, ct, spacing, threshold=threshold, device=dev, progress=part,
-                             should_cancel=should_cancel)
+                             should_cancel=should_cancel, domain=domain)
         seconds = time.perf_counter() - t0
         mask = seg.lung if channel == 0 else seg.infection
         metrics = None
@@ -301,7 +304,7 @@ class SideBySideWidget(QWidget):
         return combo.current_layer()
 
     # --- running -------------------------------------------------------------------------------
-    def jobs(self) -> List[Job]:
+    def jobs(self, domain: str = "hu") -> List[Job]:
         jobs = []
         for name, check in self.network_checks.items():
             if not check.isChecked():
@@ -309,6 +312,7 @@ class SideBySideWidget(QWidget):
             path = self.network_weights[name].current_path()
             if not path:
                 raise InputError(f"`{name}` has no weights: train it, use Add checkpoint..., or untick it.")
+            check_weights_read(self.network_weights[name].current_entry(), domain, name)
             jobs.append(Job(name, path))
         if not jobs:
             raise InputError("Tick at least one network to run.")
@@ -320,7 +324,8 @@ class SideBySideWidget(QWidget):
         try:
             ct_layer = self.ct_combo.current_layer()
             ct = volume_of(ct_layer, "CT")
-            jobs = self.jobs()
+            domain = layer_domain(ct_layer)
+            jobs = self.jobs(domain)
             cls = self.class_combo.currentData()
             gt_layer = self.gt_layer()
             gt = None
@@ -344,7 +349,7 @@ class SideBySideWidget(QWidget):
         self.class_name = cls
         return self.runner.start(run_networks, jobs, ct, layer_spacing(ct_layer), cls, gt,
                                  float(self.threshold_spin.value()), device, report=self.runner.post_status,
-                                 status="Running the selected networks...")
+                                 domain=domain, status="Running the selected networks...")
 
     def cancel(self):
         self.runner.cancel()
@@ -453,6 +458,9 @@ class SideBySideWidget(QWidget):
         return rows
 
     def fill_table(self, results):
+        hd95 = [c[1] for c in TABLE_COLUMNS].index("hd95_mm")
+        known = self._ct_layer is None or layer_spacing_known(self._ct_layer)
+        self.table.horizontalHeaderItem(hd95).setText("HD95 mm" if known else "HD95 px")
         rows = self.table_rows()
         self.table.setRowCount(len(rows))
         for r, (row, result) in enumerate(zip(rows, results)):

@@ -3,7 +3,8 @@
 Reading COVID-19 CT needs the lung window for ground-glass opacities and the mediastinum window
 for consolidation and effusion; radiologists think in width/level, not napari's contrast limits,
 so the widget shows and accepts W/L and keeps its read-out in step with napari's own contrast
-slider.
+slider.  For an 8-bit display image (not HU) the buttons are display presets and W/L are grey
+values 0..255, with a line saying so.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..intensity import DISPLAY8, HU
 from ..io.geometry import GEOMETRY_KEY
-from ..windowing import WINDOW_PRESETS, contrast_limits, matching_preset, width_level
-from .common import LayerComboBox, image_layers
+from ..windowing import contrast_limits, matching_preset, presets_for, width_level
+from .common import LayerComboBox, image_layers, layer_domain
+
+UNITS = {HU: " HU", DISPLAY8: ""}
 
 
 def _is_ct(layer) -> bool:
@@ -37,27 +41,21 @@ class WindowWidget(QWidget):
         self._watched = None
 
         self.layer_combo = LayerComboBox(napari_viewer, image_layers, prefer=_is_ct)
+        self.domain = None
         self.buttons = {}
         self.button_group = QButtonGroup(self)
         self.button_group.setExclusive(True)
-        grid = QGridLayout()
-        for i, (name, preset) in enumerate(WINDOW_PRESETS.items()):
-            button = QPushButton(name.capitalize())
-            button.setCheckable(True)
-            button.setToolTip(f"W {preset.width:g} / L {preset.level:g} HU")
-            button.clicked.connect(lambda _checked=False, n=name: self.apply_preset(n))
-            self.button_group.addButton(button)
-            self.buttons[name] = button
-            grid.addWidget(button, i // 2, i % 2)
+        grid = self.button_grid = QGridLayout()
+        self.domain_note = QLabel()
+        self.domain_note.setWordWrap(True)
+        self.domain_note.setStyleSheet("color: #d08000;")
 
         self.width_box = QDoubleSpinBox()
         self.width_box.setRange(1.0, 10000.0)
         self.width_box.setDecimals(0)
-        self.width_box.setSuffix(" HU")
         self.level_box = QDoubleSpinBox()
         self.level_box.setRange(-3000.0, 5000.0)
         self.level_box.setDecimals(0)
-        self.level_box.setSuffix(" HU")
         for box in (self.width_box, self.level_box):
             box.setKeyboardTracking(False)
             box.valueChanged.connect(self._apply_boxes)
@@ -69,12 +67,14 @@ class WindowWidget(QWidget):
         form.addRow("Level", self.level_box)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.domain_note)
         layout.addLayout(grid)
         layout.addWidget(self.readout)
         layout.addStretch(1)
 
         self.layer_combo.currentIndexChanged.connect(self._watch_layer)
         napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
+        self._set_domain(HU)
         self._watch_layer()
 
     # --- public API ---------------------------------------------------------------------------
@@ -82,8 +82,8 @@ class WindowWidget(QWidget):
         return self.layer_combo.current_layer()
 
     def apply_preset(self, name: str) -> None:
-        """Set the chosen CT layer's contrast limits to the preset's window."""
-        self.set_limits(contrast_limits(name))
+        """Set the chosen CT layer's contrast limits to the preset's window (a preset of its domain)."""
+        self.set_limits(contrast_limits(name, self.domain))
 
     def set_width_level(self, width: float, level: float) -> None:
         self.set_limits((level - width / 2.0, level + width / 2.0))
@@ -101,6 +101,31 @@ class WindowWidget(QWidget):
         self._show_limits()
 
     # --- internals ----------------------------------------------------------------------------
+    def _set_domain(self, domain: str) -> None:
+        """Preset buttons, units and note of ``domain`` (rebuilt only when it changes)."""
+        if domain == self.domain:
+            return
+        self.domain = domain
+        for button in self.buttons.values():
+            self.button_group.removeButton(button)
+            self.button_grid.removeWidget(button)
+            button.deleteLater()
+        self.buttons = {}
+        unit = UNITS[domain].strip() or "grey values"
+        for i, (name, preset) in enumerate(presets_for(domain).items()):
+            button = QPushButton(name.capitalize())
+            button.setCheckable(True)
+            button.setToolTip(f"W {preset.width:g} / L {preset.level:g} {unit}")
+            button.clicked.connect(lambda _checked=False, n=name: self.apply_preset(n))
+            self.button_group.addButton(button)
+            self.buttons[name] = button
+            self.button_grid.addWidget(button, i // 2, i % 2)
+        for box in (self.width_box, self.level_box):
+            box.setSuffix(UNITS[domain])
+        self.domain_note.setText("8-bit display image, not HU: presets stretch its published grey values."
+                                 if domain == DISPLAY8 else "")
+        self.domain_note.setVisible(domain == DISPLAY8)
+
     def _follow_active_layer(self, event=None):
         """Selecting an image in napari's layer list makes it the widget's layer too."""
         active = self.viewer.layers.selection.active
@@ -129,17 +154,19 @@ class WindowWidget(QWidget):
         if layer is None:
             self.readout.setText("No image layer: open a CT to set its window.")
             return
+        self._set_domain(layer_domain(layer))
         width, level = width_level(layer.contrast_limits)
         for box, value in ((self.width_box, width), (self.level_box, level)):
             box.blockSignals(True)
             box.setValue(value)
             box.blockSignals(False)
-        preset = matching_preset(layer.contrast_limits)
+        preset = matching_preset(layer.contrast_limits, domain=self.domain)
         self.button_group.setExclusive(False)
         for name, button in self.buttons.items():
             button.setChecked(name == preset)
         self.button_group.setExclusive(True)
-        self.readout.setText(f"W {width:g} / L {level:g} HU" + (f"  ({preset} window)" if preset else ""))
+        unit = UNITS[self.domain].strip() or "(grey values)"
+        self.readout.setText(f"W {width:g} / L {level:g} {unit}" + (f"  ({preset} window)" if preset else ""))
 
     def _apply_boxes(self, *_):
         self.set_width_level(self.width_box.value(), self.level_box.value())
