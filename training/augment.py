@@ -14,11 +14,14 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-KNOWN = ("flip", "mirror", "rotate", "scale", "elastic", "gamma", "brightness", "contrast", "noise")
+KNOWN = ("flip", "mirror", "rotate", "scale", "elastic", "gamma", "brightness", "contrast", "noise", "lowres")
 
 DEFAULT_PROBABILITIES: Dict[str, float] = {
     "flip": 0.5, "rotate": 0.3, "scale": 0.3, "elastic": 0.2, "gamma": 0.3, "brightness": 0.3, "contrast": 0.3, "noise": 0.2,
+    "lowres": 0.25,
 }
+#: "lowres": in-plane down-sampling factor range (then back up), as nnU-Net's low-resolution simulation
+LOWRES_FACTORS = (1.5, 4.0)
 MAX_ROTATION_DEG = 15.0
 SCALE_RANGE = (0.85, 1.15)
 
@@ -62,6 +65,20 @@ def _elastic(image, masks, rng, alpha: float = 6.0, sigma: float = 4.0):
     return out_img, out_masks
 
 
+def _low_resolution(image: np.ndarray, factor: float) -> np.ndarray:
+    """The image as a scanner ``factor`` times coarser in-plane would show it: area-averaged
+    down, linear back up (the masks stay sharp: the anatomy did not change)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    t = t[None, None] if image.ndim == 2 else t[:, None]
+    size = tuple(int(t.shape[-2:][i]) for i in range(2))
+    small = tuple(max(4, int(round(n / factor))) for n in size)
+    t = F.interpolate(F.interpolate(t, size=small, mode="area"), size=size, mode="bilinear", align_corners=False)
+    return t[0, 0].numpy() if image.ndim == 2 else t[:, 0].numpy()
+
+
 def augment(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequence[str], rng: np.random.Generator,
             probabilities: Dict[str, float] = None):
     """Augment a normalised image ((H, W) or (D, H, W)) and its masks; returns ``(image, [masks])``.
@@ -83,6 +100,8 @@ def augment(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequence[str]
         image, masks = _affine_plane(image, masks, rng, do_rot, do_scale)
     if "elastic" in names and rng.random() < p["elastic"]:
         image, masks = _elastic(image, masks, rng)
+    if "lowres" in names and rng.random() < p["lowres"]:
+        image = _low_resolution(image, rng.uniform(*LOWRES_FACTORS))
     lo, hi = float(image.min()), float(image.max())
     if "gamma" in names and rng.random() < p["gamma"] and hi > lo:
         g = rng.uniform(0.7, 1.5)

@@ -262,26 +262,33 @@ def phantom_spacing(shape: Sequence[int]) -> Tuple[float, float, float]:
     return tuple(float(s) * d / n for s, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, shape))
 
 
-def phantom_cases(n: int, shape: Sequence[int] = DEFAULT_PHANTOM_SHAPE, first_seed: int = 0) -> List[Case]:
+def phantom_cases(n: int, shape: Sequence[int] = DEFAULT_PHANTOM_SHAPE, first_seed: int = 0, healthy: int = 0) -> List[Case]:
+    """``n`` phantoms from seeds ``first_seed...``; the last ``healthy`` of them have no lesion
+    (ids ``phantom_<seed>_healthy``), so a network also sees lungs without infection."""
     from napari_covidseg.phantom import make_phantom
 
     if n < 2:
         raise DataFolderError(f"at least 2 phantom cases are needed (one to train, one to validate), not {n}")
+    if not 0 <= healthy <= n:
+        raise DataFolderError(f"healthy phantoms must be between 0 and the number of phantoms ({n}), not {healthy}")
     shape = tuple(int(s) for s in shape)
     spacing = phantom_spacing(shape)
     out = []
-    for seed in range(first_seed, first_seed + n):
-        p = make_phantom(shape=shape, spacing=spacing, seed=seed)
-        out.append(Case(f"phantom_{seed:03d}", p.ct, p.lung.astype(np.uint8), p.infection.astype(np.uint8), tuple(p.spacing)))
+    for k, seed in enumerate(range(first_seed, first_seed + n)):
+        is_healthy = k >= n - healthy
+        p = make_phantom(shape=shape, spacing=spacing, seed=seed, healthy=is_healthy)
+        out.append(Case(f"phantom_{seed:03d}" + ("_healthy" if is_healthy else ""), p.ct, p.lung.astype(np.uint8),
+                        p.infection.astype(np.uint8), tuple(p.spacing)))
     return out
 
 
-def load_cases(data: str, layout: str = "auto", phantom_n: int = 8, phantom_shape=DEFAULT_PHANTOM_SHAPE) -> Tuple[str, List[Case]]:
+def load_cases(data: str, layout: str = "auto", phantom_n: int = 8, phantom_shape=DEFAULT_PHANTOM_SHAPE,
+               phantom_healthy: int = 0) -> Tuple[str, List[Case]]:
     """Read every case of ``data``; returns ``(layout, cases)``."""
     if layout not in ("auto",) + LAYOUTS:
         raise DataFolderError(f"unknown layout {layout!r}; use auto, {', '.join(LAYOUTS)}")
     if str(data) == PHANTOM or layout == PHANTOM:
-        return PHANTOM, phantom_cases(phantom_n, phantom_shape)
+        return PHANTOM, phantom_cases(phantom_n, phantom_shape, healthy=phantom_healthy)
     detected = detect_layout(data)
     layout = detected if layout == "auto" else layout
     root = Path(data)
@@ -302,7 +309,7 @@ def load_sources(data, phantom_n: int = 8, phantom_shape=DEFAULT_PHANTOM_SHAPE) 
     layouts, cases = [], []
     for source in sources:
         n = source.cases if source.cases is not None else phantom_n
-        layout, found = load_cases(source.path, source.layout, n, phantom_shape)
+        layout, found = load_cases(source.path, source.layout, n, phantom_shape, source.healthy or 0)
         layouts.append(layout)
         for case in found:
             case.source = source.name

@@ -12,7 +12,7 @@ A source is written on the command line as ``--data PATH`` and may carry options
 * ``weight=W``: the share of training samples drawn from this source (0 < W <= 1).  Sources
   without a weight share the rest in proportion to their number of slices.  Default: every
   source in proportion to its slices (each training slice equally likely).
-* ``cases=N`` (phantom only): number of phantom cases.
+* ``cases=N`` (phantom only): number of phantom cases; ``healthy=K``: the last K have no lesion.
 * ``layout=NAME``: force a layout instead of detecting it.
 
 In a JSON config file, ``data`` may be a string, a list of such strings, or a list of objects
@@ -29,7 +29,7 @@ from napari_covidseg.errors import DataFolderError
 from napari_covidseg.models.registry import CLASS_NAMES
 
 PHANTOM = "phantom"
-OPTION_NAMES = ("labels", "weight", "cases", "layout")
+OPTION_NAMES = ("labels", "weight", "cases", "healthy", "layout")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class DataSource:
     labels: Optional[Tuple[str, ...]] = None  # None: every mask the folder holds
     weight: Optional[float] = None  # share of samples; None: in proportion to slices
     cases: Optional[int] = None  # phantom only
+    healthy: Optional[int] = None  # phantom only: how many of the cases have no lesion
     layout: str = "auto"
     name: str = field(default="", compare=False)
 
@@ -62,7 +63,7 @@ class DataSource:
         parts = [str(self.path)]
         if self.labels is not None:
             parts.append("labels=" + "+".join(self.labels))
-        for key in ("weight", "cases"):
+        for key in ("weight", "cases", "healthy"):
             if getattr(self, key) is not None:
                 parts.append(f"{key}={getattr(self, key):g}")
         if self.layout != "auto":
@@ -85,9 +86,11 @@ def parse_source(text: str) -> DataSource:
         labels = tuple(v for v in values["labels"].split("+") if v) if "labels" in values else None
         weight = float(values["weight"]) if "weight" in values else None
         cases = int(values["cases"]) if "cases" in values else None
+        healthy = int(values["healthy"]) if "healthy" in values else None
     except ValueError as exc:
         raise DataFolderError(f"--data {text}: {exc}") from None
-    return DataSource(path.strip(), labels=labels, weight=weight, cases=cases, layout=values.get("layout", "auto"))
+    return DataSource(path.strip(), labels=labels, weight=weight, cases=cases, healthy=healthy,
+                      layout=values.get("layout", "auto"))
 
 
 def as_sources(data: Union[str, dict, Sequence]) -> List[DataSource]:
@@ -105,7 +108,8 @@ def as_sources(data: Union[str, dict, Sequence]) -> List[DataSource]:
                 raise DataFolderError(f"a data source needs 'path' and may have {', '.join(OPTION_NAMES)}; got {sorted(item)}")
             labels = item.get("labels")
             out.append(DataSource(str(item["path"]), labels=tuple(labels) if labels is not None else None,
-                                  weight=item.get("weight"), cases=item.get("cases"), layout=item.get("layout", "auto")))
+                                  weight=item.get("weight"), cases=item.get("cases"), healthy=item.get("healthy"),
+                                  layout=item.get("layout", "auto")))
         else:
             out.append(parse_source(str(item)))
     names = [s.name for s in out]
