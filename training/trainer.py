@@ -120,28 +120,41 @@ def validate(model, spec: NetworkSpec, prep: Preprocessing, cases: List[Case], d
              patch_size=None) -> Tuple[Dict[str, Dict[str, float]], float, float, Dict[str, dict]]:
     """Whole-volume prediction of the validation cases (as at inference); returns per-class mean
     metrics, the mean Dice over the chosen classes, a validation loss (BCE of the probabilities)
-    and the per-class means of each data source."""
+    and the per-class means of each data source.
+
+    A case whose mask of a class is empty (a healthy lung has no infection) has no Dice to give
+    (1 or 0 on a single voxel); it adds ``false_positive_pct`` (that class predicted, as a share of
+    the lung) to the summary instead, and the Dice means are over the cases that have the class.
+    """
     per_class = {name: [] for name in CLASS_NAMES}
     per_source: Dict[str, Dict[str, list]] = {}
+    healthy: Dict[str, list] = {name: [] for name in CLASS_NAMES}
     losses = []
     was_training = model.training
     for case in cases:
         prob = predict_volume(model, spec, case.ct, case.spacing, prep, device=device, batch_size=max(1, cfg.batch_size),
                               patch_size=patch_size, amp=cfg.amp, domain=case.domain)
+        lung_voxels = max(1, int(np.count_nonzero(case.lung))) if case.lung is not None else prob[0][0].size
         for c, name in enumerate(CLASS_NAMES):
             gt = case.lung if c == 0 else case.infection
             if gt is None or c not in CHANNELS[cfg.target]:
                 continue
-            m = all_metrics(prob[c] > 0.5, gt, spacing=case.spacing, prob=prob[c], with_hd95=False)
-            per_class[name].append(m)
-            per_source.setdefault(case.source or "data", {}).setdefault(name, []).append(m)
             p = np.clip(prob[c], 1e-6, 1 - 1e-6)
             g = gt > 0
             losses.append(float(-np.mean(np.where(g, np.log(p), np.log(1 - p)))))
+            if not g.any():
+                healthy[name].append(100.0 * np.count_nonzero(prob[c] > 0.5) / lung_voxels)
+                continue
+            m = all_metrics(prob[c] > 0.5, gt, spacing=case.spacing, prob=prob[c], with_hd95=False)
+            per_class[name].append(m)
+            per_source.setdefault(case.source or "data", {}).setdefault(name, []).append(m)
     model.train(was_training)
     summary = {name: _mean_metrics(items) for name, items in per_class.items() if items}
+    for name, shares in healthy.items():
+        if shares:
+            summary.setdefault(name, {})["false_positive_pct"] = float(np.mean(shares))
     by_source = {src: {name: _mean_metrics(items) for name, items in classes.items()} for src, classes in per_source.items()}
-    chosen = [CLASS_NAMES[c] for c in CHANNELS[cfg.target] if CLASS_NAMES[c] in summary]
+    chosen = [CLASS_NAMES[c] for c in CHANNELS[cfg.target] if "dice" in summary.get(CLASS_NAMES[c], {})]
     dice_mean = float(np.mean([summary[n]["dice"] for n in chosen])) if chosen else float("nan")
     return summary, dice_mean, float(np.mean(losses)) if losses else float("nan"), by_source
 
@@ -297,7 +310,7 @@ class Trainer:
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.start_epoch, self.best = 0, -math.inf
+        self.start_epoch, self.best, self.wall_seconds = 0, -math.inf, 0.0
         if cfg.resume:
             self._resume(cfg.resume)
 
@@ -319,6 +332,7 @@ class Trainer:
         self.start_epoch = int(extra["epoch"])
         self.best = float(extra.get("best", -math.inf)) if extra.get("best") is not None else -math.inf
         self._resume_rng = extra.get("rng")
+        self.wall_seconds = float(extra.get("wall_seconds") or 0.0)
         self.log.line(f"resumed from {path} after epoch {self.start_epoch}")
 
     def _loader(self):
@@ -350,11 +364,13 @@ class Trainer:
                     "split": {k: self.split[k] for k in ("train", "val", "test", "seed", "method")},
                     "recipe": {k: getattr(cfg, k) for k in ("optimizer", "lr", "weight_decay", "schedule", "epochs", "batch_size",
                                                             "input_size", "crop_size", "augmentation", "target")},
-                    "epochs_done": epoch, "seed": cfg.seed}
+                    "epochs_done": epoch, "seed": cfg.seed, "device": str(self.device),
+                    "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+                    "wall_minutes": round(self.wall_seconds / 60.0, 1)}
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.amp else {}, "epoch": epoch,
                  "best": None if not math.isfinite(self.best) else self.best, "rng": rng_state(),
-                 "sampler_epoch": epoch, "config": cfg.to_dict()}
+                 "sampler_epoch": epoch, "config": cfg.to_dict(), "wall_seconds": self.wall_seconds}
         save_checkpoint(path, self.model, cfg.network, cfg.network_kwargs, self.prep, training=training,
                         metrics=metrics, extra=extra, half=half)
 
@@ -429,6 +445,7 @@ class Trainer:
             else:
                 self.scheduler.step()
             seconds = time.time() - t0
+            self.wall_seconds += seconds
             improved = dice_mean is not None and math.isfinite(dice_mean) and dice_mean > self.best
             if improved:
                 self.best = float(dice_mean)
@@ -442,7 +459,10 @@ class Trainer:
                 self.log.record("epoch", **record)
                 val = record.get("val") or {}
                 self.log.line(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} val dice "
-                              + " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items()) + f" lr {lr:.2e} {seconds:.1f}s")
+                              + " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items() if "dice" in v)
+                              + "".join(f" ({k} false positives in healthy cases {v['false_positive_pct']:.2f}% of lung)"
+                                        for k, v in val.items() if "false_positive_pct" in v)
+                              + f" lr {lr:.2e} {seconds:.1f}s")
             distributed.barrier(self.dist)
             if self.stop.stopped:
                 status = "stopped"
