@@ -206,6 +206,27 @@ def mae(prob, gt) -> float:
     return float(np.mean(np.abs(prob - (g != 0))))
 
 
+def infnet_mean_dice(prob, gt, n_thresholds: int = 256) -> float:
+    """Inf-Net's evaluation Dice of one image (Fan et al., TMI 2020, their ``EvaluationTools``):
+    the probability map is min-max normalised, thresholded at ``n_thresholds`` levels from 1 to
+    0, and the Dice of each binary map is averaged; a threshold without a true positive scores 0.
+    A constant map (nothing to normalise) is thresholded as is."""
+    gt = np.asarray(gt) != 0
+    p = np.asarray(prob, dtype=np.float64)
+    lo, hi = float(p.min()), float(p.max())
+    p = (p - lo) / (hi - lo) if hi > lo else p
+    order = np.sort(p.ravel())[::-1]  # descending: pred(t) = p >= t
+    gt_sorted = gt.ravel()[np.argsort(-p.ravel(), kind="stable")]
+    tp_cum = np.cumsum(gt_sorted)
+    n_gt = int(gt.sum())
+    scores = []
+    for t in np.linspace(1.0, 0.0, n_thresholds):
+        k = int(np.searchsorted(-order, -t, side="right"))  # number of pixels with p >= t
+        tp = int(tp_cum[k - 1]) if k else 0
+        scores.append(2.0 * tp / (k + n_gt) if tp > 0 else 0.0)
+    return float(np.mean(scores))
+
+
 def all_metrics(pred, gt, spacing: Optional[Sequence[float]] = None, prob=None, with_hd95: bool = True) -> Dict[str, float]:
     """Every metric of :data:`METRIC_KEYS` in one dict (plain floats).
 

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="whole-volume metrics of a checkpoint")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", required=True, action="append", metavar="SOURCE", help="as for train (repeat for several)")
     e.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto")
     e.add_argument("--split", help="split.json of the training run")
     e.add_argument("--subset", choices=("train", "val", "test", "all"), default="all")
@@ -126,7 +126,8 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(args.checkpoint, args.data, args.out, layout=args.layout, split=args.split, subset=args.subset,
+    data = args.data[0] if len(args.data) == 1 else args.data
+    result = evaluate(args.checkpoint, data, args.out, layout=args.layout, split=args.split, subset=args.subset,
                       device=args.device, threshold=args.threshold, phantom_cases=args.phantom_cases,
                       phantom_shape=args.phantom_shape)
     for m in result["mean"]:

@@ -16,7 +16,7 @@ from napari_covidseg.inference import segment_volume
 from napari_covidseg.metrics import all_metrics
 from napari_covidseg.models.registry import CLASS_NAMES
 
-from .datasets import Case, load_cases
+from .datasets import Case, load_sources
 from .splits import read_split
 
 METRIC_COLUMNS = ("dice", "iou", "sensitivity", "specificity", "precision", "f_measure", "hd95_mm", "mae")
@@ -42,7 +42,7 @@ def select_cases(cases: List[Case], split_path: Optional[str], subset: str) -> L
 def evaluate_cases(loaded, cases: List[Case], device="auto", threshold: float = 0.5, progress=None) -> List[dict]:
     rows = []
     for k, case in enumerate(cases):
-        result = segment_volume(loaded, case.ct, case.spacing, threshold=threshold, device=device)
+        result = segment_volume(loaded, case.ct, case.spacing, threshold=threshold, device=device, domain=case.domain)
         for c, name in enumerate(CLASS_NAMES):
             gt = case.lung if c == 0 else case.infection
             if gt is None:
@@ -93,8 +93,10 @@ def evaluate(checkpoint: str, data: str, out_dir: str, layout: str = "auto", spl
              subset: str = "all", device: str = "auto", threshold: float = 0.5, phantom_cases: int = 8,
              phantom_shape=(32, 192, 192)) -> dict:
     loaded = load_checkpoint(checkpoint, map_location="cpu")
-    _, cases = load_cases(data, layout, phantom_cases, phantom_shape)
+    if isinstance(data, str) and layout != "auto":
+        data = f"{data},layout={layout}"
+    _, _, cases = load_sources(data, phantom_cases, phantom_shape)
     chosen = select_cases(cases, split, subset)
     rows = evaluate_cases(loaded, chosen, device=device, threshold=threshold)
-    title = f"{loaded.network} ({Path(checkpoint).name}) on {data}, {subset} ({len(chosen)} cases)"
+    title = f"{loaded.network} ({Path(checkpoint).name}) on {data if isinstance(data, str) else ' + '.join(data)}, {subset} ({len(chosen)} cases)"
     return {**write_tables(rows, out_dir, title), "rows": rows, "n_cases": len(chosen)}
