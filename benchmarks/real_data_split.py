@@ -9,7 +9,8 @@ report their accuracy (``python -m benchmarks.real_data_split`` rewrites ``real_
 * Inf-Net / MedSeg training slices (50 single-slice cases, no patient ids): 10 test and 5
   validation slices drawn with seed 2026, 35 for training.  MedSeg publishes no patient ids,
   so neighbouring slices of one patient may sit on both sides (as in Inf-Net's own split).
-* Phantoms (synthetic, HU): seeds 0..5 train, seed 6 validation; never used for reported accuracy.
+* Phantoms (synthetic, HU): seeds 0..5 (with lesions) and 7..10 (healthy) train, seeds 6 and 11
+  validation; never used for reported accuracy.
 * ``cip_ct64`` (the only real HU CT) is not trained on: it is a test case only.
 """
 
@@ -29,7 +30,9 @@ DSTAROFF_ALL = ("cc01", "cc02", "cc03", "cc04", "cc05", "cc07", "cc08", "cc09",
 INFNET_IDS = tuple(str(i) for i in [*range(0, 6), *range(10, 18), 19, 20, *range(23, 36), 37, *range(39, 48),
                                     *range(49, 59), 67])
 INFNET_SEED, INFNET_TEST, INFNET_VAL = 2026, 10, 5
-PHANTOM_TRAIN, PHANTOM_VAL = range(0, 6), (6,)
+PHANTOM_TRAIN = ["phantom_000", "phantom_001", "phantom_002", "phantom_003", "phantom_004", "phantom_005",
+                 "phantom_007_healthy", "phantom_008_healthy", "phantom_009_healthy", "phantom_010_healthy"]
+PHANTOM_VAL = ["phantom_006", "phantom_011_healthy"]
 
 
 def build_split() -> dict:
@@ -41,8 +44,8 @@ def build_split() -> dict:
 
     dst_train = [g for g in DSTAROFF_ALL if g not in DSTAROFF_TEST + DSTAROFF_VAL]
     return {
-        "train": ids(DSTAROFF, dst_train) + ids(INFNET, inf_train) + ids(PHANTOM, [f"phantom_{s:03d}" for s in PHANTOM_TRAIN]),
-        "val": ids(DSTAROFF, DSTAROFF_VAL) + ids(INFNET, inf_val) + ids(PHANTOM, [f"phantom_{s:03d}" for s in PHANTOM_VAL]),
+        "train": ids(DSTAROFF, dst_train) + ids(INFNET, inf_train) + ids(PHANTOM, PHANTOM_TRAIN),
+        "val": ids(DSTAROFF, DSTAROFF_VAL) + ids(INFNET, inf_val) + ids(PHANTOM, PHANTOM_VAL),
         "test": ids(DSTAROFF, DSTAROFF_TEST) + ids(INFNET, inf_test),
         "seed": INFNET_SEED,
         "method": "fixed patient-group split of ../shared/data (benchmarks/real_data_split.py)",
