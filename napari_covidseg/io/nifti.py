@@ -22,7 +22,6 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
-from typing import Tuple
 
 import nibabel as nib
 import numpy as np
@@ -34,7 +33,7 @@ from .geometry import Geometry
 from .output import OutputExistsError, prepare_output, refuse_if_appeared
 from .volume import (  # noqa: F401  (re-exported: the names callers have always imported from here)
     KIND_IMAGE, KIND_LABELS, MAX_LABELS, NotHounsfieldError, RawVolume, Volume, check_same_grid, check_size,
-    exact_values, finish_volume, image_domain, smallest_integer,
+    exact_values, finish_volume, image_domain, smallest_integer, squeeze_to_3d,
 )
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -118,26 +117,6 @@ def _load_misnamed(path: Path, is_gzip: bool):
     return image_class.from_bytes(data)
 
 
-def _squeeze_to_3d(shape, name: str) -> Tuple[int, int, int]:
-    """The 3D shape of a volume, or an :class:`InputError` for 2D and multi-volume files."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 3:
-        raise InputError(
-            f"{name} holds a {len(shape)}D image of shape {shape}, not a 3D CT volume: "
-            "open the whole CT series (all slices in one 3D NIfTI file)."
-        )
-    extra = shape[3:]
-    if any(s != 1 for s in extra):
-        raise InputError(
-            f"{name} has shape {shape}: it is a time series / multi-volume (4D) file with "
-            f"{int(np.prod(extra))} volumes. covidseg needs one 3D CT: split the series and open "
-            "one volume (e.g. with fslsplit or nibabel's image slicing)."
-        )
-    if any(s < 1 for s in shape[:3]):
-        raise InputError(f"{name} has an empty shape {shape}: the file holds no voxels.")
-    return shape[:3]
-
-
 def _read_voxels(img, name: str) -> np.ndarray:
     """The file's voxels with scl_slope/scl_inter applied, in the smallest exact dtype.
 
@@ -196,7 +175,7 @@ def read_nifti(path) -> RawVolume:
     path = Path(path).expanduser()
     name = _display_name(path)
     img = _open_image(path)
-    shape = _squeeze_to_3d(img.shape, name)
+    shape = squeeze_to_3d(img.shape, name)
     check_size(shape, img.get_data_dtype().itemsize, name)
     values = _read_voxels(img, name)
     geometry = Geometry.from_nifti(img, source_path=str(path.resolve()))

@@ -114,6 +114,27 @@ def check_size(shape: Sequence[int], itemsize: int, name: str) -> None:
         )
 
 
+def squeeze_to_3d(shape, name: str) -> Tuple[int, int, int]:
+    """The 3D shape of a volume (trailing singleton axes dropped), or an :class:`InputError` for
+    2D and multi-volume images."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 3:
+        raise InputError(
+            f"{name} holds a {len(shape)}D image of shape {shape}, not a 3D CT volume: "
+            "open the whole CT series (all slices in one 3D file, or the folder of slices)."
+        )
+    extra = shape[3:]
+    if any(s != 1 for s in extra):
+        raise InputError(
+            f"{name} has shape {shape}: it is a time series / multi-volume (4D) file with "
+            f"{int(np.prod(extra))} volumes. covidseg needs one 3D CT: split the series and open "
+            "one volume (e.g. with fslsplit or nibabel's image slicing)."
+        )
+    if any(s < 1 for s in shape[:3]):
+        raise InputError(f"{name} has an empty shape {shape}: the file holds no voxels.")
+    return shape[:3]
+
+
 def check_geometry(geometry: Geometry, name: str) -> None:
     """Refuse a position/orientation that is not finite or collapses an axis."""
     affine = geometry.affine
