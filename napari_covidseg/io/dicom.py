@@ -104,10 +104,13 @@ class DicomSeries:
     slices: List[DicomSlice] = field(default_factory=list)
     problem: Optional[str] = None
 
-    def title(self) -> str:
+    def short_title(self) -> str:
+        """``series 3 'Thorax 1.0 B70f'``: what a layer made from it is called."""
         number = f"series {self.number}" if self.number is not None else "series"
-        description = f" '{self.description}'" if self.description else ""
-        return f"{number}{description} ({self.modality or 'no modality'}, {len(self.slices)} file(s))"
+        return number + (f" '{self.description}'" if self.description else "")
+
+    def title(self) -> str:
+        return f"{self.short_title()} ({self.modality or 'no modality'}, {len(self.slices)} file(s))"
 
     def as_dict(self, index: int) -> dict:
         return {"index": index, "uid": self.uid, "number": self.number, "description": self.description,
@@ -366,7 +369,7 @@ def read_series(series: DicomSeries, source_path: Optional[str] = None) -> RawVo
     values = exact_values(stack.transpose(2, 1, 0), name)
     geometry = Geometry(affine=lps_to_ras(lps), file_shape=values.shape, source_path=source_path)
     return RawVolume(values=values, geometry=geometry, name=name, source_format="dicom", domain=HU,
-                     kind="image", description=series.title(), notes=notes)
+                     kind="image", description=series.short_title(), notes=notes)
 
 
 # --- choosing a series ---------------------------------------------------------------------
