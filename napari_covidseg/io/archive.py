@@ -33,6 +33,22 @@ def _members(archive: zipfile.ZipFile, name: str) -> List[zipfile.ZipInfo]:
     return members
 
 
+def holds_dicom(path) -> bool:
+    """Whether the zip ``path`` holds a DICOM Part 10 file (read from the archive, nothing unpacked)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.is_dir() or any(part in member.filename for part in _JUNK) or member.flag_bits & 0x1:
+                    continue
+                with archive.open(member) as stream:
+                    head = stream.read(132)
+                if head[128:132] == b"DICM":
+                    return True
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError):
+        return False
+    return False
+
+
 def content_root(folder: Path) -> Path:
     """``folder``, or the single sub-folder it consists of (repeatedly)."""
     while True:

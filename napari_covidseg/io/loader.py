@@ -36,7 +36,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..errors import InputError
 from . import dicom
-from .archive import extracted
+from .archive import extracted, holds_dicom
 from .itk import ITK_SUFFIXES, read_itk
 from .nifti import NIFTI_SUFFIXES, read_nifti
 from .slices import SLICE_SUFFIXES, is_slice_path, read_slices
@@ -92,6 +92,15 @@ def can_open(path) -> bool:
     if kind != "folder":
         return bool(kind)
     return any(is_slice_path(p) for p in path.iterdir()) or bool(_first_dicom(path))
+
+
+def is_dicom_source(path) -> bool:
+    """Whether ``path`` is read as DICOM: a DICOM file, a folder or a zip that holds one."""
+    path = Path(path)
+    kind = source_kind(path)
+    if kind == "folder":
+        return _first_dicom(path) is not None
+    return kind == "dicom-file" or (kind == "zip" and holds_dicom(path))
 
 
 def _first_dicom(folder: Path) -> Optional[Path]:
