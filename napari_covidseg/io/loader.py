@@ -46,6 +46,8 @@ ZIP_SUFFIX = ".zip"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: every suffix a volume file may end in (folders and suffix-less DICOM files come on top)
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + tuple(ITK_SUFFIXES) + SLICE_SUFFIXES + DICOM_SUFFIXES + (ZIP_SUFFIX,)
+#: files that are one whole volume by themselves (a .dcm file is one slice of a series in its folder)
+SINGLE_VOLUME_SUFFIXES = NIFTI_SUFFIXES + tuple(ITK_SUFFIXES) + SLICE_SUFFIXES + (ZIP_SUFFIX,)
 #: suffix of a saved mask, by the suffix of its CT
 _MASK_SUFFIX = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
 WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -83,6 +85,12 @@ def is_volume_path(path) -> bool:
     """Cheap test (names only, no file read) that ``path`` may be a volume: a known suffix or a folder."""
     path = Path(path)
     return not path.name.startswith(".") and (path.is_dir() or bool(_suffix(path)))
+
+
+def is_single_volume_file(path) -> bool:
+    """A file that holds one whole volume (NIfTI, NRRD/MHA header, slice image, zip): one case of a data folder."""
+    path = Path(path)
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(SINGLE_VOLUME_SUFFIXES)
 
 
 def can_open(path) -> bool:
