@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -84,7 +84,6 @@ class DicomSlice:
     orientation: Optional[np.ndarray]  # ImageOrientationPatient (row cosines, column cosines)
     pixel_spacing: Optional[Tuple[float, float]]  # (between rows, between columns) mm
     shape: Tuple[int, int]  # (rows, columns)
-    instance: Optional[int]
     transfer_syntax: str
 
 
@@ -137,6 +136,7 @@ def _strings(value) -> Tuple[str, ...]:
 
 
 def read_header(path: Path):
+    """The pydicom dataset of ``path`` without pixel data, or None when it cannot be parsed."""
     import pydicom
 
     try:
@@ -147,13 +147,11 @@ def read_header(path: Path):
 
 def _slice_of(ds, path: Path) -> DicomSlice:
     spacing = _floats(ds.get("PixelSpacing"), 2)
-    instance = ds.get("InstanceNumber")
     return DicomSlice(
         path=path, position=_floats(ds.get("ImagePositionPatient"), 3),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         shape=(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)),
-        instance=int(instance) if instance not in (None, "") else None,
         transfer_syntax=str(getattr(ds.file_meta, "TransferSyntaxUID", "")),
     )
 
@@ -171,33 +169,39 @@ def _series_of(ds) -> DicomSeries:
     )
 
 
-def dicom_files(folder: Path) -> List[Path]:
-    """Every DICOM Part 10 file under ``folder`` (sub-folders included), in a stable order."""
-    found = []
+def iter_dicom_files(folder, limit: Optional[int] = None) -> Iterator[Path]:
+    """The DICOM Part 10 files under ``folder`` (sub-folders included, hidden ones and DICOMDIR not),
+    in a stable order; stops after looking at ``limit`` files when given."""
+    looked = 0
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             path = Path(root) / name
             if name.upper() != "DICOMDIR" and not name.startswith(".") and is_dicom_file(path):
-                found.append(path)
-    return found
+                yield path
+            looked += 1
+            if limit is not None and looked >= limit:
+                return
 
 
 def scan_folder(folder) -> Tuple[List[DicomSeries], List[Path]]:
     """The series under ``folder`` (ordered by series number) and the DICOM files whose header is unreadable."""
     series: Dict[str, DicomSeries] = {}
     broken = []
-    for path in dicom_files(Path(folder)):
+    for path in iter_dicom_files(Path(folder)):
         ds = read_header(path)
         if ds is None:
             broken.append(path)
             continue
         if "SeriesInstanceUID" not in ds:
             continue  # not an object of a series (e.g. a DICOMDIR under another name)
-        uid = str(ds.SeriesInstanceUID)
-        if uid not in series:
-            series[uid] = _series_of(ds)
-        series[uid].slices.append(_slice_of(ds, path))
+        try:  # pydicom converts values when they are read: a malformed one raises here
+            uid = str(ds.SeriesInstanceUID)
+            if uid not in series:
+                series[uid] = _series_of(ds)
+            series[uid].slices.append(_slice_of(ds, path))
+        except Exception:
+            broken.append(path)
     ordered = sorted(series.values(), key=lambda s: (s.number is None, s.number or 0, s.uid))
     for s in ordered:
         s.problem = series_problem(s)
@@ -424,12 +428,19 @@ def broken_note(broken: Sequence[Path]) -> List[str]:
             "ignored"] if broken else []
 
 
+def read_chosen(all_series: Sequence[DicomSeries], broken: Sequence[Path], choice, where: str,
+                source_path: str) -> RawVolume:
+    """The series ``choice`` names among a folder's scanned series (see :func:`choose_series`), with
+    notes naming the series not opened and the unreadable files."""
+    chosen = choose_series(all_series, choice, where)
+    raw = read_series(chosen, source_path=source_path)
+    raw.notes.extend(skipped_note(all_series, chosen) + broken_note(broken))
+    return raw
+
+
 def read_folder(folder, series=None, source_path: Optional[str] = None) -> RawVolume:
     """The chosen (or only usable) CT series under ``folder``; see :func:`choose_series`."""
     folder = Path(folder)
     all_series, broken = scan_folder(folder)
     where = Path(source_path).name if source_path else folder.resolve().name
-    chosen = choose_series(all_series, series, where)
-    raw = read_series(chosen, source_path=source_path or str(folder.resolve()))
-    raw.notes.extend(skipped_note(all_series, chosen) + broken_note(broken))
-    return raw
+    return read_chosen(all_series, broken, series, where, source_path or str(folder.resolve()))

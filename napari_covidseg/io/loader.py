@@ -31,6 +31,7 @@ saved in by default: the CT's own where it holds labels (NIfTI, NRRD, MetaImage)
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -46,6 +47,8 @@ ZIP_SUFFIX = ".zip"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: every suffix a volume file may end in (folders and suffix-less DICOM files come on top)
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + tuple(ITK_SUFFIXES) + SLICE_SUFFIXES + DICOM_SUFFIXES + (ZIP_SUFFIX,)
+#: files :func:`can_open` looks at in a folder before it says no (napari asks it about any folder dropped)
+CAN_OPEN_LOOKS_AT = 2000
 #: files that are one whole volume by themselves (a .dcm file is one slice of a series in its folder)
 SINGLE_VOLUME_SUFFIXES = NIFTI_SUFFIXES + tuple(ITK_SUFFIXES) + SLICE_SUFFIXES + (ZIP_SUFFIX,)
 #: suffix of a saved mask, by the suffix of its CT
@@ -99,7 +102,7 @@ def can_open(path) -> bool:
     kind = source_kind(path)
     if kind != "folder":
         return bool(kind)
-    return any(is_slice_path(p) for p in path.iterdir()) or bool(_first_dicom(path))
+    return any(is_slice_path(p) for p in path.iterdir()) or bool(_first_dicom(path, limit=CAN_OPEN_LOOKS_AT))
 
 
 def is_dicom_source(path) -> bool:
@@ -111,11 +114,9 @@ def is_dicom_source(path) -> bool:
     return kind == "dicom-file" or (kind == "zip" and holds_dicom(path))
 
 
-def _first_dicom(folder: Path) -> Optional[Path]:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if dicom.is_dicom_file(path):
-            return path
-    return None
+def _first_dicom(folder: Path, limit: Optional[int] = None) -> Optional[Path]:
+    """The first DICOM file under ``folder`` (sub-folders too), looking at ``limit`` files at most."""
+    return next(dicom.iter_dicom_files(folder, limit), None)
 
 
 def volume_stem(path) -> str:
@@ -130,20 +131,31 @@ def mask_suffix(ct_source_path) -> str:
     return _MASK_SUFFIX.get(_suffix(ct_source_path or ""), ".nii.gz")
 
 
-# --- DICOM sources -------------------------------------------------------------------------
+# --- sources ------------------------------------------------------------------------------
+@dataclass
+class _Source:
+    """What a path opens to: a folder to read (a zip unpacked), whether it is DICOM, the series of a .dcm."""
+
+    path: Path
+    kind: str
+    folder: Optional[Path] = None
+    is_dicom: bool = False
+    file_uid: Optional[str] = None
+
+
 @contextmanager
-def _dicom_folder(path: Path) -> Iterator[Optional[Tuple[Path, Optional[str]]]]:
-    """(folder to scan, UID of the one file given or None) when ``path`` is a DICOM source, else None."""
+def _opened(path: Path) -> Iterator[_Source]:
+    """The source at ``path``; a zip stays unpacked while the block runs."""
     kind = source_kind(path)
     if kind == "zip":
         with extracted(path) as root:
-            yield (root, None) if _first_dicom(root) else None
+            yield _Source(path, kind, root, _first_dicom(root) is not None)
     elif kind == "folder":
-        yield (path, None) if _first_dicom(path) else None
+        yield _Source(path, kind, path, _first_dicom(path) is not None)
     elif kind == "dicom-file":
-        yield path.parent, _series_uid_of(path)
+        yield _Source(path, kind, path.parent, True, _series_uid_of(path))
     else:
-        yield None
+        yield _Source(path, kind)
 
 
 def _series_uid_of(path: Path) -> Optional[str]:
@@ -158,22 +170,20 @@ def _series_uid_of(path: Path) -> Optional[str]:
     return str(ds.SeriesInstanceUID)
 
 
-def _read_non_dicom(path: Path, kind: str, series) -> RawVolume:
+def _read_non_dicom(source: _Source, series) -> RawVolume:
+    path = source.path
     if series is not None:
         raise InputError(f"--series chooses a DICOM series; {path.name} is not a DICOM folder, file or archive.")
-    if kind == "nifti":
+    if source.kind == "nifti":
         return read_nifti(path)
-    if kind == "itk":
+    if source.kind == "itk":
         return read_itk(path)
-    if kind == "slices":
+    if source.kind == "slices":
         return read_slices(path)
-    if kind == "zip":
-        with extracted(path) as root:
-            raw = read_slices(root)
+    if source.folder is not None:  # a folder, or a zip unpacked: numbered slices
+        raw = read_slices(source.folder)
         raw.geometry.source_path, raw.name = str(path.resolve()), path.name
         return raw
-    if kind == "folder":
-        return read_slices(path)
     raise InputError(f"{path.name}: this kind of file is not read here. {FORMATS_HELP}.")
 
 
@@ -190,38 +200,37 @@ def load_any(path, kind: str = "auto", series=None, check_hounsfield: bool = Tru
 
     ``series`` chooses a DICOM series: its 1-based index in :func:`survey`'s list or its
     SeriesInstanceUID; without it a DICOM source must hold exactly one CT series that can be
-    opened.  ``kind`` and ``check_hounsfield`` are as in
+    opened (a .dcm file: its own series).  ``kind`` and ``check_hounsfield`` are as in
     :func:`~napari_covidseg.io.volume.finish_volume`.  Everything that cannot be used raises
     :class:`~napari_covidseg.errors.InputError` with a message for the user.
     """
     path = _check_exists(path)
-    with _dicom_folder(path) as source:
-        if source is None:
-            raw = _read_non_dicom(path, source_kind(path), series)
+    with _opened(path) as source:
+        if not source.is_dicom:
+            raw = _read_non_dicom(source, series)
         else:
-            folder, file_uid = source
-            raw = dicom.read_folder(folder, series if series is not None else file_uid,
-                                    source_path=str(path.resolve()))
+            all_series, broken = dicom.scan_folder(source.folder)
+            choice = series if series is not None else source.file_uid
+            raw = dicom.read_chosen(all_series, broken, choice, path.name, str(path.resolve()))
     return finish_volume(raw, kind=kind, check_hounsfield=check_hounsfield)
 
 
 def load_all(path, kind: str = "auto") -> Tuple[List[Volume], List[str]]:
     """Every volume at ``path`` (each usable series of a DICOM source, else the one volume) and, for
-    DICOM, one message per series that could not be opened."""
+    DICOM, one message per series that could not be opened (and per unreadable file)."""
     path = _check_exists(path)
-    with _dicom_folder(path) as source:
-        if source is None or source[1] is not None:
+    with _opened(path) as source:
+        if not source.is_dicom or source.file_uid is not None:
             return [load_any(path, kind=kind)], []
-        all_series, broken = dicom.scan_folder(source[0])
+        all_series, broken = dicom.scan_folder(source.folder)
+        if not all_series:
+            dicom.choose_series(all_series, None, path.name)  # raises: no DICOM image files
         volumes, problems = [], dicom.broken_note(broken)
         for s in all_series:
             try:
-                raw = dicom.read_series(s, source_path=str(path.resolve()))
-                volumes.append(finish_volume(raw, kind=kind))
+                volumes.append(finish_volume(dicom.read_series(s, source_path=str(path.resolve())), kind=kind))
             except InputError as error:
                 problems.append(str(error))
-    if not all_series:
-        dicom.choose_series(all_series, None, path.name)  # raises: no DICOM image files
     return volumes, problems
 
 
@@ -229,20 +238,15 @@ def survey(path, series=None) -> Tuple[List[dict], Optional[Volume]]:
     """The DICOM series at ``path`` (as dicts; empty for other formats) and the volume that
     ``series`` (or the only usable series, or the non-DICOM file) gives, None where a choice is needed."""
     path = _check_exists(path)
-    with _dicom_folder(path) as source:
-        if source is None:
-            return [], load_any(path, series=series)
-        all_series, broken = dicom.scan_folder(source[0])
+    with _opened(path) as source:
+        if not source.is_dicom:
+            return [], finish_volume(_read_non_dicom(source, series))
+        all_series, broken = dicom.scan_folder(source.folder)
         listed = [s.as_dict(i) for i, s in enumerate(all_series, 1)]
-        choice = series if series is not None else source[1]
-        usable = [s for s in all_series if s.problem is None]
-        if choice is None and len(usable) != 1:
-            if not usable:
-                dicom.choose_series(all_series, None, path.name)  # raises with the reasons
+        choice = series if series is not None else source.file_uid
+        if choice is None and sum(s.problem is None for s in all_series) > 1:
             return listed, None
-        chosen = dicom.choose_series(all_series, choice, path.name)
-        raw = dicom.read_series(chosen, source_path=str(path.resolve()))
-        raw.notes.extend(dicom.skipped_note(all_series, chosen) + dicom.broken_note(broken))
+        raw = dicom.read_chosen(all_series, broken, choice, path.name, str(path.resolve()))
     return listed, finish_volume(raw)
 
 
