@@ -8,7 +8,9 @@ PNG/JPG release converted to NIfTI); ``Volume.domain`` says which, and ``Volume.
 says whether the voxel size is a measurement or the 1 mm placeholder such conversions write.  Everything a user can
 get wrong (a truncated download, a PNG stack converted to NIfTI, a 4D series, a normalised image)
 is caught here and reported as an :class:`~napari_covidseg.errors.InputError` whose message says
-what is wrong and what to do, so the GUI and the CLI never show a traceback.
+what is wrong and what to do, so the GUI and the CLI never show a traceback.  The checks every
+format shares live in :mod:`.volume`; :func:`napari_covidseg.io.loader.load_any` is the entry point
+that reads NIfTI through :func:`read_nifti` and the other formats through their own modules.
 
 ``save_volume`` writes a display array back in the *file's own* voxel order with the source affine
 and a copy of the source header, so a mask saved from napari overlays the CT in any other viewer
@@ -67,8 +69,8 @@ def _open_image(path: Path):
         raise InputError(f"{path} is a folder, not a file: choose a .nii or .nii.gz file inside it.")
     if not is_nifti_path(path):
         raise InputError(
-            f"{path.name} is not a NIfTI file name: covidseg reads .nii and .nii.gz files. "
-            "Convert DICOM series or other formats to NIfTI first (e.g. with dcm2niix)."
+            f"{path.name} is not a NIfTI file name (.nii, .nii.gz): open other formats (DICOM, NRRD, MHA, "
+            "PNG slices) through napari_covidseg.io.loader.load_any."
         )
     try:
         with open(path, "rb") as stream:
