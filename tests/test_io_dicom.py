@@ -150,6 +150,20 @@ def _folder_with_two_ct_series_and_others(image, folder):
     return uid_a, uid_b
 
 
+def test_truncated_files_are_reported(cip, tmp_path):
+    image, reference = cip
+    folder = tmp_path / "dicom"
+    write_series(folder, image, 3, "chest", shuffle_seed=None)
+    data = (folder / "IM0005.dcm").read_bytes()
+    (folder / "cut_header.dcm").write_bytes(data[:300])  # the DICM marker, then the header stops
+    volume = loader.load_any(folder)
+    _same_volume(volume, reference)
+    assert any("1 file(s) with the DICOM marker could not be read (e.g. cut_header.dcm)" in n for n in volume.notes)
+    (folder / "IM0005.dcm").write_bytes(data[:-3000])  # a slice whose pixel data ends early
+    with pytest.raises(InputError, match="pixel data of IM0005.dcm could not be decoded.*truncated"):
+        loader.load_any(folder)
+
+
 def test_several_series_the_user_chooses_and_others_say_why(cip, tmp_path):
     image, reference = cip
     folder = tmp_path / "study"

@@ -42,6 +42,7 @@ from .volume import RawVolume, check_size, exact_values
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+DICOMDIR_STORAGE = "1.2.840.10008.1.3.10"
 #: transfer syntaxes the GDCM inside SimpleITK decodes (uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE)
 DECODABLE_TRANSFER_SYNTAXES = frozenset({
     "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
@@ -194,7 +195,9 @@ def scan_folder(folder) -> Tuple[List[DicomSeries], List[Path]]:
             broken.append(path)
             continue
         if "SeriesInstanceUID" not in ds:
-            continue  # not an object of a series (e.g. a DICOMDIR under another name)
+            if str(getattr(ds.file_meta, "MediaStorageSOPClassUID", "")) != DICOMDIR_STORAGE:
+                broken.append(path)  # cut short, or not an object of any series
+            continue
         try:  # pydicom converts values when they are read: a malformed one raises here
             uid = str(ds.SeriesInstanceUID)
             if uid not in series:
@@ -326,7 +329,8 @@ def _read_pixels(series: DicomSeries, path: Path, shape: Tuple[int, int]) -> np.
     try:
         array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except RuntimeError as exc:
-        raise _refuse(series, f"the pixel data of {path.name} could not be decoded ({itk_reason(exc)})") from None
+        raise _refuse(series, f"the pixel data of {path.name} could not be decoded ({itk_reason(exc)}); the file is "
+                              "probably truncated or corrupt: copy the series again") from None
     if array.size != shape[0] * shape[1]:
         raise _refuse(series, f"{path.name} holds {array.shape} pixels where its header says {shape}")
     return array.reshape(shape)
