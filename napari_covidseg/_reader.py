@@ -1,4 +1,10 @@
-"""napari reader hook: open a chest CT or mask NIfTI as a correctly oriented, scaled layer.
+"""napari reader hook: open a chest CT or mask as a correctly oriented, scaled layer.
+
+Everything :func:`napari_covidseg.io.loader.load_any` reads opens here: NIfTI, NRRD, MetaImage,
+DICOM (a folder, a .zip of one, a .dcm file of a series, a DICOMDIR), 8-bit PNG/JPEG/TIFF slices
+(a file or a folder of numbered slices).  A DICOM source gives one layer per CT series, named with
+the series number and description; the series that cannot be opened (localizer, secondary
+capture, another modality, ...) are named in one warning with the reason.
 
 A CT becomes an Image layer in the lung window with ``scale`` = voxel spacing (so distances and
 aspect ratio are in mm) and the :class:`~napari_covidseg.io.geometry.Geometry` in its metadata (so
@@ -9,9 +15,11 @@ domain: the layer name ends in "[8-bit, not HU]", its contrast spans 0..255, one
 says that HU cannot be read from it, and ``metadata`` records the domain and whether the spacing
 is a placeholder, for every widget that derives layers or numbers from it.
 
-A file the user cannot use (truncated, not NIfTI, 4D, not in HU, ...) is reported with a napari
+A file the user cannot use (truncated, unknown format, 4D, not in HU, ...) is reported with a napari
 notification and no layer; the reader then returns napari's "read, but nothing to add" sentinel
-``[(None,)]`` so napari neither raises nor asks another reader.
+``[(None,)]`` so napari neither raises nor asks another reader.  napari's builtin reader also
+claims some of these suffixes (.nii, .dcm, .png, .tif, folders): napari then asks which reader to
+use (and can remember the choice); ``viewer.open(path, plugin="napari-covidseg")`` picks this one.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import numpy as np
 from .errors import CovidsegError
 from .intensity import DISPLAY8, DISPLAY8_LAYER_NOTE, DOMAIN_KEY
 from .io.geometry import GEOMETRY_KEY, SPACING_KNOWN_KEY, Geometry
-from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY, Volume, is_nifti_path, load_volume
+from .io.loader import can_open, load_all, volume_stem
+from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY, Volume
 from .windowing import default_contrast_limits
 
 #: napari's documented value for "the file was handled but there is no layer to add"
@@ -34,20 +43,29 @@ PathOrPaths = Union[str, Sequence[str]]
 
 
 def get_reader(path: PathOrPaths):
-    """Return :func:`read_nifti` if every path is a ``.nii``/``.nii.gz`` file, else None."""
+    """Return :func:`read_volumes` if every path is something the loader reads, else None."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    if not paths or not all(is_nifti_path(p) for p in paths):
+    if not paths or not all(_can_open(p) for p in paths):
         return None
-    return read_nifti
+    return read_volumes
+
+
+def _can_open(path) -> bool:
+    try:
+        return can_open(path)
+    except OSError:  # an unreadable folder: not ours to open
+        return False
 
 
 def layer_name(path) -> str:
-    """File name without the .nii/.nii.gz extension."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """File name without its format suffix (.nii.gz, .nrrd, .png, .zip, ...); a folder's name."""
+    return volume_stem(path)
+
+
+def series_layer_name(path, volume: Volume) -> str:
+    """Layer name of a volume read from ``path``: with the DICOM series it is, where it is one."""
+    name = layer_name(path)
+    return f"{name} {volume.description}" if volume.description else name
 
 
 def volume_layer_data(volume: Volume, name: str) -> Tuple[Any, Dict[str, Any], str]:
@@ -72,26 +90,37 @@ def display8_note(name: str, spacing_known: bool) -> str:
             + ("" if spacing_known else " Its voxel size is a placeholder (1 mm): sizes are given in voxels, not mm or mL."))
 
 
-def read_nifti(path: PathOrPaths):
-    """Read one or several NIfTI files; unusable files are reported, never raised."""
-    from napari.utils.notifications import show_error  # napari only where napari runs
+def read_volumes(path: PathOrPaths):
+    """Read one or several paths (files, folders, archives); unusable ones are reported, never raised."""
+    from napari.utils.notifications import show_error, show_warning  # napari only where napari runs
 
     paths = [str(path)] if isinstance(path, (str, Path)) else [str(p) for p in path]
     layers = []
     for p in paths:
         try:
-            volume = load_volume(p)
+            volumes, problems = load_all(p)
         except CovidsegError as error:
             show_error(f"Cannot open {Path(p).name}: {error}")
             continue
-        if volume.kind == KIND_LABELS:
-            _warn_if_mask_fits_no_open_ct(volume, Path(p).name)
-        elif volume.domain == DISPLAY8:
-            from napari.utils.notifications import show_info
+        if problems:
+            notify = show_warning if volumes else show_error
+            notify(f"{Path(p).name}: not opened: " + " | ".join(problems))
+        for volume in volumes:
+            name = series_layer_name(p, volume)
+            for note in volume.notes:
+                show_warning(f"{name}: {note}")
+            if volume.kind == KIND_LABELS:
+                _warn_if_mask_fits_no_open_ct(volume, Path(p).name)
+            elif volume.domain == DISPLAY8:
+                from napari.utils.notifications import show_info
 
-            show_info(display8_note(Path(p).name, volume.spacing_known))
-        layers.append(volume_layer_data(volume, layer_name(p)))
+                show_info(display8_note(Path(p).name, volume.spacing_known))
+            layers.append(volume_layer_data(volume, name))
     return layers or NO_LAYERS
+
+
+#: the manifest's command has kept this name since NIfTI was the only format
+read_nifti = read_volumes
 
 
 def _warn_if_mask_fits_no_open_ct(mask: Volume, name: str) -> None:

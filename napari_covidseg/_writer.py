@@ -1,5 +1,8 @@
-"""napari writer hooks: save a mask or an image as NIfTI on the grid of the CT it belongs to.
+"""napari writer hooks: save a mask or an image on the grid of the CT it belongs to.
 
+The format is the file name's (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``); a name without one of
+these gets the CT's own format where it holds labels (NIfTI, NRRD, MetaImage) and ``.nii.gz``
+otherwise (a CT from DICOM or slice images), see :func:`napari_covidseg.io.loader.mask_suffix`.
 The layer's ``metadata[GEOMETRY_KEY]`` (set by the reader on the CT and copied to every layer
 derived from it) gives the affine, header and voxel order, so the saved mask overlays the original
 CT in any other tool.  A layer without geometry is saved with a plain affine from its ``scale``
@@ -18,8 +21,8 @@ import numpy as np
 
 from .errors import InputError
 from .io.geometry import GEOMETRY_KEY, Geometry
-from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY, is_nifti_path, load_volume, save_volume
-
+from .io.loader import WRITABLE_SUFFIXES, load_any, mask_suffix, save_any
+from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY
 
 
 class GeometryMissingWarning(UserWarning):
@@ -33,10 +36,12 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def _target_path(path) -> Path:
+def _target_path(path, meta: Dict[str, Any]) -> Path:
+    """``path``, with the source CT's format suffix added where it names no format we write."""
     path = Path(path).expanduser()
-    if not is_nifti_path(path):
-        path = path.with_name(path.name + ".nii.gz")
+    if not path.name.lower().endswith(WRITABLE_SUFFIXES):
+        sources = _source_paths(meta)
+        path = path.with_name(path.name + mask_suffix(sources[0] if sources else None))
     return path
 
 
@@ -76,7 +81,7 @@ def _source_paths(meta: Dict[str, Any]) -> List[str]:
 
 def _is_mask_file(path: Path) -> bool:
     try:
-        return load_volume(path).kind == KIND_LABELS
+        return load_any(path).kind == KIND_LABELS
     except InputError:
         return False
 
@@ -86,13 +91,13 @@ def _layer_array(data, what: str) -> np.ndarray:
         data = data[0]
     array = np.asarray(data)
     if array.ndim != 3:
-        raise InputError(f"Only 3D {what}s can be saved as NIfTI; this one has shape {array.shape}.")
+        raise InputError(f"Only 3D {what}s can be saved; this one has shape {array.shape}.")
     return array
 
 
 def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
-    """Save a Labels layer as a NIfTI mask with its CT's geometry; returns the written path."""
-    target = _target_path(path)
+    """Save a Labels layer as a mask with its CT's geometry; returns the written path."""
+    target = _target_path(path, meta)
     array = _layer_array(data, "mask")
     for source in _source_paths(meta):
         # a mask may be saved over the mask file it was read from, never over a CT
@@ -101,13 +106,13 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
                 f"{target} is the CT this mask belongs to; it is never overwritten. Choose another file name."
             )
     geometry = _layer_geometry(array, meta, "mask")
-    save_volume(target, array, geometry, overwrite=True)
+    save_any(target, array, geometry, overwrite=True)
     return [str(target)]
 
 
 def write_image(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
-    """Save an Image layer as NIfTI with its source geometry; never over its source file."""
-    target = _target_path(path)
+    """Save an Image layer with its source geometry; never over its source file."""
+    target = _target_path(path, meta)
     array = _layer_array(data, "image")
     for source in _source_paths(meta):
         if _same_file(target, source):
@@ -116,5 +121,5 @@ def write_image(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
                 "Choose another file name."
             )
     geometry = _layer_geometry(array, meta, "image")
-    save_volume(target, array, geometry, overwrite=True)
+    save_any(target, array, geometry, overwrite=True)
     return [str(target)]

@@ -2,9 +2,11 @@
 
 Sub-commands:
 
-* ``covidseg view [files...] [--sample [small]]``: napari with the files (read by this plugin's
-  reader: lung window, mm scale, geometry kept) and/or the synthetic phantom, window widget docked.
-* ``covidseg info <file>``: shape, spacing, orientation, value range and kind of a NIfTI file.
+* ``covidseg view [paths...] [--series S] [--sample [small]]``: napari with the files, folders or
+  archives (read by this plugin's loader: lung window, mm scale, geometry kept; every CT series of
+  a DICOM folder, or the one ``--series`` names) and/or the synthetic phantom, window widget docked.
+* ``covidseg info <path> [--series S]``: shape, spacing, orientation, value range and kind of a
+  volume in any format the loader reads; for DICOM, the list of series and why any cannot be opened.
 * ``covidseg segment ...``: registered from :mod:`napari_covidseg.cli_segment` when it is installed.
 
 Every user error ends as one line ``covidseg: error: <what is wrong and what to do>`` on stderr
@@ -21,7 +23,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import CovidsegError
+from .errors import CovidsegError, InputError
 from .intensity import DISPLAY8, DOMAIN_TITLES
 
 EXIT_OK = 0
@@ -33,6 +35,8 @@ SAMPLES = {"full": "chest_phantom", "small": "chest_phantom_small"}
 PLUGIN_NAME = "napari-covidseg"
 #: dock widgets ``view`` opens (display names from napari.yaml); missing ones are skipped
 VIEW_WIDGETS = ("CT window presets", "Segment")
+SERIES_HELP = ("DICOM series to open: its index as `covidseg info` lists it, or its SeriesInstanceUID "
+               "(needed when a folder holds several CT series)")
 #: optional sub-command modules owned by other parts of the package (``add_parser``, ``run``)
 OPTIONAL_SUBCOMMANDS = ("cli_segment", "cli_evaluate")
 
@@ -43,17 +47,32 @@ def _error(message) -> int:
 
 
 # --- info -----------------------------------------------------------------------------------
-def describe_volume(path) -> dict:
-    """Facts about a NIfTI file as plain Python values (what ``covidseg info`` prints)."""
+def describe_volume(path, series=None) -> dict:
+    """Facts about a volume (and, for DICOM, its series) as plain Python values (what ``covidseg info`` prints).
+
+    A DICOM source with several CT series and no ``series`` gives the list only, with a ``choose`` hint.
+    """
+    from .io.loader import survey
+
+    listed, volume = survey(path, series=series)
+    facts: dict = {"file": str(path)}
+    if listed:
+        facts["series"] = listed
+    if volume is None:
+        facts["choose"] = "several CT series: pass --series INDEX (as listed) or UID to describe one"
+        return facts
+    facts.update(_volume_facts(volume))
+    return facts
+
+
+def _volume_facts(volume) -> dict:
     import nibabel as nib
 
-    from .io.nifti import load_volume
-
-    volume = load_volume(path)
     geometry = volume.geometry
     data = volume.data
     facts = {
-        "file": str(geometry.source_path or path),
+        "file": str(geometry.source_path),
+        "format": volume.source_format,
         "kind": volume.kind,
         "shape_zyx": [int(s) for s in data.shape],
         "file_shape": [int(s) for s in geometry.file_shape],
@@ -62,7 +81,10 @@ def describe_volume(path) -> dict:
         "dtype": str(data.dtype),
         "spacing_known": bool(volume.spacing_known),
         "volume_ml": round(float(np.prod(data.shape)) * geometry.voxel_volume_ml, 3) if volume.spacing_known else None,
+        "notes": list(volume.notes),
     }
+    if volume.description:
+        facts["description"] = volume.description
     if volume.kind == "labels":
         labels, counts = np.unique(data, return_counts=True)
         facts["labels"] = {int(l): int(c) for l, c in zip(labels, counts)}
@@ -72,13 +94,28 @@ def describe_volume(path) -> dict:
     return facts
 
 
+def _series_lines(facts: dict) -> List[str]:
+    lines = ["series:"]
+    for s in facts["series"]:
+        status = "" if s["usable"] else f"  -- cannot be opened: {s['problem']}"
+        description = f" '{s['description']}'" if s["description"] else ""
+        lines.append(f"  {s['index']}. series {s['number']}{description} ({s['modality']}, {s['files']} files) "
+                     f"UID {s['uid']}{status}")
+    return lines
+
+
 def format_facts(facts: dict) -> str:
+    lines = [f"file:        {facts['file']}"]
+    if "series" in facts:
+        lines += _series_lines(facts)
+    if "shape_zyx" not in facts:
+        return "\n".join(lines + [facts["choose"]])
     z, y, x = facts["shape_zyx"]
     sz, sy, sx = facts["spacing_zyx_mm"]
     kind = f" ({DOMAIN_TITLES[facts['domain']]})" if facts["kind"] == "image" else " (mask)"
     known = facts["spacing_known"]
-    lines = [
-        f"file:        {facts['file']}",
+    lines += [
+        f"format:      {facts['format']}" + (f", {facts['description']}" if facts.get("description") else ""),
         f"kind:        {facts['kind']}{kind}",
         f"shape:       {z} x {y} x {x} (z, y, x); in the file {tuple(facts['file_shape'])}",
         f"spacing:     {sz:g} x {sy:g} x {sx:g} mm (z, y, x)" + ("" if known else ": a placeholder, not a measurement"),
@@ -94,35 +131,37 @@ def format_facts(facts: dict) -> str:
         lines.append(f"values:      {lo:g} .. {hi:g} (8-bit display values, not HU)")
     else:
         lines.append("labels:      " + ", ".join(f"{l}: {c} voxels" for l, c in facts["labels"].items()))
+    lines += [f"note:        {note}" for note in facts["notes"]]
     return "\n".join(lines)
 
 
 def run_info(args) -> int:
-    facts = describe_volume(args.file)
+    facts = describe_volume(args.file, series=args.series)
     print(json.dumps(facts, indent=2) if args.json else format_facts(facts))
     return EXIT_OK
 
 
 # --- view -----------------------------------------------------------------------------------
-def open_viewer(files: Sequence[str] = (), sample: Optional[str] = None, widgets: Sequence[str] = VIEW_WIDGETS):
+def open_viewer(files: Sequence[str] = (), sample: Optional[str] = None, widgets: Sequence[str] = VIEW_WIDGETS,
+                series: Optional[str] = None):
     """A napari viewer with ``files`` and the optional phantom sample loaded; returns the viewer.
 
     All files are read and checked before any window opens, so a bad file fails fast with its
-    message instead of leaving an empty viewer behind.
+    message instead of leaving an empty viewer behind.  A DICOM source gives every CT series it
+    holds, or only ``series`` (index or UID) when given.
     """
-    from ._reader import layer_name, volume_layer_data
-    from .io.nifti import load_volume
+    from ._reader import series_layer_name, volume_layer_data
 
-    volumes = [(path, load_volume(path)) for path in files]
-    check_masks_match_ct([volume for _, volume in volumes])
+    named = read_for_view(files, series)
+    check_masks_match_ct([volume for _, volume in named])
 
     import napari
 
     viewer = napari.Viewer(title="covidseg")
     if sample is not None:
         viewer.open_sample(PLUGIN_NAME, SAMPLES[sample])
-    for path, volume in volumes:
-        data, kwargs, layer_type = volume_layer_data(volume, layer_name(path))
+    for path, volume in named:
+        data, kwargs, layer_type = volume_layer_data(volume, series_layer_name(path, volume))
         getattr(viewer, f"add_{layer_type}")(data, **kwargs)
     for widget_name in widgets:
         try:
@@ -133,6 +172,32 @@ def open_viewer(files: Sequence[str] = (), sample: Optional[str] = None, widgets
     if images:
         viewer.layers.selection.active = images[0]
     return viewer
+
+
+def read_for_view(files: Sequence[str], series: Optional[str] = None) -> list:
+    """(path, Volume) pairs for ``covidseg view``; skipped DICOM series and notes are printed as warnings.
+
+    ``series`` applies to the DICOM sources among ``files`` (folders, archives, .dcm files).
+    """
+    from .io.loader import is_dicom_source, load_all, load_any
+
+    if series is not None and not any(is_dicom_source(path) for path in files):
+        raise InputError("--series chooses a DICOM series, and none of the paths is a DICOM folder, archive or file")
+    named = []
+    for path in files:
+        if series is not None and is_dicom_source(path):
+            volumes, problems = [load_any(path, series=series)], []
+        else:
+            volumes, problems = load_all(path)
+        if not volumes:
+            raise InputError(f"{path}: no CT series could be opened: {' | '.join(problems)}")
+        for problem in problems:
+            print(f"{PROG}: warning: {path}: not opened: {problem}", file=sys.stderr)
+        for volume in volumes:
+            for note in volume.notes:
+                print(f"{PROG}: note: {path}: {note}", file=sys.stderr)
+            named.append((path, volume))
+    return named
 
 
 def check_masks_match_ct(volumes) -> None:
@@ -149,7 +214,7 @@ def check_masks_match_ct(volumes) -> None:
 def run_view(args) -> int:
     if not args.files and args.sample is None:
         return _error("give at least one CT/mask file or --sample, e.g. 'covidseg view ct.nii.gz' or 'covidseg view --sample'")
-    open_viewer(args.files, args.sample)
+    open_viewer(args.files, args.sample, series=args.series)
     import napari
 
     napari.run()
@@ -183,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     view = subparsers.add_parser(
         "view",
-        help="open CT/mask NIfTI files (and/or the phantom) in napari",
+        help="open CT/mask files, DICOM folders or archives (and/or the phantom) in napari",
         description="Open chest CT and masks in napari in the lung window, with correct orientation "
         "(patient left on the right) and voxel size.",
     )
-    view.add_argument("files", nargs="*", help=".nii / .nii.gz files (CT in HU, or masks)")
+    view.add_argument("files", nargs="*", help="CT or mask: .nii/.nii.gz, .nrrd, .mha/.mhd, a DICOM folder, "
+                      ".zip or .dcm file, PNG/JPEG/TIFF slices (a file or a folder)")
+    view.add_argument("--series", default=None, help=SERIES_HELP)
     view.add_argument(
         "--sample",
         nargs="?",
@@ -199,10 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = subparsers.add_parser(
         "info",
-        help="print shape, spacing, orientation and value range of a NIfTI file",
-        description="Check a NIfTI file the way the viewer would read it.",
+        help="print shape, spacing, orientation and value range of a volume; list the series of a DICOM folder",
+        description="Check a volume the way the viewer would read it (any format covidseg reads).",
     )
-    info.add_argument("file", help=".nii / .nii.gz file")
+    info.add_argument("file", help="a volume file, a DICOM folder, .zip or .dcm file, or a folder of slices")
+    info.add_argument("--series", default=None, help=SERIES_HELP)
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     info.set_defaults(func=run_info)
 

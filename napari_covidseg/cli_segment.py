@@ -1,11 +1,16 @@
-"""``covidseg segment``: segment lungs and infection in a CT file from the command line.
+"""``covidseg segment``: segment lungs and infection in a CT from the command line.
 
     covidseg segment CT.nii.gz --network unet --out-dir results/
     covidseg segment CT.nii.gz --checkpoint runs/exp1/best.pt --device cuda --out-dir results/ --probabilities
+    covidseg segment dicom_folder/ --series 2 --network unet --out-dir results/
 
-Writes ``<case>_<network>_lung.nii.gz`` and ``<case>_<network>_infection.nii.gz`` (uint8 0/1) with
-the CT's own affine and header, and with ``--probabilities`` also ``..._lung_prob.nii.gz`` and
-``..._infection_prob.nii.gz`` (float32 in [0, 1]).  Existing files are never replaced unless
+The CT is anything :func:`napari_covidseg.io.loader.load_any` reads (NIfTI, NRRD, MetaImage, a
+DICOM folder / .zip / .dcm file with ``--series`` where it holds several CT series, 8-bit slices).
+Writes ``<case>_<network>_lung<ext>`` and ``<case>_<network>_infection<ext>`` (uint8 0/1) with
+the CT's own geometry, and with ``--probabilities`` also ``..._lung_prob<ext>`` and
+``..._infection_prob<ext>`` (float32 in [0, 1]).  ``<ext>`` is the CT's format where it holds
+labels (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) and ``.nii.gz`` otherwise (DICOM, slices);
+``<case>`` is the CT's name without its suffix, plus ``_series<S>`` when ``--series`` is given.  Existing files are never replaced unless
 ``--overwrite`` is given; this is checked before the (long) inference starts.
 
 :func:`add_parser` adds the sub-command to ``covidseg``'s argument parser and :func:`run` runs
@@ -27,9 +32,9 @@ from .intensity import DOMAIN_TITLES
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "segment",
-        help="segment lungs and COVID-19 infection in a CT (NIfTI) file",
-        description="Segment lungs and COVID-19 infection in a chest CT and write the masks as NIfTI "
-        "files with the CT's geometry.",
+        help="segment lungs and COVID-19 infection in a CT (NIfTI, NRRD/MHA, DICOM, 8-bit slices)",
+        description="Segment lungs and COVID-19 infection in a chest CT and write the masks with the CT's "
+        "geometry (in the CT's format where it holds labels, NIfTI otherwise).",
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -37,7 +42,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ct", help="chest CT in Hounsfield units (.nii or .nii.gz)")
+    parser.add_argument("ct", help="chest CT: .nii/.nii.gz, .nrrd, .mha/.mhd, a DICOM folder, .zip or .dcm file, "
+                        "or 8-bit PNG/JPEG/TIFF slices (a file or a folder)")
+    parser.add_argument("--series", default=None,
+                        help="DICOM series (index as `covidseg info` lists it, or SeriesInstanceUID) when the "
+                        "folder holds several CT series")
     parser.add_argument("--network", "-n", default=None,
                         help="registered network name (e.g. unet); uses its shipped weights unless --checkpoint is given")
     parser.add_argument("--checkpoint", "-c", default=None,
@@ -51,20 +60,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
 
 
-def case_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".gz"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+def case_name(path: Path, series: Optional[str] = None) -> str:
+    """The CT's name without its format suffix, with the chosen DICOM series (its index, or the
+    last part of its UID)."""
+    from .io.loader import volume_stem
+
+    name = volume_stem(path)
+    if series is not None:
+        name += f"_series{str(series).strip().rsplit('.', 1)[-1]}"
+    return name
 
 
-def output_paths(ct_path: Path, network: str, out_dir: Path, probabilities: bool) -> dict:
-    case = case_name(ct_path)
-    names = {"lung": f"{case}_{network}_lung.nii.gz", "infection": f"{case}_{network}_infection.nii.gz"}
+def output_paths(ct_path: Path, network: str, out_dir: Path, probabilities: bool, series: Optional[str] = None) -> dict:
+    from .io.loader import mask_suffix
+
+    case, ext = case_name(ct_path, series), mask_suffix(ct_path)
+    names = {"lung": f"{case}_{network}_lung{ext}", "infection": f"{case}_{network}_infection{ext}"}
     if probabilities:
-        names["lung_prob"] = f"{case}_{network}_lung_prob.nii.gz"
-        names["infection_prob"] = f"{case}_{network}_infection_prob.nii.gz"
+        names["lung_prob"] = f"{case}_{network}_lung_prob{ext}"
+        names["infection_prob"] = f"{case}_{network}_infection_prob{ext}"
     return {key: out_dir / name for key, name in names.items()}
 
 
@@ -115,11 +129,11 @@ def _run(args) -> int:
     import numpy as np
 
     from .inference import resolve_device, segment_volume
-    from .io.nifti import load_volume, save_volume
+    from .io.loader import load_any, save_any
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     ct_path = Path(args.ct)
-    if not ct_path.is_file():
+    if not ct_path.exists():
         raise InputError(f"CT file {ct_path} does not exist")
     if not 0.0 < args.threshold < 1.0:
         raise InputError(f"--threshold must be between 0 and 1, not {args.threshold}")
@@ -131,13 +145,15 @@ def _run(args) -> int:
         raise InputError(f"--out-dir {out_dir} exists and is not a folder")
 
     loaded = _load_model(args)
-    outputs = output_paths(ct_path, loaded.network, out_dir, args.probabilities)
+    outputs = output_paths(ct_path, loaded.network, out_dir, args.probabilities, args.series)
     existing = [str(p) for p in outputs.values() if p.exists()]
     if existing and not args.overwrite:
         raise InputError(f"output file(s) already exist: {', '.join(existing)}; pass --overwrite to replace them "
                          "or choose another --out-dir")
 
-    volume = load_volume(str(ct_path))
+    volume = load_any(ct_path, series=args.series)
+    for note in volume.notes:
+        say(f"note: {note}")
     kind = getattr(volume, "kind", None)
     if kind in ("mask", "labels", "label"):
         raise InputError(f"{ct_path} looks like a mask (it holds only a few integer labels), not a CT in HU")
@@ -159,7 +175,7 @@ def _run(args) -> int:
         arrays["lung_prob"] = result.probabilities[0]
         arrays["infection_prob"] = result.probabilities[1]
     for key, path in outputs.items():
-        save_volume(str(path), arrays[key], geometry, overwrite=args.overwrite)
+        save_any(path, arrays[key], geometry, overwrite=args.overwrite)
         say(f"wrote {path}")
     if not args.quiet:
         lung, infection = int(result.lung.sum()), int(result.infection.sum())

@@ -81,7 +81,7 @@ def test_segment_subcommand_is_registered_when_present():
 
 def test_view_parses_files_and_sample(monkeypatch, ct_file):
     calls = []
-    monkeypatch.setattr(cli, "open_viewer", lambda files, sample: calls.append((list(files), sample)))
+    monkeypatch.setattr(cli, "open_viewer", lambda files, sample, series=None: calls.append((list(files), sample)))
     monkeypatch.setattr("napari.run", lambda: None)
     assert cli.main(["view", str(ct_file), "--sample", "small"]) == 0
     assert cli.main(["view", "--sample"]) == 0

@@ -41,10 +41,10 @@ def _ct_with_left_marker(path, affine):
     return path
 
 
-def test_get_reader_accepts_only_nifti():
+def test_get_reader_accepts_only_volume_formats():
     assert get_reader("ct.nii.gz") is not None and get_reader("CT.NII") is not None
-    assert get_reader("ct.png") is None and get_reader(["a.nii", "b.tif"]) is None
-    assert layer_name("/data/case_01.nii.gz") == "case_01"
+    assert get_reader("notes.txt") is None and get_reader(["a.nii", "b.csv"]) is None
+    assert layer_name("/data/case_01.nii.gz") == "case_01"  # other formats: tests/test_io_napari.py
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS"])

@@ -1,7 +1,7 @@
 """Training data sources: the four folder layouts of ``docs/ARCHITECTURE.md`` read into cases.
 
 Every layout produces the same thing, a list of :class:`Case`: an id, the CT (display-ordered
-(z, y, x), read through :func:`napari_covidseg.io.nifti.load_volume` so the orientation matches
+(z, y, x), read through :func:`napari_covidseg.io.loader.load_any` so the orientation matches
 what the GUI shows) in its intensity domain (HU or 8-bit display), a binary lung mask, a binary
 infection mask (or ``None`` where the source has none or its label is not trusted), the spacing
 (z, y, x) mm and whether that spacing is real.  Several folders are read into one list by
@@ -38,7 +38,7 @@ import numpy as np
 
 from napari_covidseg.errors import CovidsegError, DataFolderError
 from napari_covidseg.intensity import DOMAINS, HU
-from napari_covidseg.io.nifti import load_volume
+from napari_covidseg.io.loader import is_single_volume_file, load_any, volume_stem
 
 from .sources import DataSource, as_sources
 
@@ -76,30 +76,36 @@ class Case:
 # helpers
 # ------------------------------------------------------------------------------------------------
 def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+    """A file that is one case's volume: NIfTI, NRRD/MHA, a slice image or a .zip (the name is historic)."""
+    return is_single_volume_file(path)
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return volume_stem(path)
 
 
 def _nifti_by_stem(folder: Path) -> Dict[str, Path]:
+    """Case id -> volume: the files of ``folder`` that are volumes, and its sub-folders (a DICOM series
+    or a folder of numbered slices each).  Two volumes for one case id are refused, not one dropped."""
     if not folder.is_dir():
         return {}
-    return {_stem(p): p for p in sorted(folder.iterdir()) if _is_nifti(p)}
+    found: Dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not (_is_nifti(p) or (p.is_dir() and not p.name.startswith("."))):
+            continue
+        if _stem(p) in found:
+            raise DataFolderError(f"{folder}: {found[_stem(p)].name} and {p.name} are both case {_stem(p)}; keep one of them")
+        found[_stem(p)] = p
+    return found
 
 
 def _load(path: Path, kind: str):
     try:
-        return load_volume(path, kind=kind, check_hounsfield=(kind == "image"))
+        return load_any(path, kind=kind, check_hounsfield=(kind == "image"))
     except CovidsegError as exc:
         raise DataFolderError(f"cannot use {path}: {exc}") from None
-    except Exception as exc:  # nibabel errors of all kinds for broken files
-        raise DataFolderError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {exc}); replace or remove the file") from None
+    except Exception as exc:  # reader errors of all kinds for broken files
+        raise DataFolderError(f"cannot read {path} ({type(exc).__name__}: {exc}); replace or remove the file") from None
 
 
 def _mask_on(ct_vol, mask_vol, path: Path, what: str) -> np.ndarray:

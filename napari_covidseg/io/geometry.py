@@ -114,3 +114,13 @@ class Geometry:
 
     def copy(self) -> "Geometry":
         return Geometry(self.affine.copy(), self.file_shape, None if self.header is None else self.header.copy(), self.source_path)
+
+
+#: DICOM, ITK, NRRD and MetaImage give positions in LPS+ (x toward the patient's left, y toward
+#: posterior); :class:`Geometry` affines are RAS+ like nibabel's.  The flip is its own inverse.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def lps_to_ras(affine_lps) -> np.ndarray:
+    """A 4x4 voxel-to-world affine in LPS+ as the RAS+ affine :class:`Geometry` uses (and back)."""
+    return LPS_TO_RAS @ np.asarray(affine_lps, dtype=np.float64)
