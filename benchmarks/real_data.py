@@ -198,13 +198,35 @@ def targets(results: dict) -> List[str]:
     return lines
 
 
-def _provenance_rows(results: dict) -> List[List[str]]:
-    rows = []
-    for name, r in results.items():
-        t = r.get("training") or {}
-        rows.append([f"`{name}`", str(t.get("epochs_done", "?")), f"{t.get('wall_minutes', float('nan')):.0f}",
-                     str(t.get("device", "?")), str(t.get("n_train", "?")), Path(str(r.get("weights"))).name])
-    return rows
+def model_card(name: str, r: dict) -> List[str]:
+    """A short card: what the shipped weights were trained on, how, how long, and how good on held-out data."""
+    from napari_covidseg.models.registry import get_network
+    from napari_covidseg.preprocessing import Preprocessing
+
+    t = r.get("training") or {}
+    recipe = t.get("recipe") or {}
+    spec = get_network(name)
+    sets = r["sets"]
+    ct, inf = sets["covid19ctseg"]["mean"], sets["infnet"]["mean"].get("infection") or {}
+    cip = sets["cip_ct64"]["mean"]
+    data = " + ".join(Path(str(d).split(",")[0]).name for d in (t.get("data") or [])) or "?"
+    lines = [f"#### `{name}`: {spec.title}", "",
+             f"- Paper: {spec.paper}.",
+             f"- Data: {data}; split: {(t.get('split') or {}).get('method', '?')}; {t.get('n_train', '?')} training and "
+             f"{t.get('n_val', '?')} validation cases ({', '.join(f'{k}: {v}' for k, v in (t.get('domains') or {}).items())}).",
+             f"- Reads: {Preprocessing.from_dict(r.get('preprocessing') or {}).describe_domains()}." if r.get("preprocessing") else "",
+             f"- Recipe: {recipe.get('optimizer', '?')}, lr {recipe.get('lr', '?')}, {recipe.get('schedule', '?')} schedule, "
+             f"batch {recipe.get('batch_size', '?')}, input {recipe.get('input_size', '?')}"
+             + (f", random {recipe['crop_size']} crops" if recipe.get("crop_size") else "")
+             + f"; {t.get('epochs_done', '?')} epochs (best validation epoch) of {t.get('epochs_planned', '?')}, "
+             f"{t.get('wall_minutes', '?')} min on {t.get('device', '?')} ({t.get('cpu_threads') or '?'} thread(s)).",
+             f"- Changed from the paper for the 2-core CPU: {json.dumps(t.get('deviations_from_paper') or {})}; "
+             f"shipped width {json.dumps(spec.shipped_kwargs)}; augmentation {', '.join(recipe.get('augmentation') or [])}.",
+             f"- Held-out COVID-19-CT-Seg groups: lung Dice {_f((ct.get('lung') or {}).get('dice'))}, infection Dice "
+             f"{_f((ct.get('infection') or {}).get('dice'))}; Inf-Net slices: infection Dice {_f(inf.get('dice'))}, meanDic "
+             f"{_f(inf.get('infnet_mean_dice'))}; cip_ct64 (HU): lung Dice {_f((cip.get('lung') or {}).get('dice'))}, "
+             f"{_f(cip.get('infection_share_of_lung_pct'), 2)} % of the lung called infection.", ""]
+    return [line for line in lines if line != ""] + [""]
 
 
 def write_report(results: dict, out: Path) -> Path:
@@ -232,12 +254,29 @@ def write_report(results: dict, out: Path) -> Path:
     lines += _table(["network", "lung Dice", "infection Dice"],
                     [[f"`{n}`", _f(r["sample_phantom"]["lung_dice"]), _f(r["sample_phantom"]["infection_dice"])] for n, r in results.items()])
     lines += ["", "## Targets (issue 9)", ""] + targets(results)
-    lines += ["", "## The weights evaluated", ""]
-    lines += _table(["network", "epochs", "training minutes", "device", "training cases", "file"], _provenance_rows(results))
+    lines += ["", "## Model cards of the weights evaluated", ""]
+    for name, r in results.items():
+        lines += model_card(name, r)
     lines += ["", "## The papers' own figures (their data and splits, not ours)", ""]
     lines += _table(["paper", "data", "reported"], [list(p) for p in PAPERS])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return out.with_suffix(".md")
+
+
+def store_test_figures(name: str, result: dict) -> None:
+    """Write the held-out COVID-19-CT-Seg figures into the shipped weights' metrics (the weights
+    themselves are unchanged), so the GUI's model card shows them."""
+    from napari_covidseg.checkpoint import save_checkpoint, shipped_checkpoint_path
+
+    path = shipped_checkpoint_path(name)
+    loaded = load_checkpoint(path, expected_network=name)
+    mean = result["sets"]["covid19ctseg"]["mean"]
+    metrics = dict(loaded.metrics or {})
+    metrics["test"] = {cls: {k: mean[cls][k] for k in ("dice", "iou", "sensitivity", "specificity")} for cls in ("lung", "infection")}
+    metrics["test_set"] = "4 held-out COVID-19-CT-Seg patient groups"
+    metrics["infnet_test"] = result["sets"]["infnet"]["mean"].get("infection")
+    save_checkpoint(path, loaded.model, name, loaded.network_kwargs, loaded.preprocessing, training=loaded.training,
+                    metrics=metrics, half=True)
 
 
 def _loaded(name: str, checkpoints: Dict[str, str]):
@@ -250,6 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NET=PATH", help="evaluate this file for NET")
     parser.add_argument("--out", type=Path, default=RESULTS / "real_data", help="report path without suffix")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--store-in-weights", action="store_true", help="write the test figures into the shipped weights")
     args = parser.parse_args(argv)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     names = args.network or list(dict.fromkeys(available_shipped() + list(checkpoints)))
@@ -259,7 +299,10 @@ def main(argv=None) -> int:
         loaded = _loaded(name, checkpoints)
         result = evaluate_network(loaded, sets, args.device)
         result["training"] = dict(loaded.training or {})
+        result["preprocessing"] = loaded.preprocessing.to_dict()
         previous[name] = result
+        if args.store_in_weights and name not in checkpoints:
+            store_test_figures(name, result)
         print(f"{name}: " + json.dumps({s: v["mean"] for s, v in result["sets"].items()})[:400], flush=True)
     print(f"wrote {write_report(previous, args.out)}")
     return 0

@@ -23,6 +23,7 @@ one is recorded in the run's config and in the model card.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -76,13 +77,29 @@ def run_config(network: str, full: bool = False, device: str = "auto", threads: 
     return build_config(None, **values)
 
 
+def run_wall_minutes(run: Path) -> float:
+    """Total training time of a run (every epoch of every resumed invocation) from metrics.jsonl."""
+    seconds = 0.0
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "epoch":
+            seconds += float(record.get("seconds") or 0.0)
+    return round(seconds / 60.0, 1)
+
+
 def export(network: str, run: Path) -> Path:
-    """The run's best checkpoint as the package's float16 weights for ``network``."""
+    """The run's best checkpoint as the package's float16 weights for ``network``, with what a
+    model card needs: total training time, device, and the deviations from the paper recipe."""
     loaded = load_checkpoint(run / "best.pt", expected_network=network)
     raw = loaded.raw
+    training = dict(raw.get("training") or {})
+    training["wall_minutes"] = run_wall_minutes(run)
+    training["epochs_planned"] = (raw.get("extra") or {}).get("config", {}).get("epochs")
+    training["deviations_from_paper"] = dict(CPU_BUDGET.get(network, {}))
+    training["data_choices"] = {"augmentation": AUGMENT_2D if get_network(network).dims == 2 else "recipe", **DATA_CHOICES}
     path = WEIGHTS_DIR / f"{network}.pt"
     save_checkpoint(path, loaded.model, network, loaded.network_kwargs, loaded.preprocessing,
-                    training=raw.get("training"), metrics=raw.get("metrics"), half=True)
+                    training=training, metrics=raw.get("metrics"), half=True)
     return path
 
 

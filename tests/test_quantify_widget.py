@@ -119,3 +119,17 @@ def test_cancel_drops_the_result_and_errors_notify(phantom_viewer, qtbot, monkey
     widget.infection_combo.set_layer(small)
     widget.compute_button.click()
     assert messages and "shape" in messages[-1]
+
+
+def test_placeholder_spacing_gives_voxels_and_says_why(phantom_viewer, qtbot):
+    from napari_covidseg.io.geometry import SPACING_KNOWN_KEY
+
+    viewer = phantom_viewer
+    viewer.layers["phantom CT"].metadata[SPACING_KNOWN_KEY] = False
+    widget = _widget(viewer, qtbot)
+    widget.compute_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
+    lung = int(np.count_nonzero(viewer.layers["phantom lung GT"].data))
+    assert widget.value_text("Lung volume") == f"{lung} voxels"
+    assert "mL" not in widget.value_text("Infection volume")
+    assert "voxel size unknown" in widget.status.text()

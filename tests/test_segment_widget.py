@@ -238,3 +238,15 @@ def test_rewritten_checkpoint_refreshes_the_shown_info(make_napari_viewer, tiny_
     isolated_catalog.add_checkpoint(path)
     assert widget.weights.current_path() == str(path)
     assert "resumed-run-data" in widget.weights_info.toolTip() and "0.777" in widget.weights_info.toolTip()
+
+
+def test_hu_weights_are_refused_for_an_8bit_image_before_running(make_napari_viewer, tiny_unet_checkpoints, messages):
+    from napari_covidseg.intensity import DOMAIN_KEY
+
+    viewer = make_napari_viewer()
+    eight_bit = np.random.default_rng(0).integers(0, 256, (4, 48, 48)).astype(np.uint8)
+    viewer.add_image(eight_bit, name="slices [8-bit, not HU]", metadata={DOMAIN_KEY: "display8"})
+    widget = _widget(viewer, tiny_unet_checkpoints["trained"])
+    assert widget.run() is None and not widget.runner.is_running()
+    assert any("HU cannot be recovered" in m and "8-bit" in m for m in messages)
+    assert [layer.name for layer in viewer.layers] == ["slices [8-bit, not HU]"]

@@ -85,3 +85,22 @@ def test_widget_follows_the_layer_selected_in_napari(make_napari_viewer, qtbot):
     qtbot.mouseClick(widget.buttons["bone"], Qt.LeftButton)
     assert tuple(second.contrast_limits) == contrast_limits("bone")
     assert tuple(first.contrast_limits) == contrast_limits("lung")  # the other CT is left alone
+
+
+def test_8bit_image_gets_display_presets_and_grey_value_units(make_napari_viewer, qtbot):
+    from napari_covidseg.intensity import DOMAIN_KEY
+    from napari_covidseg.widgets.window_widget import WindowWidget
+
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(0).integers(0, 256, (4, 32, 32)).astype(np.uint8)
+    viewer.add_image(data, name="png stack [8-bit, not HU]", metadata={DOMAIN_KEY: "display8"}, contrast_limits=(0, 255))
+    widget = WindowWidget(viewer)
+    qtbot.addWidget(widget)
+    assert set(widget.buttons) == {"as published", "more contrast", "brighter", "darker"}
+    assert widget.width_box.suffix() == "" and "8-bit" in widget.domain_note.text()
+    assert widget.buttons["as published"].isChecked()
+    widget.buttons["brighter"].click()
+    assert tuple(viewer.layers[0].contrast_limits) == (0.0, 180.0)
+    viewer.add_image(np.full((4, 32, 32), -1000, np.int16) + np.arange(32, dtype=np.int16), name="ct")
+    widget.layer_combo.set_layer(viewer.layers["ct"])
+    assert "lung" in widget.buttons and widget.width_box.suffix() == " HU"
