@@ -103,3 +103,13 @@ def set_transfer_syntax(path, uid: str) -> None:
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(64)])
     ds["PixelData"].VR = "OB"
     ds.save_as(str(path), enforce_file_format=True)
+
+
+def write_study(folder, image, localizer: bool = False) -> None:
+    """A DICOM folder with two CT series of ``image`` (whole, and slices 10..49), an MR series and,
+    with ``localizer``, a one-slice topogram: what a PACS export of one visit looks like."""
+    write_series(folder, image, 2, "Lung 4.0", prefix="A")
+    write_series(folder, image[:, :, 10:50], 6, "Part 4.0", prefix="B")
+    if localizer:
+        write_series(folder, image[:, :, :1], 1, "Topogram", image_type="ORIGINAL\\PRIMARY\\LOCALIZER", prefix="L")
+    write_series(folder, image[:, :, :12], 9, "T1", modality="MR", intercept=None, prefix="M")

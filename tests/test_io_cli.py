@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from io_helpers import cip_paths, write_series
+from io_helpers import cip_paths, write_study
 from napari_covidseg import cli
 from napari_covidseg.io import loader
 from napari_covidseg.io.volume import check_same_grid
@@ -19,9 +19,7 @@ pytest.importorskip("pydicom")
 def study(shared_data_dir, tmp_path):
     image = sitk.ReadImage(cip_paths(shared_data_dir)[0])
     folder = tmp_path / "study"
-    write_series(folder, image, 2, "Lung 4.0", prefix="A")
-    write_series(folder, image[:, :, 10:50], 6, "Part 4.0", prefix="B")
-    write_series(folder, image[:, :, :12], 9, "T1", modality="MR", intercept=None, prefix="M")
+    write_study(folder, image)
     return folder, image
 
 

@@ -6,7 +6,7 @@ overwritten."""
 import numpy as np
 import pytest
 
-from io_helpers import cip_paths, write_series
+from io_helpers import cip_paths, write_series, write_study
 from napari_covidseg._reader import get_reader, layer_name
 from napari_covidseg._writer import write_image, write_labels
 from napari_covidseg.errors import InputError
@@ -23,10 +23,7 @@ def study(shared_data_dir, tmp_path):
     """A DICOM folder with two CT series of cip_ct64, a localizer and an MR series."""
     image = sitk.ReadImage(cip_paths(shared_data_dir)[0])
     folder = tmp_path / "study"
-    write_series(folder, image, 2, "Lung 4.0", prefix="A")
-    write_series(folder, image[:, :, 10:50], 6, "Part 4.0", prefix="B")
-    write_series(folder, image[:, :, :1], 1, "Topogram", image_type="ORIGINAL\\PRIMARY\\LOCALIZER", prefix="L")
-    write_series(folder, image[:, :, :12], 9, "T1", modality="MR", intercept=None, prefix="M")
+    write_study(folder, image, localizer=True)
     return folder, load_volume(cip_paths(shared_data_dir)[0])
 
 
