@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import InputError
 from ..intensity import HU
 from .geometry import Geometry, lps_to_ras
-from .volume import RawVolume, check_size, exact_values
+from .volume import RawVolume, check_size, exact_values, is_regular_file
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -59,7 +59,9 @@ TILT_TOLERANCE_DEG = 0.05
 
 
 def is_dicom_file(path) -> bool:
-    """True for a file with the DICOM Part 10 preamble marker (``DICM`` at byte 128)."""
+    """True for a regular file with the DICOM Part 10 preamble marker (``DICM`` at byte 128)."""
+    if not is_regular_file(path):  # a pipe would block the open below
+        return False
     try:
         with open(path, "rb") as stream:
             head = stream.read(132)
