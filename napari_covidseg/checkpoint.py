@@ -356,13 +356,13 @@ def _check_kwarg(key: str, value: Any, where: str) -> None:
         raise CheckpointError(f"{where}: the network argument {key} is a {type(value).__name__}, not a number, string or list")
 
 
-def build_network(spec: NetworkSpec, kwargs: dict, where: str, state: Optional[dict] = None) -> nn.Module:
-    """``spec``'s network with ``kwargs``, checked before any weight is allocated.
+def build_network_skeleton(spec: NetworkSpec, kwargs: dict, where: str, state: Optional[dict] = None,
+                           hint: str = "the checkpoint was probably made by another version of napari-covidseg") -> nn.Module:
+    """``spec``'s network with ``kwargs`` on the ``meta`` device (shapes only, no memory), checked.
 
-    The arguments must be bounded plain values; the network is first built on the ``meta`` device
-    (shapes only, no memory) and, with ``state``, compared with the stored tensors' shapes, so a
-    crafted ``{"base": 1024}`` is refused instead of allocating gigabytes; without ``state`` its
-    parameters must fit in the memory available.  Raises :class:`CheckpointError`.
+    The arguments must be bounded plain values; with ``state`` the network's weights must have the
+    stored tensors' shapes, without it its parameters must fit (for training) in the memory
+    available now.  Raises :class:`CheckpointError` with the reason.
     """
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise CheckpointError(f"{where}: the network arguments are not a dict of names: {kwargs!r}"[:300])
@@ -371,23 +371,31 @@ def build_network(spec: NetworkSpec, kwargs: dict, where: str, state: Optional[d
     try:
         with torch.device("meta"):
             skeleton = spec.create(**kwargs)
-    except Exception as exc:  # any constructor error: the stored arguments do not describe this network
+    except Exception as exc:  # any constructor error: the arguments do not describe this network
         raise CheckpointError(
             f"{where}: the `{spec.name}` network cannot be built with the arguments {kwargs} ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:200]}); the checkpoint was probably made by another version of napari-covidseg"
+            f"{' '.join(str(exc).split())[:200]}); {hint}"
         ) from None
     if state is not None:
         mismatch = _summarise_mismatch(skeleton, state)
         if mismatch:
             raise CheckpointError(f"the weights in {where} do not fit the `{spec.name}` network built with {kwargs}: "
                                   f"{mismatch}; the checkpoint was made for another architecture or version")
-    else:
-        need = 4 * sum(t.numel() for t in skeleton.state_dict().values())
-        memory = available_memory()
-        if memory is not None and 4 * need > memory:  # weights, gradients and optimizer moments
-            raise CheckpointError(f"{where}: the `{spec.name}` network with {kwargs} has {need / 4 / 1e6:,.0f} M "
-                                  f"parameters and would need about {4 * need / 2**30:.1f} GiB to train, more than the "
-                                  f"{memory / 2**30:.1f} GiB available; choose smaller network arguments")
+        return skeleton
+    need = 4 * sum(t.numel() for t in skeleton.state_dict().values())
+    memory = available_memory()
+    if memory is not None and 4 * need > memory:  # weights, gradients and two optimizer moments
+        raise CheckpointError(f"{where}: the `{spec.name}` network with {kwargs} has {need / 4 / 1e6:,.0f} M "
+                              f"parameters and would need about {4 * need / 2**30:.1f} GiB to train, more than the "
+                              f"{memory / 2**30:.1f} GiB available; choose smaller network arguments")
+    return skeleton
+
+
+def build_network(spec: NetworkSpec, kwargs: dict, where: str, state: Optional[dict] = None,
+                  hint: str = "the checkpoint was probably made by another version of napari-covidseg") -> nn.Module:
+    """``spec``'s network with ``kwargs``, allocated only after :func:`build_network_skeleton` passed: a
+    crafted ``{"base": 1024}`` is refused instead of allocating gigabytes."""
+    build_network_skeleton(spec, kwargs, where, state=state, hint=hint)
     return spec.create(**kwargs)
 
 
