@@ -435,6 +435,11 @@ def load_checkpoint(path: PathLike, expected_network: Optional[str] = None, map_
     state = raw["state_dict"]
     model = build_network(spec, kwargs, str(path), state=state)
     kwargs = dict(kwargs)
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{path} holds weights that are NaN or infinite ({', '.join(broken[:3])}"
+                              f"{' ...' if len(broken) > 3 else ''}): the training that wrote it diverged or the file "
+                              "was damaged; use another checkpoint (e.g. best.pt, or an earlier one)")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     model.to(map_location if map_location is not None else "cpu")

@@ -137,8 +137,11 @@ def stored_voxel_bytes(path: Path) -> Tuple[Optional[int], str]:
         return path.stat().st_size - header_length, encoding
     if data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file:
         return None, "other"
-    target = require_regular_file(path.parent / data_file, "data file")
-    return target.stat().st_size, encoding
+    target = path.parent / data_file
+    if not target.exists():
+        raise InputError(f"{path.name} names the data file {data_file}, which does not exist next to it: copy the "
+                         "header together with its data file.")
+    return require_regular_file(target, "data file").stat().st_size, encoding
 
 
 def bytes_per_voxel(pixel_id: int) -> int:

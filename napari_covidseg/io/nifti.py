@@ -234,7 +234,8 @@ def _read_voxels(img, name: str) -> np.ndarray:
         raw = raw.astype(np.uint8)
     if slope == 1 and inter == 0:
         return exact_values(raw, name)
-    if np.issubdtype(raw.dtype, np.integer) and float(slope).is_integer() and float(inter).is_integer():
+    exact = abs(slope) < 2**40 and abs(inter) < 2**52  # int64 holds any stored integer times these
+    if np.issubdtype(raw.dtype, np.integer) and float(slope).is_integer() and float(inter).is_integer() and exact:
         # int32 holds any 8/16-bit value times a CT-sized slope; wider data needs int64
         small = raw.dtype.itemsize <= 2 and abs(slope) < 2**14 and abs(inter) < 2**30
         work = np.int32 if small else np.int64
@@ -247,8 +248,8 @@ def placeholder_spacing(img, domain: str) -> bool:
     """True when the file's voxel size is not a measurement: exactly 1 mm along every axis in an
     8-bit display image (what PNG/JPG-to-NIfTI converters write) or in a file without spatial units."""
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    spatial_unit = img.header.get_xyzt_units()[0]
-    return all(z == 1.0 for z in zooms) and (domain == DISPLAY8 or spatial_unit == "unknown")
+    unit_known = (int(img.header["xyzt_units"]) & 7) in (1, 2, 3)  # metres, mm, microns
+    return all(z == 1.0 for z in zooms) and (domain == DISPLAY8 or not unit_known)
 
 
 def _form_notes(header, shape, to_mm: float) -> List[str]:
@@ -286,7 +287,7 @@ def _to_millimetres(geometry: Geometry, header, factor: float) -> None:
             scaled = getter().copy()
             scaled[:3, :] *= factor
             setter(scaled, code=code)
-    hdr.set_xyzt_units("mm", hdr.get_xyzt_units()[1])
+    hdr["xyzt_units"] = 2 | (int(hdr["xyzt_units"]) & ~7)  # mm, the time unit kept
 
 
 def _nifti_geometry(img, path: Path) -> Tuple[Geometry, List[str]]:
