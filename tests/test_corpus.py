@@ -29,7 +29,6 @@ from napari_covidseg.cli import main as covidseg
 from napari_covidseg.errors import CheckpointError, InputError
 from napari_covidseg.io.loader import load_any
 from napari_covidseg.models import get_network
-from napari_covidseg.preprocessing import Preprocessing
 
 ROOT = Path(__file__).resolve().parent.parent
 CT = h.ct()
@@ -72,9 +71,9 @@ def _zip(t, members):
 
 
 def _sheared():
-    affine = AFFINE_OBLIQUE = h.AFFINE.copy()
+    affine = h.AFFINE.copy()
     affine[1, 2] = 0.4  # a gantry tilt: slices shifted along y
-    return AFFINE_OBLIQUE
+    return affine
 
 
 def _rotated():
