@@ -397,7 +397,7 @@ class Trainer:
                              f"this run uses {self.cfg.optimizer!r} and {self.cfg.schedule!r}; resume with the same settings") from None
 
     def _warn_changed_settings(self, path, before: dict) -> None:
-        now = self.cfg.to_dict()
+        now = json.loads(json.dumps(self.cfg.to_dict()))  # as stored: tuples are lists there
         changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in SCHEDULE_FIELDS if k in before and before[k] != now.get(k)]
         if changed:
             self.log.line(f"warning: resuming {path} with other settings than its run had ({'; '.join(changed)}): the "
