@@ -62,6 +62,23 @@ def _png16(t):
     return t / "s.png"
 
 
+def _dicom_claim(t):
+    """A DICOM series whose headers claim 12000 x 12000 pixels a slice (small enough for the memory check)."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from io_helpers import write_series
+
+    image = sitk.GetImageFromArray(h.ct((4, 32, 32)))
+    image.SetSpacing((0.7, 0.7, 2.5))
+    write_series(t / "series", image, 1, "claim", shuffle_seed=None)
+    for path in (t / "series").iterdir():
+        ds = pydicom.dcmread(str(path))
+        ds.Rows = ds.Columns = 12000
+        ds.save_as(str(path))
+    return t / "series"
+
+
 def _zip(t, members):
     path = t / "a.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -164,6 +181,7 @@ IMAGES = {
     "mhd_data_is_fifo": (lambda t: _mha_detached(t, lambda p: os.mkfifo(p)), ("error", "named pipe")),
     "mha_colour": (lambda t: h.mha(t, "a.mha", extra="ElementNumberOfChannels = 3\n",
                                    data=np.zeros((8, 16, 16, 3), np.int16).tobytes()), ("error", "3 values per voxel")),
+    "dicom_claim": (_dicom_claim, ("error", "12000 x 12000 pixels but the file has only")),
     # -- slices and archives ----------------------------------------------------------------------
     "png_16bit": (_png16, ("error", "not 8-bit")),
     "zip_empty": (lambda t: _zip(t, {}), ("error", "empty zip")),

@@ -52,6 +52,8 @@ DECODABLE_TRANSFER_SYNTAXES = frozenset({
 })
 #: slices closer than this (mm) along the normal are at the same position
 SAME_POSITION_MM = 1e-3
+#: transfer syntaxes whose pixel data is stored as is (implicit / explicit little endian, explicit big endian)
+_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 #: relative deviation of one slice step from the median step that counts as uneven spacing
 STEP_TOLERANCE = 0.02
 #: tilt (degrees) below which the stack counts as perpendicular to the slices
@@ -327,6 +329,11 @@ def _read_pixels(series: DicomSeries, path: Path, shape: Tuple[int, int]) -> np.
     import SimpleITK as sitk
 
     from .itk import itk_reason
+
+    syntax = next((one.transfer_syntax for one in series.slices if one.path == path), "")
+    if syntax in _UNCOMPRESSED and path.stat().st_size < shape[0] * shape[1]:  # >= 1 byte a pixel, before GDCM allocates
+        raise _refuse(series, f"{path.name} is truncated: its header declares {shape[0]} x {shape[1]} pixels but the "
+                              f"file has only {path.stat().st_size} bytes; copy the series again")
 
     try:
         array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
