@@ -118,7 +118,12 @@ def run(args) -> int:
     try:
         return _run(args)
     except CovidsegError as exc:
-        print(f"covidseg segment: error: {exc}", file=sys.stderr)
+        print(f"covidseg segment: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or an unwritable --out-dir while the masks are written
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"covidseg segment: error: cannot read or write{where}: {exc.strerror or exc}; check the disk and the "
+              "paths", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("covidseg segment: interrupted; no file was written", file=sys.stderr)

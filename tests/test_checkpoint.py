@@ -19,6 +19,8 @@ from napari_covidseg.errors import CheckpointError
 from napari_covidseg.models import get_network, network_names
 from napari_covidseg.preprocessing import Preprocessing
 
+from checkpoint_helpers import craft, write_malicious
+
 SMALL_UNET = {"base": 4, "depth": 2}
 
 
@@ -120,10 +122,31 @@ def test_truncated_checkpoint(saved, tmp_path):
         load_checkpoint(cut)
 
 
-def test_pickled_code_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    """Payloads that would create a marker file (os.system, exec, eval, open) hidden in a field, the
+    weights, the top level, a plain pickle and torch's legacy format: all refused, nothing runs, and
+    the message warns against weights_only=False instead of ending on torch's advice to use it."""
+    marker = tmp_path / "PWNED"
+    files = write_malicious(tmp_path / "evil", marker)
+    assert len(files) >= 8
+    for name, path in files.items():
+        for reader in (load_checkpoint, read_checkpoint_info):
+            with pytest.raises(CheckpointError) as info:
+                reader(path)
+            message = str(info.value)
+            assert "Traceback" not in message and "\n" not in message, name
+            assert " was refused: " in message or "damaged" in message, (name, message)
+            if " was refused: " in message:
+                assert "Nothing from it was run" in message and "Do not open it with torch.load(weights_only=False)" in message
+            assert not message.rstrip().endswith("`weights_only` set to `False`"), name
+            assert not marker.exists(), f"{name}: code from the file ran"
+    # the zip-format payloads are named in the message (which global they need)
+    with pytest.raises(CheckpointError, match=r"refused: it holds Python objects \(posix.system\)"):
+        load_checkpoint(files["os_system_in_training"])
+    # a class of this very package is refused too: checkpoints hold plain values only
+    path = tmp_path / "object.pt"
     torch.save({"format": "napari-covidseg-checkpoint", "payload": Preprocessing()}, path)
-    with pytest.raises(CheckpointError, match="damaged or not a napari-covidseg checkpoint"):
+    with pytest.raises(CheckpointError, match=r"refused: .*napari_covidseg.preprocessing.Preprocessing"):
         load_checkpoint(path)
 
 
@@ -151,7 +174,7 @@ def test_unknown_network_lists_known_ones(saved, tmp_path):
     path, _ = saved
     raw = torch.load(path, weights_only=True)
     raw["network"] = "resnet_from_mars"
-    torch.save(raw, tmp_path / "mars.pt")
+    craft(raw, tmp_path / "mars.pt")
     with pytest.raises(CheckpointError, match="'resnet_from_mars'.*known networks: .*unet") as info:
         load_checkpoint(tmp_path / "mars.pt")
     assert all(name in str(info.value) for name in network_names())
@@ -180,7 +203,7 @@ def test_state_dict_of_another_architecture(tmp_path):
     # missing keys
     raw = torch.load(tmp_path / "w.pt", weights_only=True)
     raw["state_dict"] = {k: v for k, v in _unet().state_dict().items() if "head" not in k}
-    torch.save(raw, tmp_path / "m.pt")
+    craft(raw, tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match="2 missing weights"):
         load_checkpoint(tmp_path / "m.pt")
 

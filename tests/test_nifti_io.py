@@ -1,6 +1,7 @@
 """NIfTI load/save: voxel-exact round trips in every orientation, and agreement with SimpleITK."""
 
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -141,15 +142,48 @@ def test_save_never_overwrites_and_leaves_no_temp_files(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """The disk fills up half-way through the file: the partial temporary file (which exists, and holds
+    bytes, when the error comes) is removed and the target never appears (nor is an old one touched)."""
     volume = load_volume(_write(tmp_path / "ct.nii.gz", _ct(), AFFINES["LPS"]))
+    real_save = nib.save
+    seen = []
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def crash_half_way(img, filename, *args, **kwargs):
+        real_save(img, filename, *args, **kwargs)  # the whole file, then cut it: a write that ran out of space
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        seen.append((Path(filename).name, Path(filename).stat().st_size))
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(nib, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(nib, "save", crash_half_way)
+    with pytest.raises(OSError, match="No space left"):
         save_volume(tmp_path / "mask.nii.gz", np.ones(volume.data.shape, np.uint8), volume.geometry)
+    assert len(seen) == 1 and seen[0][0].startswith(".mask.nii.gz.") and seen[0][1] > 0  # the partial file existed
     assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz"]
+    (tmp_path / "old.nii.gz").write_bytes(b"previous mask")
+    with pytest.raises(OSError):
+        save_volume(tmp_path / "old.nii.gz", np.ones(volume.data.shape, np.uint8), volume.geometry, overwrite=True)
+    assert (tmp_path / "old.nii.gz").read_bytes() == b"previous mask"
+    assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz", "old.nii.gz"]
+
+
+def test_a_killed_save_leaves_a_part_file_that_the_next_save_removes(tmp_path):
+    """A save killed outright (SIGKILL: no clean-up runs) leaves its .part file; the next save of the same
+    target removes it once it is an hour old (a younger one may be another save still running)."""
+    from napari_covidseg import atomic_file
+
+    volume = load_volume(_write(tmp_path / "ct.nii.gz", _ct(), AFFINES["LPS"]))
+    stale = tmp_path / ".mask.nii.gz.k1ll3d.part.nii.gz"
+    fresh = tmp_path / ".mask.nii.gz.fr3sh0.part.nii.gz"
+    other = tmp_path / ".other.nii.gz.k1ll3d.part.nii.gz"
+    for leftover in (stale, fresh, other):
+        leftover.write_bytes(b"half a file")
+    old = os.stat(stale).st_mtime - atomic_file.STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    save_volume(tmp_path / "mask.nii.gz", np.ones(volume.data.shape, np.uint8), volume.geometry)
+    assert not stale.exists() and fresh.exists() and other.exists()
+    assert np.all(load_volume(tmp_path / "mask.nii.gz").data == 1)
 
 
 def test_mask_and_ct_grid_check(tmp_path):

@@ -43,7 +43,12 @@ def test_overlay_values_are_tp_fn_fp():
     assert np.array_equal(ov == FALSE_NEGATIVE, g & ~p)
     assert np.array_equal(ov == FALSE_POSITIVE, p & ~g)
     assert np.array_equal(ov == 0, ~p & ~g)
-    assert (TRUE_POSITIVE, FALSE_NEGATIVE, FALSE_POSITIVE) == (1, 2, 3)
+    # each class of the overlay is drawn in its documented colour: green TP, red FN (missed), yellow FP
+    colour = {value: tuple(round(c * 255) for c in rgba) for value, rgba in overlay_color_dict().items()}
+    assert colour[int(ov[p & g][0])] == (0, 255, 0, 255)
+    assert colour[int(ov[g & ~p][0])] == (255, 0, 0, 255)
+    assert colour[int(ov[p & ~g][0])] == (255, 255, 0, 255)
+    assert colour[0][3] == 0 and len({TRUE_POSITIVE, FALSE_NEGATIVE, FALSE_POSITIVE, 0}) == 4
 
 
 def test_overlay_colours_exact():

@@ -65,7 +65,12 @@ def test_lesions_26_connected_and_min_volume():
     assert r["lesion_volumes_ml"] == pytest.approx([0.75, 0.02, 0.01])
     r = quantify(lung, inf, (1.0, 1.0, 1.0), min_lesion_ml=0.0)
     assert r["n_lesions"] == 3
-    assert MIN_LESION_ML == 0.01
+    # the default threshold is the documented 10 mm^3: a one-voxel lesion of 12 mm^3 counts, one of 8 mm^3 does not
+    single = np.zeros_like(lung)
+    single[8, 20, 45] = 1
+    assert quantify(lung, single, (12.0, 1.0, 1.0))["n_lesions"] == 1
+    assert quantify(lung, single, (8.0, 1.0, 1.0))["n_lesions"] == 0
+    assert quantify(lung, single, (8.0, 1.0, 1.0), min_lesion_ml=MIN_LESION_ML / 2)["n_lesions"] == 1
 
 
 def test_small_fragment_goes_to_its_side():

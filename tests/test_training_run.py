@@ -42,9 +42,11 @@ def test_training_improves_validation_dice_and_writes_the_run_folder(trained_run
         for key in ("train_loss", "val_loss", "val_dice_mean", "lr", "seconds", "throughput", "device"):
             assert key in r
     assert records[-1] == {**records[-1], "event": "end", "status": "finished", "error": None}
-    # the untrained network's Dice is near 0 for the lung; a few epochs bring it up by a clear margin
+    # the untrained network's Dice is near 0 for the lung; four epochs bring it up by a clear margin (this
+    # seeded CPU run goes from 0.006 to 0.49 in the mean and to 0.97 in the lung): both must hold
     best = max(r["val_dice_mean"] for r in epochs)
-    assert best - epochs[0]["val_dice_mean"] > 0.2 or best > 0.45
+    assert epochs[0]["val"]["lung"]["dice"] < 0.2
+    assert best - epochs[0]["val_dice_mean"] > 0.3
     assert max(r["val"]["lung"]["dice"] for r in epochs) > 0.8
     split = json.loads((out / "split.json").read_text())
     assert set(split["train"]).isdisjoint(split["val"]) and len(split["train"]) + len(split["val"]) == 4

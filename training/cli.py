@@ -1,6 +1,8 @@
 """Command line: ``python -m training {train,evaluate,check-data,recipes}`` (console script
-``covidseg-train``).  Exit codes: 0 done (also after a clean stop on SIGINT/SIGTERM), 1 failed,
-2 bad data folder or bad arguments."""
+``covidseg-train``).  Exit codes: 0 done (also after a clean stop on SIGINT/SIGTERM); 2 for every
+error the user can act on (bad data folder, arguments or checkpoint, a full disk, a diverging loss),
+with one line ``error: <what is wrong and what to do>`` on stderr and never a traceback; 1 for an
+unexpected failure (a bug), also as one line (``train`` writes its traceback to ``train.log``)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from napari_covidseg.errors import CovidsegError, DataFolderError
+from napari_covidseg.errors import CovidsegError
 
 LAYOUT_CHOICES = ("auto", "covid19ctseg", "medseg", "pairs", "phantom")
 
@@ -119,7 +121,7 @@ def _train(args) -> int:
     echo = None if args.quiet else (lambda text: print(text, flush=True))
     code, message = run_training(cfg, echo=echo)
     if code != 0:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     return code
 
 
@@ -157,15 +159,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = {"train": _train, "evaluate": _evaluate, "check-data": _check_data, "recipes": _recipes}[args.command]
     try:
         return int(handler(args) or 0)
-    except DataFolderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except CovidsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if args.command != "train" else 1
+        return _error(exc)
+    except OSError as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        return _error(f"cannot read or write{where}: {exc.strerror or exc}; check the path, the disk and its permissions")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: one line, no traceback dump
+        print(f"error: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (please report this)",
+              file=sys.stderr)
+        return 1
+
+
+def _error(message) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -143,10 +143,9 @@ class TrainConfig:
             raise InputError("choose either --resume (continue a run) or --init-from (fine-tune from weights), not both")
         if len(self.phantom_shape) != 3:
             raise InputError(f"--phantom-shape needs three sizes Z Y X, not {self.phantom_shape}")
-        try:
-            spec.create(**self.network_kwargs)
-        except TypeError as exc:
-            raise InputError(f"`{spec.name}` cannot be built with --network-kwargs {self.network_kwargs}: {exc}") from None
+        from napari_covidseg.checkpoint import build_network_skeleton
+
+        build_network_skeleton(spec, dict(self.network_kwargs), "--network-kwargs")  # shapes only: no memory used
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,6 +47,8 @@ PHANTOM = "phantom"
 MEDSEG_STACK_GROUP = 10  # consecutive slices of the MedSeg stack kept together in a split
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_PHANTOM_SHAPE = (32, 192, 192)
+#: largest difference between a mask's and its CT's affine entries (mm) that still counts as one grid
+GRID_TOLERANCE_MM = 1e-3
 
 
 @dataclass
@@ -109,12 +111,27 @@ def _load(path: Path, kind: str):
 
 
 def _mask_on(ct_vol, mask_vol, path: Path, what: str) -> np.ndarray:
+    """The mask's voxels if it lies voxel for voxel on its CT's grid (same shape *and* position/orientation:
+    a mask mirrored or shifted against its CT would teach the network wrong labels), else a DataFolderError."""
     if tuple(mask_vol.data.shape) != tuple(ct_vol.data.shape):
         raise DataFolderError(
             f"{what} mask {path} has shape {tuple(mask_vol.data.shape)} but its CT has shape {tuple(ct_vol.data.shape)}; "
             "a mask must be on the CT's voxel grid (same size); re-export it from the CT"
         )
+    difference = float(np.max(np.abs(mask_vol.geometry.affine - ct_vol.geometry.affine)))
+    if not difference <= GRID_TOLERANCE_MM:
+        raise DataFolderError(
+            f"{what} mask {path} has its CT's shape but another position/orientation (affines differ by up to "
+            f"{difference:.3g} mm; CT {_axcodes(ct_vol)}, mask {_axcodes(mask_vol)}): its labels would be mirrored or "
+            "shifted against the CT; re-export the mask from this CT (or fix its header)"
+        )
     return mask_vol.data
+
+
+def _axcodes(vol) -> str:
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(vol.geometry.affine))
 
 
 def _spacing(vol) -> Tuple[float, float, float]:
@@ -336,6 +353,20 @@ def load_sources(data, phantom_n: int = 8, phantom_shape=DEFAULT_PHANTOM_SHAPE) 
     return sources, layouts, cases
 
 
+def absent_label_warnings(cases: Sequence[Case], names: Sequence[str] = ("lung", "infection"), where: str = "case") -> List[str]:
+    """A warning for each class in ``names`` that no case of ``cases`` shows: no mask at all, or only
+    empty masks (a folder of healthy lungs has no infection to learn or to score)."""
+    out = []
+    for name in names:
+        masks = [getattr(c, name) for c in cases if getattr(c, name) is not None]
+        if not masks:
+            out.append(f"no {where} has a {name} mask: the {name} channel is neither learnt nor validated from this data")
+        elif not any(bool(np.any(m)) for m in masks):
+            out.append(f"no {where} has any {name} voxel (all {len(masks)} {name} masks are empty): the network cannot "
+                       f"learn {name} from this data, and no {name} Dice can be computed on it")
+    return out
+
+
 def _domain_summary(cases: Sequence[Case]) -> dict:
     out = {}
     for domain in DOMAINS:
@@ -359,7 +390,7 @@ def check_data(data, layout: str = "auto", phantom_n: int = 8, phantom_shape=DEF
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sources, layouts, cases = load_sources(data, phantom_n, phantom_shape)
-    problems = [str(w.message) for w in caught]
+    problems = [str(w.message) for w in caught] + absent_label_warnings(cases)
     report_cases = []
     for c in cases:
         entry = {"id": c.case_id, "source": c.source, "shape": list(c.ct.shape), "spacing": list(c.spacing),

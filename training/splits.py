@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from napari_covidseg.atomic_file import atomic_path
 from napari_covidseg.errors import DataFolderError
 
 
@@ -67,8 +68,10 @@ def make_split(case_ids: Sequence[str], groups: Optional[Sequence[str]] = None, 
 
 
 def write_split(split: dict, path) -> Path:
+    """Write ``split.json`` atomically (a kill never leaves half a split behind)."""
     path = Path(path)
-    path.write_text(json.dumps(split, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(split, indent=2) + "\n")
     return path
 
 

@@ -3,13 +3,28 @@
 Reproducibility: the model is initialised from ``seed``; every training sample (which slice or
 patch, and its augmentation) is drawn from a generator seeded with ``(seed, epoch, index)``, and the
 sample order from ``(seed, epoch)``, so an epoch depends only on the weights, the optimizer state
-and the epoch number.  ``last.pt`` stores those (plus the python/numpy/torch RNG states for dropout
-and the like), so a run resumed after a kill continues exactly as an uninterrupted run would (bit
-for bit on CPU).
+and the epoch number.  ``last.pt`` stores those (plus the python/numpy/torch RNG states), so a run
+resumed with ``--resume auto`` continues as an uninterrupted run would, bit for bit on the CPU:
+
+* after SIGINT/SIGTERM (a clean stop), also in the middle of an epoch: ``last.pt`` then holds the
+  weights and optimizer state after the last finished step, the step count and the epoch's loss
+  so far, and the resumed run skips exactly those batches;
+* after SIGKILL or a crash, from the end of the last finished epoch (the interrupted epoch is
+  redone from the same state, so it comes out the same);
+* on CUDA the kernels themselves need not be deterministic, so a resumed run may differ in the
+  last bits there; a resume with other settings (learning rate, batch size, ...) is warned about.
+
+Files: each epoch ends by writing ``best.pt`` (when the Dice improved), then ``last.pt`` (which
+carries the epoch's log record), then the record in ``metrics.jsonl``; so a kill at any point
+leaves a ``best.pt`` that is never older than the best Dice a resumed run reports, and a resumed
+run restores a record the kill kept from the log: every epoch is logged exactly once.  Temporary
+files of killed checkpoint writes are removed when a run starts.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 import random
@@ -23,10 +38,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from napari_covidseg.checkpoint import load_checkpoint, load_shipped, save_checkpoint
+from napari_covidseg.atomic_file import atomic_path, sweep_temporaries
+from napari_covidseg.checkpoint import build_network, load_checkpoint, load_shipped, read_raw, save_checkpoint
 from napari_covidseg.errors import CovidsegError, DataFolderError, InputError
 from napari_covidseg.inference import predict_volume, resolve_device
 from napari_covidseg.intensity import CT_SEG_PNG_RECIPE, DISPLAY8, HU, LUNG_WINDOW
@@ -36,7 +52,7 @@ from napari_covidseg.preprocessing import Preprocessing
 
 from . import distributed
 from .config import TrainConfig
-from .datasets import Case, load_sources
+from .datasets import Case, absent_label_warnings, load_sources
 from .metrics_log import MetricsLog
 from .samples import CHANNELS, PreparedCase, SampleDataset
 from .signals import StopFlag
@@ -45,6 +61,13 @@ from .splits import make_split, read_split, write_split
 
 HU_TO_DISPLAY8 = {"recipe": CT_SEG_PNG_RECIPE, "lung_window": LUNG_WINDOW}
 DEFAULT_3D_INPLANE = (128, 128)
+#: files of the output folder written through atomic_path (their temporary files are swept at start)
+RUN_FILES = ("last.pt", "best.pt", "split.json", "config.json")
+#: settings that change what a resumed run computes (a resume with other values is warned about)
+SCHEDULE_FIELDS = ("optimizer", "lr", "weight_decay", "schedule", "epochs", "batch_size", "input_size", "crop_size",
+                   "augmentation", "augmentation_probabilities", "loss_kwargs", "momentum", "poly_power",
+                   "plateau_factor", "plateau_patience", "target", "seed", "samples_per_epoch", "max_steps_per_epoch",
+                   "lung_slice_weight", "target_spacing", "inplane_size", "domain", "hu_to_display8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +246,12 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = MetricsLog(self.out, enabled=self.is_main, echo=self.echo if self.is_main else None)
+        if self.is_main:  # what a killed run left: temporary checkpoint files, half a log line
+            swept = sweep_temporaries(self.out, RUN_FILES)
+            if swept:
+                self.log.line(f"removed {len(swept)} temporary file(s) of an interrupted run: {', '.join(p.name for p in swept)}")
+            if self.log.repair():
+                self.log.line("cut a partial last line of metrics.jsonl (a run was killed while writing it)")
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -272,6 +301,8 @@ class Trainer:
         if not self.train_cases or not self.val_cases:
             raise DataFolderError("the split leaves no training or no validation case; use more cases or another --val-fraction")
         self.log.line(f"intensity domain: {self.domain} ({', '.join(f'{d}: {n}' for d, n in _count(c.domain for c in usable))} cases)")
+        for text in (absent_label_warnings(usable, needed) + absent_label_warnings(self.val_cases, needed, "validation case")):
+            self.log.line(f"warning: {text}")
 
     def _source_shares(self) -> Optional[Dict[str, float]]:
         """Share of the samples per source name (``None``: every slice equally likely)."""
@@ -294,7 +325,8 @@ class Trainer:
             if {**self.spec.default_kwargs, **src.network_kwargs} != {**self.spec.default_kwargs, **cfg.network_kwargs}:
                 raise InputError(f"--init-from weights were built with {src.network_kwargs}, this run asks for {cfg.network_kwargs}; "
                                  "leave --network-kwargs out (the weights' own are used) or pass the same")
-        model = self.spec.create(**cfg.network_kwargs)
+        model = build_network(self.spec, dict(cfg.network_kwargs), "--network-kwargs",
+                              hint="give arguments the network's constructor takes, e.g. '{\"base\": 16}'")
         if src is not None:
             model.load_state_dict(src.model.state_dict())
             self.log.line(f"initialised from {src.path}")
@@ -311,29 +343,65 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.start_epoch, self.best, self.wall_seconds = 0, -math.inf, 0.0
+        self.resume_step, self.resume_epoch_state, self.resume_record, self._resume_rng = 0, {}, {}, None
         if cfg.resume:
             self._resume(cfg.resume)
 
     def _resume(self, path):
-        from napari_covidseg.checkpoint import _read_raw  # raw dict incl. optimizer state
-
-        raw = _read_raw(path, map_location="cpu")
-        if raw.get("network") != self.cfg.network:
-            raise InputError(f"--resume {path} holds a `{raw.get('network')}`, not a `{self.cfg.network}`")
-        loaded = load_checkpoint(path, expected_network=self.cfg.network, map_location="cpu")
-        self.model.load_state_dict(loaded.model.state_dict())
+        raw = read_raw(path, map_location="cpu")  # verified, optimizer state included
+        cfg = self.cfg
+        if raw.get("network") != cfg.network:
+            raise InputError(f"--resume {path} holds a `{raw.get('network')}`, not a `{cfg.network}`")
         extra = raw.get("extra") or {}
         if "optimizer" not in extra:
             raise InputError(f"{path} holds no training state (it is a weights-only checkpoint); use --init-from to fine-tune from it")
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        if extra.get("scaler"):
-            self.scaler.load_state_dict(extra["scaler"])
+        stored = dict(raw.get("network_kwargs") or {})
+        if {**self.spec.default_kwargs, **stored} != {**self.spec.default_kwargs, **cfg.network_kwargs}:
+            raise InputError(f"--resume {path} was trained with network arguments {stored}, this run asks for "
+                             f"{cfg.network_kwargs}; resume with the settings the run started with (the same "
+                             "--network-kwargs or --net-kwargs-shipped)")
+        loaded = load_checkpoint(path, expected_network=cfg.network, map_location="cpu")
+        self.model.load_state_dict(loaded.model.state_dict())
+        self._load_training_state(path, extra)
         self.start_epoch = int(extra["epoch"])
         self.best = float(extra.get("best", -math.inf)) if extra.get("best") is not None else -math.inf
         self._resume_rng = extra.get("rng")
         self.wall_seconds = float(extra.get("wall_seconds") or 0.0)
-        self.log.line(f"resumed from {path} after epoch {self.start_epoch}")
+        # written since mid-epoch stops resume exactly; older checkpoints redo the interrupted epoch
+        self.resume_step = int(extra.get("step") or 0)
+        self.resume_epoch_state = dict(extra.get("epoch_state") or {})
+        self.resume_record = dict(extra.get("record") or {})
+        self._warn_changed_settings(path, extra.get("config") or {})
+        where = f"after step {self.resume_step} of epoch {self.start_epoch + 1}" if self.resume_step else f"after epoch {self.start_epoch}"
+        self.log.line(f"resumed from {path} {where}")
+
+    def _load_training_state(self, path, extra: dict) -> None:
+        """Optimizer, schedule and AMP scaler state, or one line saying why they do not fit this run."""
+        before = extra.get("config") or {}
+        stored_groups = (extra["optimizer"] or {}).get("param_groups") or [{}]
+        fresh_groups = self.optimizer.state_dict()["param_groups"]
+        if (before.get("optimizer") not in (None, self.cfg.optimizer)
+                or set(stored_groups[0]) != set(fresh_groups[0]) or len(stored_groups) != len(fresh_groups)):
+            raise InputError(f"--resume {path} was trained with the {before.get('optimizer', 'another')!r} optimizer, "
+                             f"this run uses {self.cfg.optimizer!r}; resume with the same --optimizer (or start a new "
+                             "run, e.g. --init-from the checkpoint)")
+        try:
+            self.optimizer.load_state_dict(extra["optimizer"])
+            self.scheduler.load_state_dict(extra["scheduler"])
+            if extra.get("scaler"):
+                self.scaler.load_state_dict(extra["scaler"])
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            raise InputError(f"--resume {path}: its optimizer/schedule state does not fit this run ({reason}); it was "
+                             f"trained with optimizer {before.get('optimizer')!r} and schedule {before.get('schedule')!r}, "
+                             f"this run uses {self.cfg.optimizer!r} and {self.cfg.schedule!r}; resume with the same settings") from None
+
+    def _warn_changed_settings(self, path, before: dict) -> None:
+        now = json.loads(json.dumps(self.cfg.to_dict()))  # as stored: tuples are lists there
+        changed = [f"{k} {before[k]!r} -> {now.get(k)!r}" for k in SCHEDULE_FIELDS if k in before and before[k] != now.get(k)]
+        if changed:
+            self.log.line(f"warning: resuming {path} with other settings than its run had ({'; '.join(changed)}): the "
+                          "result will differ from an uninterrupted run")
 
     def _loader(self):
         cfg = self.cfg
@@ -351,12 +419,16 @@ class Trainer:
                                      source_shares=self._source_shares())
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.seed, drop_last=False)
-        self.loader = DataLoader(self.dataset, batch_size=int(cfg.batch_size), sampler=self.sampler,
+        self.steps_per_epoch = max(1, math.ceil(len(self.sampler) / int(cfg.batch_size)))
+        self.skipping = SkipSampler(self.sampler)
+        self.loader = DataLoader(self.dataset, batch_size=int(cfg.batch_size), sampler=self.skipping,
                                  num_workers=int(cfg.num_workers), drop_last=False,
                                  pin_memory=self.device.type == "cuda")
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _save(self, path, epoch, metrics, half=False):
+    def _save(self, path, epoch, metrics, half=False, step=0, epoch_state=None, record=None):
+        """A checkpoint after ``epoch`` finished epochs and ``step`` steps of the next (with its loss so far
+        in ``epoch_state``); ``record`` is the finished epoch's log record (restored if a kill loses it)."""
         cfg = self.cfg
         training = {"data": self.split["data"], "layout": self.layout, "domain": self.domain,
                     "domains": dict(_count(c.domain for c in self.train_cases + self.val_cases)),
@@ -370,7 +442,8 @@ class Trainer:
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.amp else {}, "epoch": epoch,
                  "best": None if not math.isfinite(self.best) else self.best, "rng": rng_state(),
-                 "sampler_epoch": epoch, "config": cfg.to_dict(), "wall_seconds": self.wall_seconds}
+                 "sampler_epoch": epoch, "config": cfg.to_dict(), "wall_seconds": self.wall_seconds,
+                 "step": int(step), "epoch_state": dict(epoch_state or {}), "record": dict(record or {})}
         save_checkpoint(path, self.model, cfg.network, cfg.network_kwargs, self.prep, training=training,
                         metrics=metrics, extra=extra, half=half)
 
@@ -383,14 +456,8 @@ class Trainer:
         self._data()
         self._model()
         if self.is_main:
-            write_split(self.split, self.out / "split.json")
-            cfg.save(self.out / "config.json")
-            self.log.record("start", network=cfg.network, config=cfg.to_dict(), device=str(self.device.type),
-                            epochs=int(cfg.epochs), time=time.time(), resumed_from_epoch=self.start_epoch,
-                            split={k: self.split[k] for k in ("train", "val", "test")})
+            self._write_run_files()
         self._loader()
-        if getattr(self, "_resume_rng", None):
-            set_rng_state(self._resume_rng)
         last, best = self.out / "last.pt", self.out / "best.pt"
         status = "finished"
         epochs = int(cfg.epochs)
@@ -398,71 +465,14 @@ class Trainer:
         self.log.line(f"{n_params} parameters; train {len(self.train_cases)} cases, val {len(self.val_cases)} cases; "
                       f"{len(self.dataset)} samples per epoch")
         for epoch in range(self.start_epoch, epochs):
-            t0 = time.time()
-            self.dataset.epoch = epoch
-            self.sampler.set_epoch(epoch)
-            self.ddp_model.train()
-            total_loss, n_samples, steps = 0.0, 0, 0
-            stopped = False
-            for x, y, w in self.loader:
-                x, y, w = (t.to(self.device, non_blocking=True) for t in (x, y, w))
-                if self.spec.dims == 2 and self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                progress = (epoch + steps / max(1, len(self.loader))) / epochs
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, enabled=self.amp):
-                    outputs = self.ddp_model(x)
-                outputs = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in outputs.items()}
-                loss, _parts = self.loss_fn(outputs, y, progress, weight=w)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate (--lr)")
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                total_loss += float(loss.detach()) * x.shape[0]
-                n_samples += x.shape[0]
-                steps += 1
-                if distributed.any_true(self.stop.stopped, self.dist, self.device):
-                    stopped = True
-                    break
-            if stopped:
-                # the epoch is incomplete: last.pt keeps these weights with epoch = the last completed
-                # epoch, so a resume redoes this epoch from them (nothing learnt is thrown away).
-                if self.is_main:
-                    self._save(last, epoch, {})
+            done = self._train_epoch(epoch, self.resume_step if epoch == self.start_epoch else 0)
+            if done["stopped"]:
+                if self.is_main:  # exactly where it stopped: a resume skips the steps done and goes on
+                    self._save(last, epoch, {}, step=done["steps"],
+                               epoch_state={k: done[k] for k in ("loss", "samples", "seconds")})
                 status = "stopped"
                 break
-            train_loss = distributed.mean_value(total_loss / max(1, n_samples), self.dist, self.device)
-            record = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss}
-            if self.is_main:
-                summary, dice_mean, val_loss, by_source = validate(self.model, self.spec, self.prep, self.val_cases,
-                                                                   self.device, cfg)
-                record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean, val_by_source=by_source)
-            dice_mean = distributed.broadcast_object(record.get("val_dice_mean"), self.dist)
-            lr = float(self.optimizer.param_groups[0]["lr"])
-            if cfg.schedule == "plateau":
-                self.scheduler.step(dice_mean if dice_mean is not None and math.isfinite(dice_mean) else 0.0)
-            else:
-                self.scheduler.step()
-            seconds = time.time() - t0
-            self.wall_seconds += seconds
-            improved = dice_mean is not None and math.isfinite(dice_mean) and dice_mean > self.best
-            if improved:
-                self.best = float(dice_mean)
-            if self.is_main:
-                metrics = {"val": record.get("val"), "val_dice_mean": dice_mean, "epoch": epoch + 1}
-                self._save(last, epoch + 1, metrics)
-                if improved or not best.exists():
-                    self._save(best, epoch + 1, {**metrics, "best": True})
-                record.update(lr=lr, seconds=seconds, throughput=n_samples * self.dist.world_size / max(seconds, 1e-9),
-                              device=str(self.device.type))
-                self.log.record("epoch", **record)
-                val = record.get("val") or {}
-                self.log.line(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} val dice "
-                              + " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items() if "dice" in v)
-                              + "".join(f" ({k} false positives in healthy cases {v['false_positive_pct']:.2f}% of lung)"
-                                        for k, v in val.items() if "false_positive_pct" in v)
-                              + f" lr {lr:.2e} {seconds:.1f}s")
+            self._finish_epoch(epoch, done, last, best)
             distributed.barrier(self.dist)
             if self.stop.stopped:
                 status = "stopped"
@@ -477,9 +487,118 @@ class Trainer:
         distributed.cleanup(self.dist)
         return status
 
+    def _write_run_files(self) -> None:
+        """split.json, config.json, the epoch record a kill kept from the log, and the start record."""
+        cfg = self.cfg
+        write_split(self.split, self.out / "split.json")
+        with atomic_path(self.out / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        record = self.resume_record
+        if record and not self.resume_step and record.get("epoch") not in {r.get("epoch") for r in self.log.records("epoch")}:
+            self.log.record("epoch", **{k: v for k, v in record.items() if k != "event"}, recovered=True)
+            self.log.line(f"epoch {record.get('epoch')}: its log record was lost when the run was killed; restored from "
+                          f"{cfg.resume}")
+        self.log.record("start", network=cfg.network, config=cfg.to_dict(), device=str(self.device.type),
+                        epochs=int(cfg.epochs), time=time.time(), resumed_from_epoch=self.start_epoch,
+                        resumed_from_step=self.resume_step, split={k: self.split[k] for k in ("train", "val", "test")})
 
-def plain_error(exc: BaseException) -> str:
-    """A message for the user, without a traceback."""
+    def _train_epoch(self, epoch: int, skip: int) -> dict:
+        """One epoch's steps from step ``skip`` on; returns the loss sum, samples, steps, seconds and
+        whether a stop was asked for (the optimizer step in progress is finished first)."""
+        cfg = self.cfg
+        t0 = time.time()
+        state = {"loss": 0.0, "samples": 0, "seconds": 0.0, **(self.resume_epoch_state if skip else {})}
+        self.dataset.epoch = epoch
+        self.sampler.set_epoch(epoch)
+        self.skipping.skip = skip * int(cfg.batch_size)
+        self.ddp_model.train()
+        # the RNG state of the checkpoint was taken before this epoch's loader drew its seed from the global
+        # RNG (epoch end), or after it (a stop mid-epoch): restore it at the same point
+        resume_rng = self._resume_rng if epoch == self.start_epoch else None
+        if resume_rng and not skip:
+            set_rng_state(resume_rng)
+        batches = iter(self.loader)
+        if resume_rng and skip:
+            set_rng_state(resume_rng)
+        steps, stopped = skip, False
+        for x, y, w in batches:
+            x, y, w = (t.to(self.device, non_blocking=True) for t in (x, y, w))
+            if self.spec.dims == 2 and self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            progress = (epoch + steps / self.steps_per_epoch) / int(cfg.epochs)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                outputs = self.ddp_model(x)
+            outputs = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in outputs.items()}
+            loss, _parts = self.loss_fn(outputs, y, progress, weight=w)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate (--lr)")
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            state["loss"] += float(loss.detach()) * x.shape[0]
+            state["samples"] += x.shape[0]
+            steps += 1
+            if distributed.any_true(self.stop.stopped, self.dist, self.device):
+                stopped = True
+                break
+        state["seconds"] += time.time() - t0
+        return {**state, "steps": steps, "stopped": stopped}
+
+    def _finish_epoch(self, epoch: int, done: dict, last: Path, best: Path) -> None:
+        """Validate, step the schedule, write best.pt (if improved), last.pt, then the log record."""
+        cfg = self.cfg
+        epochs = int(cfg.epochs)
+        train_loss = distributed.mean_value(done["loss"] / max(1, done["samples"]), self.dist, self.device)
+        record = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss}
+        if self.is_main:
+            summary, dice_mean, val_loss, by_source = validate(self.model, self.spec, self.prep, self.val_cases,
+                                                               self.device, cfg)
+            record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean, val_by_source=by_source)
+        dice_mean = distributed.broadcast_object(record.get("val_dice_mean"), self.dist)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if cfg.schedule == "plateau":
+            self.scheduler.step(dice_mean if dice_mean is not None and math.isfinite(dice_mean) else 0.0)
+        else:
+            self.scheduler.step()
+        seconds = done["seconds"]
+        self.wall_seconds += seconds
+        improved = dice_mean is not None and math.isfinite(dice_mean) and dice_mean > self.best
+        if improved:
+            self.best = float(dice_mean)
+        if not self.is_main:
+            return
+        record.update(lr=lr, seconds=seconds, throughput=done["samples"] * self.dist.world_size / max(seconds, 1e-9),
+                      device=str(self.device.type))
+        metrics = {"val": record.get("val"), "val_dice_mean": dice_mean, "epoch": epoch + 1}
+        if improved or not best.exists():  # best first: a kill before last.pt redoes this epoch, never loses a best
+            self._save(best, epoch + 1, {**metrics, "best": True})
+        self._save(last, epoch + 1, metrics, record=record)
+        self.log.record("epoch", **record)
+        val = record.get("val") or {}
+        self.log.line(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} val dice "
+                      + " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items() if "dice" in v)
+                      + "".join(f" ({k} false positives in healthy cases {v['false_positive_pct']:.2f}% of lung)"
+                                for k, v in val.items() if "false_positive_pct" in v)
+                      + f" lr {lr:.2e} {seconds:.1f}s")
+
+
+class SkipSampler(Sampler):
+    """The indices of ``sampler`` after the first ``skip`` (a run resumed mid-epoch skips the samples it
+    already trained on, without drawing them)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+def plain_error(exc: BaseException, out=None) -> str:
+    """A message for the user, without a traceback (``out``: the output folder, named when a write failed)."""
     if isinstance(exc, CovidsegError):
         return str(exc)
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
@@ -487,11 +606,42 @@ def plain_error(exc: BaseException) -> str:
                 "(--net-kwargs-shipped or --network-kwargs), or train on the CPU (--device cpu)")
     if isinstance(exc, FloatingPointError):
         return str(exc)
-    return f"training failed unexpectedly: {type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        where = exc.filename if getattr(exc, "filename", None) else (f"in {out}" if out is not None else "")
+        return (f"cannot read or write {where}: {exc.strerror or exc}; check the disk (free space, permissions) "
+                "and the paths").replace("  ", " ")
+    return f"training failed unexpectedly: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for what the user or the machine can fix (bad data or arguments, a full disk, a diverging loss,
+    memory), 1 for an unexpected failure."""
+    if isinstance(exc, (CovidsegError, OSError, FloatingPointError, MemoryError, torch.cuda.OutOfMemoryError)):
+        return 2
+    return 2 if "out of memory" in str(exc).lower() else 1
+
+
+def _log_failure(trainer: "Trainer", cfg: TrainConfig, exc: BaseException, message: str) -> None:
+    """The failed end record and log lines, as far as the disk lets them be written (a full disk must not
+    turn one error into two tracebacks)."""
+    try:
+        log = getattr(trainer, "log", None)
+        if log is None:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            log = MetricsLog(cfg.out, enabled=int(os.environ.get("RANK", "0")) == 0)
+        if exit_code(exc) == 1:
+            log.line("unexpected error:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-6)))
+        last, best = Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"
+        log.record("end", status="failed", last_checkpoint=str(last) if last.exists() else None,
+                   best_checkpoint=str(best) if best.exists() else None, error=message)
+        log.line(f"failed: {message}")
+    except OSError:
+        pass  # the caller reports the error; the log cannot hold it
 
 
 def run_training(cfg: TrainConfig, echo=None, cases: Optional[List[Case]] = None) -> Tuple[int, str]:
-    """Run with signal handling and end/failed records; returns ``(exit_code, status)``."""
+    """Run with signal handling and end/failed records; returns ``(exit_code, status)``: 0, or 2 for an
+    error the user can fix (bad data or arguments, a full disk, a diverging loss), 1 for an unexpected one."""
     stop = StopFlag().install()
     trainer = Trainer(cfg, stop=stop, echo=echo, cases=cases)
     try:
@@ -500,24 +650,13 @@ def run_training(cfg: TrainConfig, echo=None, cases: Optional[List[Case]] = None
     except BaseException as exc:  # noqa: BLE001 - every failure must end with a log record
         if isinstance(exc, (SystemExit,)):
             raise
-        message = plain_error(exc)
-        log = getattr(trainer, "log", None)
-        if log is None:
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            log = MetricsLog(cfg.out, enabled=int(os.environ.get("RANK", "0")) == 0)
-        if not isinstance(exc, (CovidsegError, FloatingPointError)):
-            log.line("unexpected error:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-6)))
-        last = Path(cfg.out) / "last.pt"
-        log.record("end", status="failed", last_checkpoint=str(last) if last.exists() else None,
-                   best_checkpoint=str(Path(cfg.out) / "best.pt") if (Path(cfg.out) / "best.pt").exists() else None,
-                   error=message)
-        log.line(f"failed: {message}")
+        message = plain_error(exc, cfg.out)
+        _log_failure(trainer, cfg, exc, message)
         trainer.error_message = message
-        code = 2 if isinstance(exc, DataFolderError) else 1
         try:
             distributed.cleanup(trainer.dist)
         except Exception:
             pass
-        return code, message
+        return exit_code(exc), message
     finally:
         stop.uninstall()

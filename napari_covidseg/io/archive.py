@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 from ..errors import InputError
+from .volume import is_regular_file
 
 #: members that are never content (macOS resource forks and folder settings)
 _JUNK = ("__MACOSX/", ".DS_Store")
@@ -35,6 +36,8 @@ def _members(archive: zipfile.ZipFile, name: str) -> List[zipfile.ZipInfo]:
 
 def holds_dicom(path) -> bool:
     """Whether the zip ``path`` holds a DICOM Part 10 file (read from the archive, nothing unpacked)."""
+    if not is_regular_file(path):  # a pipe would block
+        return False
     try:
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import InputError
 from ..intensity import HU
 from .geometry import Geometry, lps_to_ras
-from .volume import RawVolume, check_size, exact_values
+from .volume import RawVolume, check_size, exact_values, is_regular_file
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -52,6 +52,8 @@ DECODABLE_TRANSFER_SYNTAXES = frozenset({
 })
 #: slices closer than this (mm) along the normal are at the same position
 SAME_POSITION_MM = 1e-3
+#: transfer syntaxes whose pixel data is stored as is (implicit / explicit little endian, explicit big endian)
+_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 #: relative deviation of one slice step from the median step that counts as uneven spacing
 STEP_TOLERANCE = 0.02
 #: tilt (degrees) below which the stack counts as perpendicular to the slices
@@ -59,7 +61,9 @@ TILT_TOLERANCE_DEG = 0.05
 
 
 def is_dicom_file(path) -> bool:
-    """True for a file with the DICOM Part 10 preamble marker (``DICM`` at byte 128)."""
+    """True for a regular file with the DICOM Part 10 preamble marker (``DICM`` at byte 128)."""
+    if not is_regular_file(path):  # a pipe would block the open below
+        return False
     try:
         with open(path, "rb") as stream:
             head = stream.read(132)
@@ -325,6 +329,11 @@ def _read_pixels(series: DicomSeries, path: Path, shape: Tuple[int, int]) -> np.
     import SimpleITK as sitk
 
     from .itk import itk_reason
+
+    syntax = next((one.transfer_syntax for one in series.slices if one.path == path), "")
+    if syntax in _UNCOMPRESSED and path.stat().st_size < shape[0] * shape[1]:  # >= 1 byte a pixel, before GDCM allocates
+        raise _refuse(series, f"{path.name} is truncated: its header declares {shape[0]} x {shape[1]} pixels but the "
+                              f"file has only {path.stat().st_size} bytes; copy the series again")
 
     try:
         array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))

@@ -16,7 +16,7 @@ separate data file cannot appear atomically.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from ..atomic_file import atomic_path
 from ..errors import InputError
 from .geometry import Geometry, lps_to_ras
 from .output import prepare_output, refuse_if_appeared
-from .volume import RawVolume, check_size, exact_values, squeeze_to_3d
+from .volume import RawVolume, check_geometry, check_size, exact_values, require_regular_file, squeeze_to_3d
 
 #: suffix -> format name
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage"}
@@ -99,6 +99,51 @@ def _checked_shape(reader, name: str) -> Tuple[int, int, int]:
     return squeeze_to_3d(reader.GetSize(), name)
 
 
+#: how a header names the voxel data's encoding, by format -> (key, {value: encoding for check_size})
+_ENCODINGS = {"raw": "raw", "gzip": "deflate", "gz": "deflate", "true": "deflate", "false": "raw"}
+
+
+def _header_fields(path: Path) -> Tuple[dict, int]:
+    """The ``key: value`` (NRRD) or ``Key = Value`` (MetaImage) fields of a header and its length in bytes."""
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 16)
+    nrrd = itk_format(path) == "nrrd"
+    fields, length = {}, 0
+    for line in head.split(b"\n"):
+        length += len(line) + 1
+        text = line.decode("latin-1").strip()
+        if nrrd and not text and fields:
+            break  # a blank line ends a NRRD header
+        key, sep, value = text.partition(":" if nrrd else "=")
+        if sep and not text.startswith("#"):
+            fields[key.strip().lower().replace(" ", "")] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            break  # the last MetaImage field: binary data follows
+    return fields, length
+
+
+def stored_voxel_bytes(path: Path) -> Tuple[Optional[int], str]:
+    """(bytes the file holds for the voxels, encoding for :func:`check_size`), or (None, "other") where
+    that cannot be told (a list of data files, bzip2, text); the data file a header names must be a regular file."""
+    fields, header_length = _header_fields(path)
+    if itk_format(path) == "nrrd":
+        encoding = _ENCODINGS.get(fields.get("encoding", "raw").lower(), "other")
+        data_file = fields.get("datafile")
+    else:
+        encoding = _ENCODINGS.get(fields.get("compresseddata", "false").lower(), "other")
+        data_file = fields.get("elementdatafile")
+        data_file = None if data_file is None or data_file.upper() == "LOCAL" else data_file
+    if data_file is None:
+        return path.stat().st_size - header_length, encoding
+    if data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file:
+        return None, "other"
+    target = path.parent / data_file
+    if not target.exists():
+        raise InputError(f"{path.name} names the data file {data_file}, which does not exist next to it: copy the "
+                         "header together with its data file.")
+    return require_regular_file(target, "data file").stat().st_size, encoding
+
+
 def bytes_per_voxel(pixel_id: int) -> int:
     """Size of one voxel of a SimpleITK pixel type (from a 1-voxel image: no table to keep in sync)."""
     import SimpleITK as sitk
@@ -115,9 +160,12 @@ def read_itk(path) -> RawVolume:
     title = FORMAT_TITLES.get(fmt, "NRRD or MetaImage")
     if not path.is_file():
         raise InputError(f"{path} does not exist or is not a file: check the path and the file name.")
+    require_regular_file(path, f"{title} file")
     reader = _header(path, title)
     shape = _checked_shape(reader, path.name)
-    check_size(shape, bytes_per_voxel(reader.GetPixelID()), path.name)
+    check_geometry(geometry_from_sitk(reader), path.name)  # before SimpleITK reads (and may refuse) the voxels
+    stored, encoding = stored_voxel_bytes(path)
+    check_size(shape, bytes_per_voxel(reader.GetPixelID()), path.name, stored=stored, encoding=encoding)
     try:
         image = reader.Execute()
     except RuntimeError as exc:

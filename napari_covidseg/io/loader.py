@@ -41,7 +41,7 @@ from .archive import extracted, holds_dicom
 from .itk import ITK_SUFFIXES, read_itk
 from .nifti import NIFTI_SUFFIXES, read_nifti
 from .slices import SLICE_SUFFIXES, is_slice_path, read_slices
-from .volume import RawVolume, Volume, finish_volume
+from .volume import RawVolume, Volume, finish_volume, require_regular_file
 
 ZIP_SUFFIX = ".zip"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -188,10 +188,11 @@ def _read_non_dicom(source: _Source, series) -> RawVolume:
 
 
 def _check_exists(path) -> Path:
+    """``path`` if it is a folder or a regular file (a pipe or a device could block forever), else an InputError."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path} does not exist: check the path and the file name.")
-    return path
+    return path if path.is_dir() else require_regular_file(path)
 
 
 # --- loading -------------------------------------------------------------------------------

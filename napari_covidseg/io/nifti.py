@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import List, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -35,7 +37,7 @@ from .geometry import Geometry
 from .output import OutputExistsError, prepare_output, refuse_if_appeared
 from .volume import (  # noqa: F401  (re-exported: the names callers have always imported from here)
     KIND_IMAGE, KIND_LABELS, MAX_LABELS, NotHounsfieldError, RawVolume, Volume, check_same_grid, check_size,
-    exact_values, finish_volume, image_domain, smallest_integer, squeeze_to_3d,
+    exact_values, finish_volume, image_domain, require_regular_file, smallest_integer, squeeze_to_3d,
 )
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -61,62 +63,139 @@ def _display_name(path) -> str:
 
 
 # --- loading ---------------------------------------------------------------------------------
-def _open_image(path: Path):
-    """nibabel image of ``path`` (header only), or an :class:`InputError` saying why not."""
+_CORRUPT_GZIP = (gzip.BadGzipFile, zlib.error, EOFError)
+#: NIfTI xform codes (0 unknown .. 4 MNI; 5 template, NIfTI 2019)
+_XFORM_CODES = range(0, 6)
+#: spatial unit code (``xyzt_units & 7``) -> factor to mm
+_UNIT_TO_MM = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
+_UNIT_NAMES = {1: "metres", 3: "microns"}
+
+
+def _check_path(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path} does not exist: check the path and the file name.")
     if path.is_dir():
         raise InputError(f"{path} is a folder, not a file: choose a .nii or .nii.gz file inside it.")
     if not is_nifti_path(path):
         raise InputError(
-            f"{path.name} is not a NIfTI file name (.nii, .nii.gz): open other formats (DICOM, NRRD, MHA, "
+            f"{path} is not a NIfTI file name (.nii, .nii.gz): open other formats (DICOM, NRRD, MHA, "
             "PNG slices) through napari_covidseg.io.loader.load_any."
         )
+    require_regular_file(path, "NIfTI file")
+
+
+@contextmanager
+def _nifti_stream(path: Path):
+    """The file's bytes as one stream: unpacked while read when it is gzip (whatever its name says,
+    as download tools often decompress without renaming), else the file itself; yields (stream, gzipped)."""
     try:
-        with open(path, "rb") as stream:
-            is_gzip = stream.read(2) == GZIP_MAGIC
+        raw = open(path, "rb")
     except OSError as exc:
         raise InputError(f"{path} cannot be opened ({exc.strerror}): check its permissions.") from None
-    named_gzip = path.name.lower().endswith(".gz")
+    with raw:
+        is_gzip = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        if not is_gzip:
+            yield raw, False
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unpacked:
+            yield unpacked, True
+
+
+def _corrupt_gzip(name: str, exc: BaseException) -> InputError:
+    return InputError(
+        f"{name} is not a valid gzip file ({_one_line(exc, with_type=False)}): it is probably truncated or corrupt. "
+        "Download or copy it again."
+    )
+
+
+def _image_class(stream, name: str):
+    """Nifti1Image or Nifti2Image by the header size at the start of ``stream`` (either byte order)."""
     try:
-        if is_gzip != named_gzip:
-            img = _load_misnamed(path, is_gzip)
-        else:
-            img = nib.load(str(path))
-    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+        head = stream.read(4)
+        stream.seek(0)
+    except _CORRUPT_GZIP as exc:
+        raise _corrupt_gzip(name, exc) from None
+    sizes = {int.from_bytes(head, order) for order in ("little", "big")} if len(head) == 4 else set()
+    if 348 in sizes:
+        return nib.Nifti1Image
+    if 540 in sizes:
+        return nib.Nifti2Image
+    raise InputError(
+        f"{name} could not be read as NIfTI (it does not start with a NIfTI-1 or NIfTI-2 header). "
+        "It may be truncated, corrupt, or another format renamed to .nii; check the file, or convert the original "
+        "to NIfTI again."
+    )
+
+
+def _read_header(stream, image_class, name: str):
+    """The header exactly as stored (nibabel's silent fixes not applied), then the stream rewound."""
+    try:
+        with nib.imageglobals.LoggingOutputSuppressor():
+            header = image_class.header_class.from_fileobj(stream, check=False)
+        stream.seek(0)
+    except _CORRUPT_GZIP as exc:
+        raise _corrupt_gzip(name, exc) from None
+    except Exception as exc:  # nibabel raises many types for a header that is not NIfTI
         raise InputError(
-            f"{path.name} is not a valid gzip file ({_one_line(exc, with_type=False)}): it is probably truncated or corrupt. "
-            "Download or copy it again."
+            f"{name} could not be read as NIfTI ({_one_line(exc)}). It may be truncated, corrupt, or another format "
+            "renamed to .nii; check the file, or convert the original to NIfTI again."
         ) from None
-    except Exception as exc:  # nibabel raises many types for a file that is not NIfTI
+    return header
+
+
+def _check_header(header, name: str) -> None:
+    """Refuse what nibabel would silently 'fix' in a way that moves or rescales the image."""
+    for key in ("sform_code", "qform_code"):
+        if int(header[key]) not in _XFORM_CODES:
+            raise InputError(f"{name}: its header's {key} is {int(header[key])}, which is no NIfTI code: the header "
+                             "is corrupt. Re-export the image from its original (e.g. the DICOM series).")
+    offset = float(header["vox_offset"])
+    if not np.isfinite(offset) or offset < int(header["sizeof_hdr"]) + 4:
+        raise InputError(f"{name}: its header says the voxels start at byte {offset:g}, inside the header: the "
+                         "header is corrupt. Download or copy the file again.")
+    if int(header["sform_code"]) > 0:
+        return  # the geometry is the sform's (checked with every format's geometry)
+    pixdim = np.asarray(header["pixdim"], dtype=np.float64)
+    for axis in range(1, 4):
+        if not (np.isfinite(pixdim[axis]) and pixdim[axis] > 0):
+            raise InputError(
+                f"{name}: the voxel size in its header is {pixdim[axis]:g} along axis {axis} (pixdim[{axis}]); it must "
+                "be a positive number: the geometry is corrupt. Re-export the image from its original."
+            )
+    quatern = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
+    if int(header["qform_code"]) > 0 and (not np.all(np.isfinite(quatern)) or sum(q * q for q in quatern) > 1 + 1e-6):
+        raise InputError(f"{name}: the orientation in its header (qform quaternion {quatern}) is not a rotation: the "
+                         "geometry is corrupt. Re-export the image from its original.")
+
+
+def _open_image(stream, name: str):
+    """nibabel image of the open ``stream`` (header read and checked, voxels not yet), or an InputError."""
+    image_class = _image_class(stream, name)
+    _check_header(_read_header(stream, image_class, name), name)
+    try:
+        with nib.imageglobals.LoggingOutputSuppressor():  # the header was checked above, in our words
+            holder = nib.fileholders.FileHolder(fileobj=stream)
+            return image_class.from_file_map({"image": holder, "header": holder}, mmap=False, keep_file_open=False)
+    except _CORRUPT_GZIP as exc:
+        raise _corrupt_gzip(name, exc) from None
+    except Exception as exc:
         raise InputError(
-            f"{path.name} could not be read as NIfTI ({_one_line(exc)}). "
-            "It may be truncated, corrupt, or another format renamed to .nii; "
-            "check the file, or convert the original to NIfTI again."
+            f"{name} could not be read as NIfTI ({_one_line(exc)}). It may be truncated, corrupt, or another format "
+            "renamed to .nii; check the file, or convert the original to NIfTI again."
         ) from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+
+
+def _read_to_end(stream, name: str) -> None:
+    """Unpack the rest of a gzip stream, so its CRC-32 and length are checked (corruption is refused)."""
+    try:
+        while stream.read(1 << 20):
+            pass
+    except _CORRUPT_GZIP as exc:
         raise InputError(
-            f"{path.name} is a {type(img).__name__}, not a NIfTI image: convert it to NIfTI (.nii.gz)."
-        )
-    return img
-
-
-def _load_misnamed(path: Path, is_gzip: bool):
-    """A .nii that is gzip-compressed, or a .nii.gz that is not: read it from its bytes.
-
-    Such files are common after a download tool decompressed (or not) without renaming; the
-    content is a valid NIfTI, so it is read rather than refused.
-    """
-    data = path.read_bytes()
-    if is_gzip:
-        data = gzip.decompress(data)
-    sizeof_hdr = {int.from_bytes(data[:4], order) for order in ("little", "big")} if len(data) >= 4 else set()
-    image_class = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
-    if image_class is None:
-        raise nib.filebasedimages.ImageFileError(
-            f"{'gzip-compressed data' if is_gzip else 'uncompressed data'} without a NIfTI header"
-        )
-    return image_class.from_bytes(data)
+            f"{name} is corrupt: its gzip check failed ({_one_line(exc, with_type=False)}), so some of its bytes "
+            "changed after it was written. Download or copy it again."
+        ) from None
 
 
 def _read_voxels(img, name: str) -> np.ndarray:
@@ -127,7 +206,7 @@ def _read_voxels(img, name: str) -> np.ndarray:
     """
     try:
         raw = np.asanyarray(img.dataobj.get_unscaled())
-    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+    except _CORRUPT_GZIP as exc:
         raise InputError(
             f"{name} is truncated or corrupt ({_one_line(exc)}): its voxel data ends early. "
             "Download or copy the file again."
@@ -143,6 +222,11 @@ def _read_voxels(img, name: str) -> np.ndarray:
             "export the CT as a single-channel image in Hounsfield units."
         )
     raw = raw.reshape(raw.shape[:3])
+    if np.iscomplexobj(raw):
+        if np.any(raw.imag != 0):
+            raise InputError(f"{name} stores complex voxels ({raw.dtype}), not grey values: a CT has one real value "
+                             "per voxel. Export the CT in Hounsfield units as a real-valued image.")
+        raw = np.ascontiguousarray(raw.real)
     slope, inter = img.dataobj.slope, img.dataobj.inter
     slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
@@ -150,7 +234,8 @@ def _read_voxels(img, name: str) -> np.ndarray:
         raw = raw.astype(np.uint8)
     if slope == 1 and inter == 0:
         return exact_values(raw, name)
-    if np.issubdtype(raw.dtype, np.integer) and float(slope).is_integer() and float(inter).is_integer():
+    exact = abs(slope) < 2**40 and abs(inter) < 2**52  # int64 holds any stored integer times these
+    if np.issubdtype(raw.dtype, np.integer) and float(slope).is_integer() and float(inter).is_integer() and exact:
         # int32 holds any 8/16-bit value times a CT-sized slope; wider data needs int64
         small = raw.dtype.itemsize <= 2 and abs(slope) < 2**14 and abs(inter) < 2**30
         work = np.int32 if small else np.int64
@@ -163,28 +248,92 @@ def placeholder_spacing(img, domain: str) -> bool:
     """True when the file's voxel size is not a measurement: exactly 1 mm along every axis in an
     8-bit display image (what PNG/JPG-to-NIfTI converters write) or in a file without spatial units."""
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    spatial_unit = img.header.get_xyzt_units()[0]
-    return all(z == 1.0 for z in zooms) and (domain == DISPLAY8 or spatial_unit == "unknown")
+    unit_known = (int(img.header["xyzt_units"]) & 7) in (1, 2, 3)  # metres, mm, microns
+    return all(z == 1.0 for z in zooms) and (domain == DISPLAY8 or not unit_known)
+
+
+def _form_notes(header, shape, to_mm: float) -> List[str]:
+    """A warning when the sform and the qform (both set) put the image in different places."""
+    if int(header["sform_code"]) <= 0 or int(header["qform_code"]) <= 0:
+        return []
+    try:
+        sform, qform = header.get_sform(), header.get_qform()
+    except Exception:  # an invalid quaternion: only the sform can be used
+        return ["its qform (the second position/orientation NIfTI stores) is invalid: the sform is used; other "
+                "programs may refuse the file or read it differently."]
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]).T
+    with np.errstate(all="ignore"):
+        gap = float(np.max(np.linalg.norm(((sform - qform) @ corners)[:3], axis=0))) * to_mm
+        voxel = float(np.min(np.sqrt((sform[:3, :3] ** 2).sum(axis=0)))) * to_mm
+    if np.isfinite(gap) and gap <= max(1e-3, 0.05 * voxel):
+        return []
+    return [f"its sform and qform (the two positions/orientations NIfTI stores) disagree by up to {gap:.3g} mm: covidseg "
+            "uses the sform (as nibabel and FSL do) but other programs (e.g. SimpleITK, ITK-SNAP) may use the qform and "
+            "place the image elsewhere; fix the header so that both agree."]
+
+
+def _to_millimetres(geometry: Geometry, header, factor: float) -> None:
+    """Scale a geometry given in metres or microns to mm, and its header copy with it (so a mask saved
+    with it is consistent: mm units, the same affine)."""
+    geometry.affine[:3, :] *= factor
+    if geometry.header is None:
+        return
+    hdr = geometry.header
+    zooms = hdr.get_zooms()
+    hdr.set_zooms(tuple(z * factor for z in zooms[:3]) + tuple(zooms[3:]))
+    for code_key, getter, setter in (("qform_code", hdr.get_qform, hdr.set_qform), ("sform_code", hdr.get_sform, hdr.set_sform)):
+        code = int(header[code_key])
+        if code > 0:
+            scaled = getter().copy()
+            scaled[:3, :] *= factor
+            setter(scaled, code=code)
+    hdr["xyzt_units"] = 2 | (int(hdr["xyzt_units"]) & ~7)  # mm, the time unit kept
+
+
+def _nifti_geometry(img, path: Path) -> Tuple[Geometry, List[str]]:
+    """The file's geometry in mm (sform, else qform), and warnings about its header."""
+    geometry = Geometry.from_nifti(img, source_path=str(path.resolve()))
+    geometry.file_shape = tuple(int(s) for s in img.shape[:3])
+    code = int(img.header["xyzt_units"]) & 7
+    factor = _UNIT_TO_MM.get(code)
+    notes = _form_notes(img.header, geometry.file_shape, factor or 1.0)
+    if factor is None:
+        notes.append(f"its header's spatial unit code ({code}) is none NIfTI defines: millimetres are assumed.")
+    elif factor != 1.0:
+        _to_millimetres(geometry, img.header, factor)
+        notes.append(f"its header gives sizes and positions in {_UNIT_NAMES[code]}: they were converted to mm.")
+    if img.get_data_dtype().kind == "c":
+        notes.append("its voxels are stored as complex numbers (with zero imaginary parts): the real parts are used.")
+    return geometry, notes
 
 
 def read_nifti(path) -> RawVolume:
     """The voxels (scaling applied) and geometry of a 3D NIfTI file, before the shared checks.
 
-    Guarantees: the file is a readable NIfTI-1/2 (also when its gzip compression and its name
-    disagree), 3D (trailing singleton axes dropped), not larger than memory, with finite values;
-    the geometry is the file's best affine (sform, else qform) and a copy of its header.
+    Guarantees: the file is a regular file holding a readable NIfTI-1/2 (also when its gzip
+    compression and its name disagree), 3D (trailing singleton axes dropped), that its bytes can
+    hold and this machine's memory can take (checked from the header, before any allocation), with
+    finite values; a gzip file is unpacked to its end, so a corrupted byte fails its CRC check; the
+    header is refused where nibabel would silently change the geometry (zero or negative voxel size,
+    unknown xform codes, voxels inside the header); the geometry is the file's best affine (sform,
+    else qform) in mm (metres and microns converted) and a copy of its header.
     """
     path = Path(path).expanduser()
     name = _display_name(path)
-    img = _open_image(path)
-    shape = squeeze_to_3d(img.shape, name)
-    check_size(shape, img.get_data_dtype().itemsize, name)
-    values = _read_voxels(img, name)
-    geometry = Geometry.from_nifti(img, source_path=str(path.resolve()))
-    geometry.file_shape = tuple(int(s) for s in img.shape[:3])
+    _check_path(path)
+    with _nifti_stream(path) as (stream, gzipped):
+        img = _open_image(stream, name)
+        shape = squeeze_to_3d(img.shape, name)
+        stored = path.stat().st_size - (0 if gzipped else int(img.dataobj.offset))
+        check_size(shape, img.get_data_dtype().itemsize, name, stored=stored, encoding="deflate" if gzipped else "raw")
+        values = _read_voxels(img, name)
+        if gzipped:
+            _read_to_end(stream, name)
+    geometry, notes = _nifti_geometry(img, path)
     unit_spacing = all(float(z) == 1.0 for z in img.header.get_zooms()[:3])
     return RawVolume(values=values, geometry=geometry, name=name, source_format="nifti",
-                     spacing_known=not placeholder_spacing(img, "unknown"), unit_spacing=unit_spacing)
+                     spacing_known=not placeholder_spacing(img, "unknown"), unit_spacing=unit_spacing,
+                     notes=notes, stored_dtype=str(img.get_data_dtype()))
 
 
 def load_volume(path, kind: str = "auto", check_hounsfield: bool = True) -> Volume:

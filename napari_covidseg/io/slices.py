@@ -97,7 +97,9 @@ def read_image(path: Path) -> np.ndarray:
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-        check_size(reader.GetSize(), bytes_per_voxel(reader.GetPixelID()) * reader.GetNumberOfComponents(), path.name)
+        png = path.suffix.lower() == ".png"  # deflate-compressed: its size bounds what it can hold
+        check_size(reader.GetSize(), bytes_per_voxel(reader.GetPixelID()) * reader.GetNumberOfComponents(), path.name,
+                   stored=path.stat().st_size if png else None, encoding="deflate" if png else "other")
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{path.name} could not be read as an image ({itk_reason(exc)}): it may be truncated or "

@@ -15,6 +15,7 @@ reader calls it with the shape it read from the header.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -91,9 +92,43 @@ class RawVolume:
     kind: str = "auto"
     description: str = ""
     notes: List[str] = field(default_factory=list)
+    stored_dtype: str = ""  # the file's own voxel type (numpy name), where the format has one
 
 
 # --- before reading -------------------------------------------------------------------------
+#: deflate (gzip, zlib) never expands data more than this: a 258-byte match costs at least 2 bits
+MAX_DEFLATE_RATIO = 1032
+
+
+def is_regular_file(path) -> bool:
+    """True for a regular file (or a link to one); False for folders, pipes, devices, sockets, nothing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def require_regular_file(path, what: str = "file") -> Path:
+    """``path`` if it is a regular file, else an :class:`InputError` that says what it is instead.
+
+    Reading a pipe (FIFO), a device or a socket can block forever or never end, so nothing else is opened.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist: check the path and the file name.") from None
+    except OSError as exc:
+        raise InputError(f"{path} cannot be opened ({exc.strerror}): check its permissions.") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path} is a folder, not a {what}.")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise InputError(f"{path.name} is {kind}, not a regular {what}: covidseg reads only regular files "
+                         "(copy the data into a file first).")
+    return path
+
+
 def _physical_memory() -> Optional[int]:
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
@@ -101,16 +136,51 @@ def _physical_memory() -> Optional[int]:
         return None
 
 
-def check_size(shape: Sequence[int], itemsize: int, name: str) -> None:
-    """Refuse, before any allocation, a volume that cannot fit in this machine's memory."""
+def available_memory() -> Optional[int]:
+    """Memory a new allocation can get now (Linux ``MemAvailable``), else the physical memory."""
+    try:
+        with open("/proc/meminfo", "rb") as stream:
+            for line in stream:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _physical_memory()
+
+
+def _shape_text(shape) -> str:
+    return " x ".join(str(int(s)) for s in shape)
+
+
+def check_size(shape: Sequence[int], itemsize: int, name: str, stored: Optional[int] = None,
+               encoding: str = "raw") -> None:
+    """Refuse, before any allocation, a volume its file cannot hold or this machine cannot read.
+
+    ``stored`` is the number of bytes the file has for the voxels (after the header), ``encoding``
+    ``"raw"`` (they must all be there), ``"deflate"`` (gzip/zlib: at most :data:`MAX_DEFLATE_RATIO`
+    times more once unpacked) or ``"other"`` (no bound from the file).  The memory needed is
+    compared with the memory available now.
+    """
     voxels = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    data_bytes = voxels * int(itemsize)
+    if stored is not None and encoding == "raw" and data_bytes > stored:
+        raise InputError(
+            f"{name} is truncated: its header declares {_shape_text(shape)} voxels ({data_bytes:,} bytes) but the "
+            f"file holds only {max(0, stored):,} bytes of voxel data. Download or copy it again."
+        )
+    if stored is not None and encoding == "deflate" and data_bytes > (stored + 64) * MAX_DEFLATE_RATIO:
+        raise InputError(
+            f"{name} declares {_shape_text(shape)} voxels ({data_bytes / 2**20:,.1f} MiB) but its compressed data "
+            f"({stored:,} bytes) cannot unpack to more than {(stored + 64) * MAX_DEFLATE_RATIO / 2**20:,.1f} MiB: "
+            "the header is corrupt or the file truncated. Download or copy it again."
+        )
     need = voxels * max(int(itemsize), 4) * _WORKING_COPIES
-    memory = _physical_memory()
+    memory = available_memory()
     if memory is not None and need > memory:
         raise InputError(
-            f"{name} declares {' x '.join(str(int(s)) for s in shape)} voxels: reading it would need about "
-            f"{need / 2**30:.1f} GiB and this machine has {memory / 2**30:.1f} GiB. Check that the file is not "
-            "corrupt, or crop/downsample the volume on a larger machine first."
+            f"{name} declares {_shape_text(shape)} voxels: reading it would need about "
+            f"{need / 2**30:.1f} GiB and this machine has {memory / 2**30:.1f} GiB available. Check that the file is "
+            "not corrupt, or crop/downsample the volume on a larger machine first."
         )
 
 
@@ -136,18 +206,46 @@ def squeeze_to_3d(shape, name: str) -> Tuple[int, int, int]:
 
 
 def check_geometry(geometry: Geometry, name: str) -> None:
-    """Refuse a position/orientation that is not finite or collapses an axis."""
+    """Refuse a position/orientation that is not finite, collapses an axis or has no orientation."""
     affine = geometry.affine
     if not np.all(np.isfinite(affine)):
         raise InputError(
             f"The position/orientation (affine) of {name} holds NaN or infinite values: the file's "
             "geometry is corrupt. Re-export the image from its original (e.g. the DICOM series)."
         )
-    if abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+    matrix = affine[:3, :3]
+    with np.errstate(all="ignore"):
+        det = float(np.linalg.det(matrix))
+        sizes = np.sqrt((matrix ** 2).sum(axis=0))
+        # |det| over the product of the axis lengths: 1 for perpendicular axes, 0 when two coincide
+        skew = abs(det) / float(np.prod(sizes)) if np.all(sizes > 0) and np.isfinite(np.prod(sizes)) else 0.0
+    if not np.isfinite(det) or abs(det) < 1e-12 or not skew > 1e-6:
         raise InputError(
             f"The position/orientation (affine) of {name} is singular (a voxel size of 0 or two axes in the "
             "same direction): the file's geometry is corrupt. Re-export the image from its original."
         )
+    try:
+        geometry.display_shape  # the orientation the display order is derived from
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        raise InputError(
+            f"The position/orientation (affine) of {name} has no usable orientation ({exc}): the file's "
+            "geometry is corrupt. Re-export the image from its original."
+        ) from None
+
+
+#: voxel sizes (mm) outside this range are no CT's: probably a unit or header error
+PLAUSIBLE_VOXEL_MM = (0.01, 100.0)
+
+
+def geometry_notes(geometry: Geometry) -> List[str]:
+    """Warnings about a geometry that is valid but implausible for a CT (e.g. metres read as mm)."""
+    low, high = PLAUSIBLE_VOXEL_MM
+    spacing = geometry.spacing
+    if all(low <= s <= high for s in spacing):
+        return []
+    shown = " x ".join(f"{s:g}" for s in spacing)
+    return [f"the voxel size {shown} mm (z, y, x) is implausible for a CT (expected {low:g}..{high:g} mm): the "
+            "file's units or geometry are probably wrong, so distances and volumes will be too."]
 
 
 # --- values ---------------------------------------------------------------------------------
@@ -180,6 +278,11 @@ def exact_values(values: np.ndarray, name: str) -> np.ndarray:
         raise InputError(
             f"{name} contains non-finite values: {what} NaN or infinite. A CT has a finite value "
             "in every voxel; re-export it without masking/NaN padding (use -1024 HU for outside the scan)."
+        )
+    if values.size and values.dtype.itemsize > 4 and float(np.abs(values).max()) > float(np.finfo(np.float32).max):
+        raise InputError(
+            f"{name} holds values up to {float(np.abs(values).max()):.3g}, beyond what covidseg computes with "
+            "(float32, about 3.4e38): the file is corrupt or not an image. Re-export the CT in HU."
         )
     if values.size and np.array_equal(values, np.round(values)):
         lo, hi = float(values.min()), float(values.max())
@@ -281,8 +384,24 @@ def finish_volume(raw: RawVolume, kind: str = "auto", check_hounsfield: bool = T
         values = values.astype(np.uint8) if domain == DISPLAY8 else image_dtype(values)
     display = np.ascontiguousarray(raw.geometry.to_display(values))
     spacing_known = raw.spacing_known and not (domain == DISPLAY8 and raw.unit_spacing)
+    notes = list(raw.notes) + (geometry_notes(raw.geometry) if spacing_known else [])
+    if kind == KIND_IMAGE and domain == HU:
+        notes += hounsfield_notes(values, raw.stored_dtype)
     return Volume(data=display, geometry=raw.geometry, kind=kind, domain=domain, spacing_known=spacing_known,
-                  source_format=raw.source_format, description=raw.description, notes=list(raw.notes))
+                  source_format=raw.source_format, description=raw.description, notes=notes)
+
+
+def hounsfield_notes(values: np.ndarray, stored_dtype: str = "") -> List[str]:
+    """Warnings about a CT that is read as HU but probably is not (what the Segment widget also warns about)."""
+    notes = []
+    if stored_dtype == "int8":
+        notes.append("the voxels are stored as int8 (-128..127), which cannot hold a CT in HU (air is about -1000): "
+                     "the file was probably converted with a loss; segmentations of it will be poor.")
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= 0 and hi > 1000:
+        notes.append(f"the image has no negative values (min {lo:g}, max {hi:g}): it is probably stored without "
+                     "the rescale intercept (HU = value - 1024), so it is not in HU and segmentations of it will be poor.")
+    return notes
 
 
 def check_same_grid(mask: Volume, ct: Volume, what: str = "mask") -> None:
