@@ -30,9 +30,9 @@ LOG = logging.getLogger("napari_covidseg")
 # (``LayerComboBox(viewer, image_layers)``); one implementation shared by all widgets.
 LayerComboBox = LayerCombo
 
-# Fixed, recognisable colours for the two classes: lung blue, infection orange-red.
-LUNG_COLOR = (0.20, 0.55, 1.00, 1.0)
-INFECTION_COLOR = (1.00, 0.35, 0.10, 1.0)
+# Fixed, recognisable colours of predictions (lung blue, infection orange); references differ
+from .layer_style import INFECTION_COLOR, LUNG_COLOR  # noqa: E402
+
 MASK_OPACITY = 0.5
 
 
@@ -409,6 +409,21 @@ class TaskRunner(QWidget):
         while self.is_running() and time.perf_counter() < end:
             QApplication.processEvents()
             time.sleep(0.005)
+
+
+def short_title(spec) -> str:
+    """A network's title without its parenthesised gloss ("MS-UNet"), for narrow rows."""
+    return spec.title.split(" (")[0]
+
+
+def compact_combo(combo, characters: int = 12):
+    """Let a drop-down shrink to ``characters`` wide (long entries are elided), so it never
+    widens the dock."""
+    from qtpy.QtWidgets import QComboBox
+
+    combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(characters)
+    return combo
 
 
 def format_seconds(seconds: float) -> str:

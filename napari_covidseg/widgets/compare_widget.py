@@ -20,11 +20,11 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import Qt
-from qtpy.QtGui import QColor, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -52,6 +52,8 @@ from ..overlay import (
 from .common import TaskRunner, add_labels_like, labels_layers, layer_spacing_known, notify_error
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
 
+#: legend words short enough for a narrow dock (the tooltips hold OVERLAY_NAMES)
+OVERLAY_SHORT_NAMES = {1: "agree (TP)", 2: "missed (FN)", 3: "extra (FP)"}
 EDIT_DEBOUNCE_MS = 250  # recompute this long after the last brush dab
 OVERLAY_OPACITY = 0.6
 
@@ -125,6 +127,7 @@ class SliceDicePlot(FigureCanvasQTAgg):
         super().__init__(self.figure)
         self.setParent(parent)
         self.setMinimumHeight(160)
+        self.setMinimumWidth(200)  # the figure's own size hint must not widen the dock
         self.ax = self.figure.add_subplot(1, 1, 1)
         self.marker = None
         self._on_click = on_click
@@ -184,16 +187,12 @@ class CompareWidget(QWidget):
         form.addRow("Prediction", self.pred_combo)
         form.addRow("Ground truth", self.gt_combo)
 
-        legend = QHBoxLayout()
-        for value, rgb in OVERLAY_RGB.items():
-            swatch = QLabel()
-            pix = QPixmap(12, 12)
-            pix.fill(QColor(*rgb))
-            swatch.setPixmap(pix)
-            legend.addWidget(swatch)
-            legend.addWidget(QLabel(OVERLAY_NAMES[value]))
-            legend.addSpacing(6)
-        legend.addStretch(1)
+        # one wrapping line of coloured squares and words, so the legend never widens the dock
+        self.legend = QLabel("&nbsp;&nbsp; ".join(
+            f"<span style='color: rgb{rgb}; font-size: large;'>&#9632;</span>&nbsp;{OVERLAY_SHORT_NAMES[value]}"
+            for value, rgb in OVERLAY_RGB.items()))
+        self.legend.setWordWrap(True)
+        self.legend.setToolTip("\n".join(f"{OVERLAY_SHORT_NAMES[v]}: {OVERLAY_NAMES[v]}" for v in OVERLAY_RGB))
 
         self.table = QTableWidget(len(METRIC_COLUMNS), 2)
         self.table.setHorizontalHeaderLabels(["This slice", "Volume"])
@@ -224,10 +223,10 @@ class CompareWidget(QWidget):
         self.export_button = QPushButton("Export CSV...")
         self.export_button.setToolTip("Per-slice metrics and the volume summary as a CSV file")
         self.export_button.clicked.connect(self.export_csv_dialog)
-        nav = QHBoxLayout()
-        nav.addWidget(self.worst_button)
-        nav.addWidget(self.next_worst_button)
-        nav.addWidget(self.export_button)
+        nav = QGridLayout()
+        nav.addWidget(self.worst_button, 0, 0)
+        nav.addWidget(self.next_worst_button, 0, 1)
+        nav.addWidget(self.export_button, 1, 0, 1, 2)
 
         self.runner = TaskRunner(self, unit="slices")
         self.runner.setVisible(False)  # shown only while an export runs
@@ -243,9 +242,11 @@ class CompareWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.compare_button)
-        layout.addLayout(legend)
+        layout.addWidget(self.legend)
         layout.addWidget(self.table)
-        layout.addWidget(QLabel("Dice per slice (click to go to a slice)"))
+        plot_title = QLabel("Dice per slice (click to go to a slice)")
+        plot_title.setWordWrap(True)
+        layout.addWidget(plot_title)
         layout.addWidget(self.plot)
         layout.addLayout(nav)
         layout.addWidget(self.runner)

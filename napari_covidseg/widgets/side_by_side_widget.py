@@ -52,6 +52,7 @@ from .common import (
     TaskRunner,
     add_labels_like,
     check_weights_read,
+    compact_combo,
     device_choices,
     format_seconds,
     image_layers,
@@ -60,6 +61,7 @@ from .common import (
     layer_spacing,
     layer_spacing_known,
     notify_error,
+    short_title,
     volume_of,
 )
 from .weights_combo import WeightsCombo
@@ -182,7 +184,7 @@ class SideBySideWidget(QWidget):
         for combo in (self.infection_gt_combo, self.lung_gt_combo):
             combo.setToolTip("Optional ground truth: with it each tile shows its Dice and the table all metrics")
 
-        self.device_combo = QComboBox()
+        self.device_combo = compact_combo(QComboBox())
         for label, value in device_choices():
             self.device_combo.addItem(label, value)
         self.threshold_spin = QDoubleSpinBox()
@@ -197,8 +199,8 @@ class SideBySideWidget(QWidget):
         grid = QGridLayout(networks_box)
         for row, name in enumerate(network_names()):
             spec = get_network(name)
-            check = QCheckBox(spec.title)
-            check.setToolTip(f"{name} ({spec.dims}D)\n{spec.paper}")
+            check = QCheckBox(short_title(spec))
+            check.setToolTip(f"{spec.title}: {name} ({spec.dims}D)\n{spec.paper}")
             weights = WeightsCombo(name, browse=False)
             check.setChecked(weights.current_path() is not None)
             self.network_checks[name] = check
