@@ -362,6 +362,16 @@ class ModelCard:
         return "\n".join(lines + [""] + self.details)
 
 
+def best_infection_dice(info: dict) -> Optional[float]:
+    """Infection Dice on held-out test data, else on validation data, else None."""
+    metrics = info.get("metrics") or {}
+    for block in (metrics.get("test"), metrics.get("val"), metrics):
+        entry = block.get("infection") if isinstance(block, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("dice"), (int, float)):
+            return float(entry["dice"])
+    return None
+
+
 def _class_dice(block) -> str:
     parts = [f"{cls} Dice {float(block[cls]['dice']):.2f}" for cls in ("lung", "infection")
              if isinstance(block, dict) and isinstance(block.get(cls), dict)

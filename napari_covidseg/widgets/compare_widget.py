@@ -4,8 +4,10 @@ The user picks a prediction and a ground-truth Labels layer.  The widget adds an
 "<pred> vs <gt>" (green = true positive, red = missed, yellow = extra), a table of Dice, IoU,
 sensitivity, specificity, precision and HD95 for the slice on screen and for the whole volume,
 and a per-slice Dice plot with the current slice marked (click it to jump there).  "Worst slice"
-and "Next worst" walk the slices from the lowest Dice up, which is where a reviewer should look
-first.  Everything follows the data: changing the slice updates the slice column, painting into
+and "Next" / "Previous" walk the slices from the lowest Dice up, which is where a reviewer should
+look first.  Outlines, hiding the compared masks and the overlay switch keep the CT's texture
+readable (:mod:`compare_display`); keys on the canvas: N / Shift-N next / previous worst slice,
+Shift-O overlay on/off, Shift-C outlines on/off.  Everything follows the data: changing the slice updates the slice column, painting into
 either layer updates everything after a short pause (debounced so the brush stays fluid), and
 the whole-volume HD95, the one slow number, is computed in a worker thread.
 """
@@ -22,10 +24,10 @@ from matplotlib.figure import Figure
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QFileDialog,
     QFormLayout,
     QGridLayout,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
@@ -51,9 +53,13 @@ from ..overlay import (
 )
 from .common import TaskRunner, add_labels_like, labels_layers, layer_spacing_known, notify_error
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
+from .compare_display import ReviewDisplay, colour_as_reference
 
 #: legend words short enough for a narrow dock (the tooltips hold OVERLAY_NAMES)
 OVERLAY_SHORT_NAMES = {1: "agree (TP)", 2: "missed (FN)", 3: "extra (FP)"}
+#: review keys on the canvas -> CompareWidget method (none of them is a napari image/labels key)
+REVIEW_KEYS = {"N": "go_to_next_worst", "Shift-N": "go_to_previous_worst", "Shift-O": "toggle_overlay",
+               "Shift-C": "toggle_outlines"}
 EDIT_DEBOUNCE_MS = 250  # recompute this long after the last brush dab
 OVERLAY_OPACITY = 0.6
 
@@ -217,16 +223,21 @@ class CompareWidget(QWidget):
         self.worst_button = QPushButton("Worst slice")
         self.worst_button.setToolTip("Go to the slice with the lowest Dice")
         self.worst_button.clicked.connect(self.go_to_worst)
-        self.next_worst_button = QPushButton("Next worst")
-        self.next_worst_button.setToolTip("Go to the slice with the next lowest Dice (cycles)")
+        self.next_worst_button = QPushButton("Next \u25b6")
+        self.next_worst_button.setToolTip("Go to the slice with the next lowest Dice (cycles; key N)")
         self.next_worst_button.clicked.connect(self.go_to_next_worst)
+        self.previous_worst_button = QPushButton("\u25c0 Previous")
+        self.previous_worst_button.setToolTip("Back to the slice with the next higher Dice in the worst-first order "
+                                              "(key Shift-N)")
+        self.previous_worst_button.clicked.connect(self.go_to_previous_worst)
         self.export_button = QPushButton("Export CSV...")
         self.export_button.setToolTip("Per-slice metrics and the volume summary as a CSV file")
         self.export_button.clicked.connect(self.export_csv_dialog)
         nav = QGridLayout()
-        nav.addWidget(self.worst_button, 0, 0)
-        nav.addWidget(self.next_worst_button, 0, 1)
-        nav.addWidget(self.export_button, 1, 0, 1, 2)
+        nav.addWidget(self.previous_worst_button, 0, 0)
+        nav.addWidget(self.worst_button, 0, 1)
+        nav.addWidget(self.next_worst_button, 0, 2)
+        nav.addWidget(self.export_button, 1, 0, 1, 3)
 
         self.runner = TaskRunner(self, unit="slices")
         self.runner.setVisible(False)  # shown only while an export runs
@@ -242,6 +253,7 @@ class CompareWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.compare_button)
+        layout.addLayout(self._display_switches())
         layout.addWidget(self.legend)
         layout.addWidget(self.table)
         plot_title = QLabel("Dice per slice (click to go to a slice)")
@@ -257,10 +269,58 @@ class CompareWidget(QWidget):
         self._edits = EditWatcher(self, self._after_edit, EDIT_DEBOUNCE_MS)
         self.viewer.dims.events.current_step.connect(self._on_step)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._bind_review_keys()
+
+    def _display_switches(self) -> QGridLayout:
+        self.display = ReviewDisplay()
+        self.outline_check = QCheckBox("Outlines")
+        self.outline_check.setToolTip("Draw the overlay and the masks as outlines, so the CT texture under a "
+                                      "lesion stays visible (key Shift-C)")
+        self.outline_check.toggled.connect(self.display.set_outlines)
+        self.hide_check = QCheckBox("Hide the compared masks")
+        self.hide_check.setChecked(True)
+        self.hide_check.setToolTip("While comparing, show only the overlay: the ground truth is hidden and the "
+                                   "prediction transparent (the brush still paints it)")
+        self.hide_check.toggled.connect(self.display.set_sources_hidden)
+        self.display.sources_hidden = True
+        self.overlay_check = QCheckBox("Overlay")
+        self.overlay_check.setChecked(True)
+        self.overlay_check.setToolTip("Show the agree / missed / extra overlay (key Shift-O)")
+        self.overlay_check.toggled.connect(self.display.set_overlay_shown)
+        switches = QGridLayout()
+        switches.addWidget(self.overlay_check, 0, 0)
+        switches.addWidget(self.outline_check, 0, 1)
+        switches.addWidget(self.hide_check, 1, 0, 1, 2)
+        return switches
+
+    def _bind_review_keys(self) -> None:
+        """N / Shift-N / Shift-O / Shift-C on the canvas act on this widget while it lives."""
+        import weakref
+
+        widget = weakref.ref(self)
+
+        def handler(method):
+            def on_key(viewer):
+                target = widget()
+                try:
+                    if target is not None:
+                        getattr(target, method)()
+                except RuntimeError:  # the widget was closed: its Qt half is gone
+                    pass
+            return on_key
+
+        for key, method in REVIEW_KEYS.items():
+            self.viewer.bind_key(key, handler(method), overwrite=True)
+
+    def toggle_overlay(self) -> None:
+        self.overlay_check.setChecked(not self.overlay_check.isChecked())
+
+    def toggle_outlines(self) -> None:
+        self.outline_check.setChecked(not self.outline_check.isChecked())
 
     # --- setup -------------------------------------------------------------------------------
     def _set_result_buttons(self, enabled: bool):
-        for button in (self.worst_button, self.next_worst_button, self.export_button):
+        for button in (self.worst_button, self.next_worst_button, self.previous_worst_button, self.export_button):
             button.setEnabled(enabled)
 
     def compare(self):
@@ -279,6 +339,8 @@ class CompareWidget(QWidget):
         self.pred_layer, self.gt_layer = pred, gt
         self.rank_position = -1
         self.overlay_layer = None
+        colour_as_reference(gt)
+        self.display.set_layers(pred, gt)
         self._show_hd95_unit(layer_spacing_known(pred) and layer_spacing_known(gt))
         self._edits.watch([pred, gt])
         self.recompute()
@@ -308,6 +370,8 @@ class CompareWidget(QWidget):
             layer = add_labels_like(self.viewer, overlay, name, self.pred_layer, opacity=OVERLAY_OPACITY)
         self._apply_overlay_colours(layer)
         layer.editable = False  # an overlay edited by hand would no longer mean anything
+        if layer is not self.overlay_layer:
+            self.display.set_overlay(layer)
         self.overlay_layer = layer
 
     @staticmethod
@@ -480,9 +544,11 @@ class CompareWidget(QWidget):
 
     def _on_layer_removed(self, event):
         layer = event.value
+        self.display.forget(layer)
         if layer is self.overlay_layer:
             self.overlay_layer = None
         if layer is self.pred_layer or layer is self.gt_layer:
+            self.display.restore()
             self._edits.stop()
             self._edits.watch([])
             self.pred_layer = self.gt_layer = None
@@ -505,10 +571,18 @@ class CompareWidget(QWidget):
         self._go_to_ranked()
 
     def go_to_next_worst(self):
+        self._step_worst(+1)
+
+    def go_to_previous_worst(self):
+        self._step_worst(-1)
+
+    def _step_worst(self, step: int):
         if not len(self.ranking):
             self.status.setText("No slice holds foreground in either mask: there is no worst slice.")
             return
-        self.rank_position = (self.rank_position + 1) % len(self.ranking)
+        start = -1 if step > 0 else 0
+        position = self.rank_position if self.rank_position >= 0 else start
+        self.rank_position = (position + step) % len(self.ranking)
         self._go_to_ranked()
 
     def _go_to_ranked(self):
