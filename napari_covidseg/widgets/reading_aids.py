@@ -157,7 +157,8 @@ class ReadingAids:
             self.overlay(CURSOR_KEY).visible = False
 
     def slice_text(self) -> str:
-        """``"Axial 13/48 · S 45.0 mm"`` for the slice on screen (1-based, as PACS count)."""
+        """``"Axial 12 [0-47] · S 45.0 mm"`` for the slice on screen: the index napari's slider and
+        the Compare widget show, the range, and where the slice lies in the patient."""
         viewer, layer = self.viewer, reference_image(self.viewer)
         if layer is None or self.view is None:
             return ""
@@ -166,7 +167,7 @@ class ReadingAids:
         sliced = VIEWS[self.view][0][0]
         count = layer.data.shape[-3 + sliced]
         current = int(np.clip(round(index[sliced]), 0, count - 1))
-        text = f"{self.view.capitalize()} {current + 1}/{count}"
+        text = f"{self.view.capitalize()} {current} [0-{count - 1}]"
         geometry = (layer.metadata or {}).get(GEOMETRY_KEY)
         known = (layer.metadata or {}).get(SPACING_KNOWN_KEY, True)
         if isinstance(geometry, Geometry) and known:
