@@ -1,7 +1,10 @@
 """Correct-and-save dock widget: keep a hand-corrected mask, as a file or as training data.
 
 After fixing a prediction with napari's brush and eraser, the user saves it with the geometry of
-the CT it belongs to (affine and header from the CT layer's ``metadata[GEOMETRY_KEY]``), so the
+the CT it belongs to, in the CT's own format where it holds labels (NIfTI, NRRD, MHA; NIfTI for
+DICOM and slices).  The defaults are the edited mask, ``<case>_<class>_corrected`` and a folder
+outside any training folder (:mod:`save_defaults`); with nothing to save, no dialog opens.  It
+keeps the mask with the geometry of the CT it belongs to (affine and header from the CT layer's ``metadata[GEOMETRY_KEY]``), so the
 mask lines up with the CT in any other viewer.  The widget never writes over the source CT, asks
 before replacing any other file and otherwise suggests a free name.  "Add to training folder"
 turns the corrected case into training data in the ``pairs`` layout (see
@@ -30,9 +33,11 @@ from qtpy.QtWidgets import (
 
 from ..errors import CovidsegError, DataFolderError, InputError
 from ..io.geometry import GEOMETRY_KEY, Geometry
-from ..training_folder import add_case, case_exists, case_id_from_name, list_cases, suggest_case_id, validate_case_id
+from ..training_folder import add_case, case_exists, list_cases, suggest_case_id, validate_case_id
 from ._review import LayerCombo, ask_overwrite, free_path
 from .common import TaskRunner, error_text, image_layers, labels_layers, notify_error
+from .edits import mark_computed, watch_edits
+from .save_defaults import case_of, class_mask_score, default_folder, default_name, mask_score
 
 
 def _same_file(a, b) -> bool:
@@ -81,16 +86,26 @@ def _compact(array: np.ndarray) -> np.ndarray:
     return array.copy()
 
 
-def _with_nifti_suffix(path) -> Path:
+def mask_suffix_for(ct_layer) -> str:
+    """The suffix a mask of ``ct_layer`` is saved with: the CT's format where it holds labels."""
+    from ..io.loader import mask_suffix
+
+    paths = source_paths(ct_layer) if ct_layer is not None else []
+    return mask_suffix(paths[0] if paths else "")
+
+
+def _with_mask_suffix(path, default: str = ".nii.gz") -> Path:
+    from ..io.loader import WRITABLE_SUFFIXES
+
     path = Path(path)
-    return path if path.name.lower().endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
+    return path if path.name.lower().endswith(WRITABLE_SUFFIXES) else path.with_name(path.name + default)
 
 
 def run_save(path, array, geometry, overwrite, progress=None, should_cancel=None) -> Path:
-    """save_volume() for a :class:`TaskRunner` (one atomic write: nothing to cancel half way)."""
-    from ..io.nifti import save_volume
+    """save_any() for a :class:`TaskRunner` (one atomic write: nothing to cancel half way)."""
+    from ..io.loader import save_any
 
-    return save_volume(path, array, geometry, overwrite=overwrite)
+    return save_any(path, array, geometry, overwrite=overwrite)
 
 
 class SaveWidget(QWidget):
@@ -100,14 +115,15 @@ class SaveWidget(QWidget):
         self._originals: Dict[int, np.ndarray] = {}  # id(layer) -> mask before brush edits
         self._reverting = False
 
-        self.mask_combo = LayerCombo(napari_viewer, labels_layers)
+        self.mask_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
         self.ct_combo = LayerCombo(napari_viewer, image_layers)
         form = QFormLayout()
         form.addRow("Mask", self.mask_combo)
         form.addRow("CT", self.ct_combo)
 
-        self.save_button = QPushButton("Save as NIfTI...")
-        self.save_button.setToolTip("Write the mask with the CT's affine and header")
+        self.save_button = QPushButton("Save mask...")
+        self.save_button.setToolTip("Write the mask with the CT's affine and header, in the CT's format where it "
+                                    "holds labels (NIfTI, NRRD, MHA), else NIfTI")
         self.save_button.clicked.connect(self.save_dialog)
         self.revert_button = QPushButton("Revert edits")
         self.revert_button.setToolTip("Put back the mask as it was when it appeared in the viewer")
@@ -126,10 +142,9 @@ class SaveWidget(QWidget):
         folder_row.addWidget(browse)
         self.case_edit = QLineEdit()
         self.case_edit.setPlaceholderText("case id (default: CT name)")
-        self.lung_combo = LayerCombo(napari_viewer, labels_layers, allow_none=True, prefer=lambda l: "lung" in l.name.lower())
-        self.infection_combo = LayerCombo(
-            napari_viewer, labels_layers, allow_none=True, prefer=lambda l: "infection" in l.name.lower() or "lesion" in l.name.lower()
-        )
+        self.lung_combo = LayerCombo(napari_viewer, labels_layers, allow_none=True, prefer=class_mask_score("lung"))
+        self.infection_combo = LayerCombo(napari_viewer, labels_layers, allow_none=True,
+                                          prefer=class_mask_score("infection"))
         self.add_button = QPushButton("Add to training folder")
         self.add_button.setToolTip("Write images/<case>, lung/<case>, infection/<case> (.nii.gz)")
         self.add_button.clicked.connect(self.add_to_training_folder)
@@ -179,6 +194,8 @@ class SaveWidget(QWidget):
         if layer in labels_layers(self.viewer) and id(layer) not in self._originals:
             self._originals[id(layer)] = _compact(layer.data)
             layer.events.data.connect(self._on_data_replaced)
+            if "covidseg_computed_checksum" not in layer.metadata:
+                watch_edits(layer)  # masks from files can be corrected too
 
     def _on_data_replaced(self, event):
         layer = getattr(event, "source", None)
@@ -205,19 +222,20 @@ class SaveWidget(QWidget):
             layer.data = original.astype(layer.data.dtype)
         finally:
             self._reverting = False
+        mark_computed(layer)
         self.status.setText(f"'{layer.name}' is back to how it was when it appeared.")
 
     # --- save -------------------------------------------------------------------------------
     def _default_case_id(self, *_):
         ct = self.ct_combo.current_layer()
         if ct is not None and not self.case_edit.isModified():
-            self.case_edit.setText(case_id_from_name(ct.name))
+            self.case_edit.setText(case_of(ct))
 
     def _start_folder(self) -> Path:
         ct = self.ct_combo.current_layer()
         for path in source_paths(ct):
             if Path(path).parent.is_dir():
-                return Path(path).parent
+                return default_folder(path)
         return Path.cwd()
 
     def _prepare_save(self, path):
@@ -225,7 +243,7 @@ class SaveWidget(QWidget):
         mask, ct = self.mask_combo.current_layer(), self.ct_combo.current_layer()
         if mask is None or ct is None:
             raise InputError("Choose the mask (Labels layer) to save and the CT it belongs to.")
-        path = _with_nifti_suffix(path)
+        path = _with_mask_suffix(path, mask_suffix_for(ct))
         for source in source_paths(ct):
             if _same_file(path, source):
                 raise InputError(
@@ -239,22 +257,34 @@ class SaveWidget(QWidget):
 
         Never writes over the file the CT was read from, even with ``overwrite``.
         """
-        from ..io.nifti import save_volume
-
         path, array, geometry = self._prepare_save(path)
-        return save_volume(path, array, geometry, overwrite=overwrite)
+        return run_save(path, array, geometry, overwrite)
 
     def busy(self) -> bool:
         return self.runner.is_running()
 
-    def save_dialog(self):
-        mask = self.mask_combo.current_layer()
+    def suggested_path(self) -> Path:
+        """Where the dialog opens: ``<case>_<class>_corrected`` next to the CT, outside a training folder.
+
+        Raises :class:`InputError` (before any dialog) when nothing can be saved."""
+        self.mask_combo.repick()  # the mask edited since the list was made, unless the user chose
+        mask, ct = self.mask_combo.current_layer(), self.ct_combo.current_layer()
         if mask is None:
-            notify_error("Choose the mask (Labels layer) to save.")
+            raise InputError("There is no mask to save: run Segment, or open a mask (File > Open).")
+        if ct is None:
+            raise InputError("Open the CT this mask belongs to: the mask is saved with the CT's geometry.")
+        ct_geometry(ct, mask.data.shape)
+        return free_path(self._start_folder() / default_name(ct, mask, mask_suffix_for(ct)))
+
+    def save_dialog(self):
+        try:
+            suggested = self.suggested_path()
+        except CovidsegError as error:
+            notify_error(error)
+            self.status.setText(str(error))
             return
-        suggested = free_path(self._start_folder() / f"{case_id_from_name(mask.name)}.nii.gz")
         path, _ = QFileDialog.getSaveFileName(
-            self, "Save mask as NIfTI", str(suggested), "NIfTI (*.nii.gz *.nii)", options=QFileDialog.DontConfirmOverwrite
+            self, "Save mask", str(suggested), "Masks (*.nii.gz *.nii *.nrrd *.mha)", options=QFileDialog.DontConfirmOverwrite
         )
         if path:
             self.save_to(path)
@@ -264,7 +294,6 @@ class SaveWidget(QWidget):
 
         Returns the worker, or None when nothing is started (declined, or a clear error shown).
         """
-        path = _with_nifti_suffix(path)
         try:
             path, array, geometry = self._prepare_save(path)
         except CovidsegError as error:
@@ -291,11 +320,15 @@ class SaveWidget(QWidget):
             self.status.setText(f"{folder} holds {n} case{'s' if n != 1 else ''}.")
 
     def add_to_training_folder(self):
-        """Write the CT and the chosen masks as a new case in a worker; never replaces a case."""
+        """Write the CT and the chosen masks as a new case in a worker; never replaces a case.
+
+        Unless chosen by hand, the masks are the corrected ones of each class (edited first)."""
+        self.lung_combo.repick()
+        self.infection_combo.repick()
         ct = self.ct_combo.current_layer()
         lung, infection = self.lung_combo.current_layer(), self.infection_combo.current_layer()
         folder = self.folder_edit.text().strip()
-        case_id = self.case_edit.text().strip() or (case_id_from_name(ct.name) if ct is not None else "")
+        case_id = self.case_edit.text().strip() or (case_of(ct) if ct is not None else "")
         try:
             if ct is None:
                 raise InputError("Choose the CT (Image layer) of the case.")
