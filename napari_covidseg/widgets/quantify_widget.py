@@ -87,6 +87,10 @@ class QuantifyWidget(QWidget):
         self.csv_button.clicked.connect(lambda: self.export_dialog("csv"))
         self.json_button = QPushButton("Export JSON...")
         self.json_button.clicked.connect(lambda: self.export_dialog("json"))
+        self.report_button = QPushButton("Case report (PNG + CSV)...")
+        self.report_button.setToolTip("Key slices with the masks, this table, and the network that made them "
+                                      "with its model card: the picture to attach to a study")
+        self.report_button.clicked.connect(self.report_dialog)
         self.runner = TaskRunner(self)
         self.runner.setVisible(False)  # shown only while quantify() runs
         self.runner.started.connect(lambda: self.runner.setVisible(True))
@@ -130,14 +134,14 @@ class QuantifyWidget(QWidget):
         layout.addWidget(self.severity_label)
         layout.addWidget(self.table)
         layout.addLayout(exports)
-        self.exports_layout = exports
+        layout.addWidget(self.report_button)
         layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
     def _set_export_enabled(self, enabled: bool):
-        self.csv_button.setEnabled(enabled)
-        self.json_button.setEnabled(enabled)
+        for button in (self.csv_button, self.json_button, self.report_button):
+            button.setEnabled(enabled)
 
     # --- inputs ------------------------------------------------------------------------------
     def _inputs(self):
@@ -284,3 +288,30 @@ class QuantifyWidget(QWidget):
             notify_error(error)
             return
         self.status.setText(f"Quantification written to {written}")
+
+    # --- case report -------------------------------------------------------------------------
+    def report_dialog(self):
+        if self.result is None:
+            return
+        from .case_report import default_report_name
+
+        path, _ = QFileDialog.getSaveFileName(self, "Case report", default_report_name(self), "PNG image (*.png)")
+        if not path:
+            return
+        try:
+            png, csv_path = self.write_report(path)
+        except (CovidsegError, OSError) as error:
+            notify_error(error)
+            return
+        self.status.setText(f"Report written to {png} and {csv_path.name}")
+
+    def write_report(self, png_path):
+        """Write ``<name>.png`` and ``<name>.csv`` for the masks quantified last; returns both paths."""
+        from .case_report import build_report
+        from ..report import write_case_csv, write_case_report
+
+        if self.result is None:
+            raise InputError("Press Compute first: there is nothing to report yet.")
+        report = build_report(self)
+        png_path = Path(png_path).with_suffix(".png")
+        return write_case_report(png_path, report), write_case_csv(png_path.with_suffix(".csv"), report)
