@@ -26,7 +26,6 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QFileDialog,
-    QFormLayout,
     QGridLayout,
     QHeaderView,
     QLabel,
@@ -51,9 +50,10 @@ from ..overlay import (
     region_metrics,
     write_comparison_csv,
 )
-from .common import TaskRunner, add_labels_like, labels_layers, layer_spacing_known, notify_error
+from .common import TaskRunner, add_labels_like, form_layout, labels_layers, layer_spacing_known, notify_error
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
 from .compare_display import ReviewDisplay, colour_as_reference
+from .save_defaults import looks_like_ground_truth, mask_score, reference_score  # noqa: F401 (API)
 
 #: legend words short enough for a narrow dock (the tooltips hold OVERLAY_NAMES)
 OVERLAY_SHORT_NAMES = {1: "agree (TP)", 2: "missed (FN)", 3: "extra (FP)"}
@@ -66,12 +66,6 @@ OVERLAY_OPACITY = 0.6
 
 def overlay_name(pred_name: str, gt_name: str) -> str:
     return f"{pred_name} vs {gt_name}"
-
-
-def looks_like_ground_truth(layer) -> bool:
-    """A first guess for the drop-downs: "GT", "truth", "ground", "manual" or "reference" in the name."""
-    words = layer.name.lower().replace("_", " ").replace("-", " ").split()
-    return any(w in ("gt", "truth", "ground", "manual", "reference") for w in words)
 
 
 def format_metric(key: str, value) -> str:
@@ -183,15 +177,11 @@ class CompareWidget(QWidget):
         self._volume_running = False  # a whole-volume worker (after an edit) is running
         self._volume_dirty = False  # an edit arrived while it ran: run it again when it ends
 
-        self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=lambda l: not looks_like_ground_truth(l))
-        self.gt_combo = LayerCombo(napari_viewer, labels_layers, prefer=looks_like_ground_truth)
+        self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
+        self.gt_combo = LayerCombo(napari_viewer, labels_layers, prefer=reference_score())
         self.compare_button = QPushButton("Compare")
         self.compare_button.setToolTip("Add the overlay layer and compute the metrics")
         self.compare_button.clicked.connect(self.compare)
-
-        form = QFormLayout()
-        form.addRow("Prediction", self.pred_combo)
-        form.addRow("Ground truth", self.gt_combo)
 
         # one wrapping line of coloured squares and words, so the legend never widens the dock
         self.legend = QLabel("&nbsp;&nbsp; ".join(
@@ -200,24 +190,7 @@ class CompareWidget(QWidget):
         self.legend.setWordWrap(True)
         self.legend.setToolTip("\n".join(f"{OVERLAY_SHORT_NAMES[v]}: {OVERLAY_NAMES[v]}" for v in OVERLAY_RGB))
 
-        self.table = QTableWidget(len(METRIC_COLUMNS), 2)
-        self.table.setHorizontalHeaderLabels(["This slice", "Volume"])
-        self.table.setVerticalHeaderLabels([label for _, label in METRIC_COLUMNS])
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
-        row_height = self.fontMetrics().height() + 10
-        self.table.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
-        self.table.verticalHeader().setDefaultSectionSize(row_height)
-        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        # Every row visible, no scroll bar (the header is about one row high; margin for the frame).
-        self.table.setFixedHeight((len(METRIC_COLUMNS) + 1) * row_height + 2 * self.table.frameWidth() + 6)
-        for row in range(len(METRIC_COLUMNS)):
-            for col in range(2):
-                item = QTableWidgetItem("")
-                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
-                self.table.setItem(row, col, item)
-
+        self.table = self._make_table()
         self.plot = SliceDicePlot(on_click=self.go_to_slice)
 
         self.worst_button = QPushButton("Worst slice")
@@ -233,11 +206,6 @@ class CompareWidget(QWidget):
         self.export_button = QPushButton("Export CSV...")
         self.export_button.setToolTip("Per-slice metrics and the volume summary as a CSV file")
         self.export_button.clicked.connect(self.export_csv_dialog)
-        nav = QGridLayout()
-        nav.addWidget(self.previous_worst_button, 0, 0)
-        nav.addWidget(self.worst_button, 0, 1)
-        nav.addWidget(self.next_worst_button, 0, 2)
-        nav.addWidget(self.export_button, 1, 0, 1, 3)
 
         self.runner = TaskRunner(self, unit="slices")
         self.runner.setVisible(False)  # shown only while an export runs
@@ -250,8 +218,37 @@ class CompareWidget(QWidget):
         self.status = QLabel("Pick a prediction and its ground truth, then press Compare.")
         self.status.setWordWrap(True)
 
+        self._lay_out()
+        self._set_result_buttons(False)
+
+        self._edits = EditWatcher(self, self._after_edit, EDIT_DEBOUNCE_MS)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._bind_review_keys()
+
+    def _make_table(self) -> QTableWidget:
+        table = QTableWidget(len(METRIC_COLUMNS), 2)
+        table.setHorizontalHeaderLabels(["This slice", "Volume"])
+        table.setVerticalHeaderLabels([label for _, label in METRIC_COLUMNS])
+        table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        row_height = self.fontMetrics().height() + 10
+        table.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+        table.verticalHeader().setDefaultSectionSize(row_height)
+        table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        # Every row visible, no scroll bar (the header is about one row high; margin for the frame).
+        table.setFixedHeight((len(METRIC_COLUMNS) + 1) * row_height + 2 * table.frameWidth() + 6)
+        for row in range(len(METRIC_COLUMNS)):
+            for col in range(2):
+                item = QTableWidgetItem("")
+                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                table.setItem(row, col, item)
+        return table
+
+    def _lay_out(self):
         layout = QVBoxLayout(self)
-        layout.addLayout(form)
+        layout.addLayout(form_layout([("Prediction", self.pred_combo), ("Ground truth", self.gt_combo)]))
         layout.addWidget(self.compare_button)
         layout.addLayout(self._display_switches())
         layout.addWidget(self.legend)
@@ -260,16 +257,15 @@ class CompareWidget(QWidget):
         plot_title.setWordWrap(True)
         layout.addWidget(plot_title)
         layout.addWidget(self.plot)
+        nav = QGridLayout()
+        nav.addWidget(self.previous_worst_button, 0, 0)
+        nav.addWidget(self.worst_button, 0, 1)
+        nav.addWidget(self.next_worst_button, 0, 2)
+        nav.addWidget(self.export_button, 1, 0, 1, 3)
         layout.addLayout(nav)
         layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
-        self._set_result_buttons(False)
-
-        self._edits = EditWatcher(self, self._after_edit, EDIT_DEBOUNCE_MS)
-        self.viewer.dims.events.current_step.connect(self._on_step)
-        self.viewer.layers.events.removed.connect(self._on_layer_removed)
-        self._bind_review_keys()
 
     def _display_switches(self) -> QGridLayout:
         self.display = ReviewDisplay()

@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -39,7 +38,7 @@ from ..errors import CancelledError, CovidsegError, InputError
 from ..intensity import HU
 from ..quantify import MIN_LESION_ML, quantify
 from ._review import EditWatcher, LayerCombo, ask_overwrite
-from .common import TaskRunner, image_layers, labels_layers, layer_domain, layer_spacing_known, notify_error
+from .common import TaskRunner, form_layout, image_layers, labels_layers, layer_domain, layer_spacing_known, notify_error
 from .quantify_table import ROWS, severity_text, table_rows, write_quantify_csv, write_quantify_json  # noqa: F401
 from .save_defaults import class_mask_score
 
@@ -119,11 +118,8 @@ class QuantifyWidget(QWidget):
         return table
 
     def _lay_out(self):
-        form = QFormLayout()
-        form.addRow("Lung mask", self.lung_combo)
-        form.addRow("Infection mask", self.infection_combo)
-        form.addRow("CT", self.ct_combo)
-        form.addRow("Smallest lesion", self.min_lesion_spin)
+        form = form_layout([("Lung mask", self.lung_combo), ("Infection mask", self.infection_combo),
+                            ("CT", self.ct_combo), ("Smallest lesion", self.min_lesion_spin)])
         exports = QHBoxLayout()
         exports.addWidget(self.csv_button)
         exports.addWidget(self.json_button)

@@ -37,6 +37,19 @@ def mask_score(layer) -> int:
     return 0 if looks_like_ground_truth(layer) else 1
 
 
+def reference_score(cls: Optional[str] = None):
+    """Ground-truth pick (of class ``cls``, or any): a mask named as a ground truth, else any mask
+    that no network made here (a reference opened from a file); never a grid-tile copy."""
+    def score(layer) -> int:
+        metadata = layer.metadata or {}
+        if metadata.get("covidseg_source") or metadata.get("covidseg_side_by_side"):
+            return 0
+        if cls is not None and class_of_text(layer.name) != cls:
+            return 0
+        return 2 if looks_like_ground_truth(layer) else 1
+    return score
+
+
 def mask_class(layer) -> Optional[str]:
     source = (layer.metadata or {}).get("covidseg_source") or {}
     return source.get("class") or class_of_text(layer.name)

@@ -21,7 +21,6 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -35,7 +34,7 @@ from ..errors import CovidsegError, DataFolderError, InputError
 from ..io.geometry import GEOMETRY_KEY, Geometry
 from ..training_folder import add_case, case_exists, list_cases, suggest_case_id, validate_case_id
 from ._review import LayerCombo, ask_overwrite, free_path
-from .common import TaskRunner, error_text, image_layers, labels_layers, notify_error
+from .common import TaskRunner, error_text, form_layout, image_layers, labels_layers, notify_error, path_field
 from .edits import mark_computed, watch_edits
 from .save_defaults import case_of, class_mask_score, default_folder, default_name, mask_score
 
@@ -114,13 +113,8 @@ class SaveWidget(QWidget):
         self.viewer = napari_viewer
         self._originals: Dict[int, np.ndarray] = {}  # id(layer) -> mask before brush edits
         self._reverting = False
-
         self.mask_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
         self.ct_combo = LayerCombo(napari_viewer, image_layers)
-        form = QFormLayout()
-        form.addRow("Mask", self.mask_combo)
-        form.addRow("CT", self.ct_combo)
-
         self.save_button = QPushButton("Save mask...")
         self.save_button.setToolTip("Write the mask with the CT's affine and header, in the CT's format where it "
                                     "holds labels (NIfTI, NRRD, MHA), else NIfTI")
@@ -131,33 +125,6 @@ class SaveWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.save_button)
         buttons.addWidget(self.revert_button)
-
-        self.folder_edit = QLineEdit()
-        self.folder_edit.setPlaceholderText("training data folder")
-        self.folder_edit.textChanged.connect(self.folder_edit.setToolTip)  # the full path, when cut
-        browse = QPushButton("Browse...")
-        browse.clicked.connect(self.choose_folder)
-        folder_row = QHBoxLayout()
-        folder_row.addWidget(self.folder_edit, 1)
-        folder_row.addWidget(browse)
-        self.case_edit = QLineEdit()
-        self.case_edit.setPlaceholderText("case id (default: CT name)")
-        self.lung_combo = LayerCombo(napari_viewer, labels_layers, allow_none=True, prefer=class_mask_score("lung"))
-        self.infection_combo = LayerCombo(napari_viewer, labels_layers, allow_none=True,
-                                          prefer=class_mask_score("infection"))
-        self.add_button = QPushButton("Add to training folder")
-        self.add_button.setToolTip("Write images/<case>, lung/<case>, infection/<case> (.nii.gz)")
-        self.add_button.clicked.connect(self.add_to_training_folder)
-        training_form = QFormLayout()
-        training_form.addRow("Folder", folder_row)
-        training_form.addRow("Case id", self.case_edit)
-        training_form.addRow("Lung mask", self.lung_combo)
-        training_form.addRow("Infection mask", self.infection_combo)
-        training_box = QGroupBox("Add to training folder")
-        training_layout = QVBoxLayout(training_box)
-        training_layout.addLayout(training_form)
-        training_layout.addWidget(self.add_button)
-
         self.runner = TaskRunner(self, unit="files")
         self.runner.setVisible(False)  # shown only while files are written
         self.runner.started.connect(lambda: self.runner.setVisible(True))
@@ -166,25 +133,47 @@ class SaveWidget(QWidget):
         self.runner.cancelled.connect(lambda: self.status.setText("Cancelled; nothing was kept."))
         self.runner.finished.connect(self._finished)
         self._on_success = self._on_failure = None
-
         self.status = QLabel("Edit a mask with the brush, then save it with its CT's geometry.")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)  # the saved path can be copied
-
         layout = QVBoxLayout(self)
-        layout.addLayout(form)
+        layout.addLayout(form_layout([("Mask", self.mask_combo), ("CT", self.ct_combo)]))
         layout.addLayout(buttons)
-        layout.addWidget(training_box)
+        layout.addWidget(self._training_box())
         layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
-
         self.ct_combo.currentIndexChanged.connect(self._default_case_id)
         napari_viewer.layers.events.inserted.connect(self._on_inserted)
         napari_viewer.layers.events.removed.connect(self._on_removed)
         for layer in labels_layers(napari_viewer):
             self._remember(layer)
         self._default_case_id()
+
+    def _training_box(self) -> QGroupBox:
+        folder_field, self.folder_edit = path_field("d", "training data folder")
+        self.folder_edit.textChanged.connect(self._folder_changed)
+        self.case_edit = QLineEdit()
+        self.case_edit.setPlaceholderText("case id (default: CT name)")
+        self.lung_combo = LayerCombo(self.viewer, labels_layers, allow_none=True, prefer=class_mask_score("lung"))
+        self.infection_combo = LayerCombo(self.viewer, labels_layers, allow_none=True,
+                                          prefer=class_mask_score("infection"))
+        self.add_button = QPushButton("Add to training folder")
+        self.add_button.setToolTip("Write images/<case>, lung/<case>, infection/<case> (.nii.gz)")
+        self.add_button.clicked.connect(self.add_to_training_folder)
+        box = QGroupBox("Add to training folder")
+        column = QVBoxLayout(box)
+        column.addLayout(form_layout([("Folder", folder_field), ("Case id", self.case_edit),
+                                      ("Lung mask", self.lung_combo), ("Infection mask", self.infection_combo)]))
+        column.addWidget(self.add_button)
+        return box
+
+    def _folder_changed(self, text: str) -> None:
+        """The full path as tooltip (the field may cut it) and how many cases the folder holds."""
+        self.folder_edit.setToolTip(text)
+        if text and Path(text).is_dir():
+            n = len(list_cases(text))
+            self.status.setText(f"{text} holds {n} case{'s' if n != 1 else ''}.")
 
     # --- original copies for "Revert edits" ---------------------------------------------------
     # A copy of every Labels layer is taken when it appears and again whenever its whole array
@@ -312,13 +301,6 @@ class SaveWidget(QWidget):
         return self.runner.start(run_save, path, np.array(array, copy=True), geometry, overwrite, status=f"Saving {path.name}...")
 
     # --- training folder --------------------------------------------------------------------
-    def choose_folder(self):
-        folder = QFileDialog.getExistingDirectory(self, "Training data folder", self.folder_edit.text() or str(Path.cwd()))
-        if folder:
-            self.folder_edit.setText(folder)
-            n = len(list_cases(folder))
-            self.status.setText(f"{folder} holds {n} case{'s' if n != 1 else ''}.")
-
     def add_to_training_folder(self):
         """Write the CT and the chosen masks as a new case in a worker; never replaces a case.
 

@@ -46,8 +46,9 @@ from .common import (
     add_image_like,
     add_labels_like,
     check_weights_read,
+    DeviceCombo,
     compact_combo,
-    device_choices,
+    form_layout,
     format_seconds,
     image_layers,
     layer_domain,
@@ -182,10 +183,7 @@ class SegmentWidget(QWidget):
         self.weights.changed.connect(self._weights_changed)
         self.weights.other_network.connect(self._switch_to_checkpoint)
         self.card = self.weights_info = ModelCardView()
-        self.device_combo = compact_combo(QComboBox())
-        for label, value in device_choices():
-            self.device_combo.addItem(label, value)
-        self.device_combo.setToolTip("Where the network runs; Auto uses the first GPU when there is one")
+        self.device_combo = DeviceCombo()
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setRange(0.01, 0.99)
         self.threshold_spin.setSingleStep(0.05)
@@ -213,16 +211,9 @@ class SegmentWidget(QWidget):
         self._update_buttons()
 
     def _lay_out(self):
-        top = QFormLayout()
-        top.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        top.addRow("CT:", self.ct_combo)
-        top.addRow("Network:", self.network_combo)
-        top.addRow("Weights:", self.weights)
-        bottom = QFormLayout()
-        bottom.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        bottom.addRow("Device:", self.device_combo)
-        bottom.addRow("Threshold:", self.threshold_spin)
-        bottom.addRow("", self.probability_check)
+        top = form_layout([("CT:", self.ct_combo), ("Network:", self.network_combo), ("Weights:", self.weights)])
+        bottom = form_layout([("Device:", self.device_combo), ("Threshold:", self.threshold_spin),
+                              ("", self.probability_check)])
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addWidget(self.card)
@@ -269,11 +260,7 @@ class SegmentWidget(QWidget):
             self.network_combo.setCurrentIndex(index)
 
     def set_device(self, value: str) -> None:
-        index = self.device_combo.findData(value)
-        if index < 0:  # e.g. "cuda" on a machine without GPUs: keep it so the run says why it fails
-            self.device_combo.addItem(value, value)
-            index = self.device_combo.count() - 1
-        self.device_combo.setCurrentIndex(index)
+        self.device_combo.set_device(value)
 
     def _network_changed(self, *_):
         self.weights.set_network(self.network)
@@ -307,7 +294,7 @@ class SegmentWidget(QWidget):
             )
         from ..inference import resolve_device
 
-        device = self.device_combo.currentData() or "auto"
+        device = self.device_combo.device()
         resolve_device(device)  # fail now, in the GUI thread, with the reason
         domain = layer_domain(layer)
         check_weights_read(self.weights.current_entry(), domain, self.network)

@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -52,8 +51,8 @@ from .common import (
     TaskRunner,
     add_labels_like,
     check_weights_read,
-    compact_combo,
-    device_choices,
+    DeviceCombo,
+    form_layout,
     format_seconds,
     image_layers,
     labels_layers,
@@ -65,6 +64,7 @@ from .common import (
     volume_of,
 )
 from .layer_style import reference_color
+from .save_defaults import reference_score
 from .weights_combo import WeightsCombo
 
 CLASSES = ("infection", "lung")
@@ -194,24 +194,53 @@ class SideBySideWidget(QWidget):
         for cls in CLASSES:
             self.class_combo.addItem(cls.capitalize(), cls)
         self.class_combo.setToolTip("Which mask of each network to compare")
-        self.infection_gt_combo = LayerComboBox(
-            napari_viewer, labels_layers, allow_none=True,
-            prefer=lambda l: "infection" in l.name.lower() and ("gt" in l.name.lower() or "truth" in l.name.lower()))
-        self.lung_gt_combo = LayerComboBox(
-            napari_viewer, labels_layers, allow_none=True,
-            prefer=lambda l: "lung" in l.name.lower() and ("gt" in l.name.lower() or "truth" in l.name.lower()))
+        self.infection_gt_combo = LayerComboBox(napari_viewer, labels_layers, allow_none=True,
+                                                prefer=reference_score("infection"))
+        self.lung_gt_combo = LayerComboBox(napari_viewer, labels_layers, allow_none=True, prefer=reference_score("lung"))
         for combo in (self.infection_gt_combo, self.lung_gt_combo):
             combo.setToolTip("Optional ground truth: with it each tile shows its Dice and the table all metrics")
 
-        self.device_combo = compact_combo(QComboBox())
-        for label, value in device_choices():
-            self.device_combo.addItem(label, value)
+        self.device_combo = DeviceCombo()
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setRange(0.01, 0.99)
         self.threshold_spin.setSingleStep(0.05)
         self.threshold_spin.setValue(0.5)
 
-        # one row per registered network: [x] title | weights
+        networks_box = self._networks_box()
+
+        self.run_button = QPushButton("Run selected networks")
+        self.run_button.clicked.connect(self.run)
+        self.runner = TaskRunner(unit="%")
+        self.runner.succeeded.connect(self._on_success)
+        self.runner.started.connect(self._update_buttons)
+        self.runner.finished.connect(self._update_buttons)
+
+        self.table = self._make_table()
+        self.export_button = QPushButton("Export CSV...")
+        self.export_button.clicked.connect(self._export_clicked)
+        self.clear_button = QPushButton("Leave grid mode")
+        self.clear_button.setToolTip("Remove the side-by-side layers and restore the viewer as it was")
+        self.clear_button.clicked.connect(self.clear)
+
+        form = form_layout([("CT:", self.ct_combo), ("Compare:", self.class_combo),
+                            ("Infection GT:", self.infection_gt_combo), ("Lung GT:", self.lung_gt_combo),
+                            ("Device:", self.device_combo), ("Threshold:", self.threshold_spin)])
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.export_button)
+        buttons.addWidget(self.clear_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(networks_box)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.runner)
+        layout.addWidget(QLabel("Results:"))
+        layout.addWidget(self.table)
+        layout.addLayout(buttons)
+        layout.addStretch(1)
+        self._update_buttons()
+
+    def _networks_box(self) -> QGroupBox:
+        """One row per registered network: [x] title | weights; "Add checkpoint..." below."""
         self.network_checks: Dict[str, QCheckBox] = {}
         self.network_weights: Dict[str, WeightsCombo] = {}
         networks_box = QGroupBox("Networks")
@@ -231,42 +260,7 @@ class SideBySideWidget(QWidget):
         self.add_checkpoint_button.setToolTip("Use a checkpoint file (.pt); it is selected in its network's row")
         self.add_checkpoint_button.clicked.connect(self._browse_checkpoint)
         grid.addWidget(self.add_checkpoint_button, len(self.network_checks), 1, Qt.AlignRight)
-
-        self.run_button = QPushButton("Run selected networks")
-        self.run_button.clicked.connect(self.run)
-        self.runner = TaskRunner(unit="%")
-        self.runner.succeeded.connect(self._on_success)
-        self.runner.started.connect(self._update_buttons)
-        self.runner.finished.connect(self._update_buttons)
-
-        self.table = self._make_table()
-        self.export_button = QPushButton("Export CSV...")
-        self.export_button.clicked.connect(self._export_clicked)
-        self.clear_button = QPushButton("Leave grid mode")
-        self.clear_button.setToolTip("Remove the side-by-side layers and restore the viewer as it was")
-        self.clear_button.clicked.connect(self.clear)
-
-        form = QFormLayout()
-        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        form.addRow("CT:", self.ct_combo)
-        form.addRow("Compare:", self.class_combo)
-        form.addRow("Infection GT:", self.infection_gt_combo)
-        form.addRow("Lung GT:", self.lung_gt_combo)
-        form.addRow("Device:", self.device_combo)
-        form.addRow("Threshold:", self.threshold_spin)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.export_button)
-        buttons.addWidget(self.clear_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(networks_box)
-        layout.addWidget(self.run_button)
-        layout.addWidget(self.runner)
-        layout.addWidget(QLabel("Results:"))
-        layout.addWidget(self.table)
-        layout.addLayout(buttons)
-        layout.addStretch(1)
-        self._update_buttons()
+        return networks_box
 
     # --- choices -------------------------------------------------------------------------------
     def set_networks(self, names) -> None:
@@ -277,11 +271,7 @@ class SideBySideWidget(QWidget):
         self.class_combo.setCurrentIndex(self.class_combo.findData(cls))
 
     def set_device(self, value: str) -> None:
-        index = self.device_combo.findData(value)
-        if index < 0:
-            self.device_combo.addItem(value, value)
-            index = self.device_combo.count() - 1
-        self.device_combo.setCurrentIndex(index)
+        self.device_combo.set_device(value)
 
     def _browse_checkpoint(self):
         path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.pt *.pth);;All files (*)")
@@ -351,7 +341,7 @@ class SideBySideWidget(QWidget):
                     )
             from ..inference import resolve_device
 
-            device = self.device_combo.currentData() or "auto"
+            device = self.device_combo.device()
             resolve_device(device)
         except InputError as exc:
             notify_error(exc)

@@ -17,7 +17,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -33,7 +32,7 @@ from qtpy.QtWidgets import (
 from ..errors import InputError
 from ..models import get_network, network_names
 from ..training_run import PHANTOM, TrainingRequest
-from .common import compact_combo, device_choices
+from .common import DeviceCombo, compact_combo, path_field
 
 #: "Quick CPU fine-tune": from the shipped weights, the small network, a few short epochs
 QUICK_EPOCHS = 3
@@ -106,19 +105,16 @@ class TrainingForm(QWidget):
                                            Qt.ToolTipRole)
         self.network_combo.currentIndexChanged.connect(self.network_changed)
         form.addRow("Network", self.network_combo)
-        self.phantom_check = QCheckBox("Built-in phantom (synthetic CT)")
+        self.phantom_check = QCheckBox("Built-in phantom")
         self.phantom_check.setChecked(True)
         self.phantom_check.setToolTip("Train on synthetic chest CTs with lung and infection masks (no data needed)")
         self.phantom_check.toggled.connect(self.data_source_changed)
         form.addRow("Data", self.phantom_check)
-        self.data_edit = QLineEdit()
-        self.data_edit.setPlaceholderText("folder with CT and masks")
-        self.data_edit.setToolTip("COVID-19-CT-Seg (Zenodo 3757476), MedSeg, or images/ + lung/ + infection/")
-        self.data_browse = small_button("...", "Choose the data folder")
-        self.data_browse.clicked.connect(lambda: self._browse_dir(self.data_edit))
+        self.data_browse, self.data_edit = path_field(
+            "d", "folder with CT and masks", "COVID-19-CT-Seg (Zenodo 3757476), MedSeg, or images/ + lung/ + infection/")
         self.check_button = small_button("Check", "Count the cases and labels found in the folder before starting")
         self.check_button.clicked.connect(self.check_requested.emit)
-        form.addRow("Folder", _row(self.data_edit, self.data_browse, self.check_button))
+        form.addRow("Folder", _row(self.data_browse, self.check_button))
         self.check_label = QLabel("")
         self.check_label.setWordWrap(True)
         self.check_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -146,21 +142,25 @@ class TrainingForm(QWidget):
         self.size_edit = QLineEdit()
         self.size_edit.setToolTip("Input size: H W for 2D networks, D H W (patch) for 3D networks")
         form.addRow("Input size", self.size_edit)
-        form.addRow("Validation", self._split_row())
+        split_combo, split_stack = self._split_fields()
+        form.addRow("Validation", split_combo)
+        form.addRow("", split_stack)
         self.recipe_label = QLabel("")
         self.recipe_label.setWordWrap(True)
         self.recipe_label.setStyleSheet("color: gray;")
         form.addRow("", self.recipe_label)
-        reset = QPushButton("Reset to the paper's recipe")
+        reset = QPushButton("Paper's recipe")
+        reset.setToolTip("Reset epochs, batch, learning rate and input size to the network's paper")
         reset.clicked.connect(self.network_changed)
         self.quick_button = QPushButton("Quick CPU fine-tune")
         self.quick_button.setToolTip(f"From the shipped weights, the small network, {QUICK_EPOCHS} epochs of "
                                      f"{QUICK_STEPS_PER_EPOCH} steps on the CPU: minutes, not hours")
         self.quick_button.clicked.connect(self.quick_cpu_finetune)
-        form.addRow("", _row(reset, self.quick_button))
+        form.addRow("", reset)
+        form.addRow("", self.quick_button)
         return box
 
-    def _split_row(self) -> QWidget:
+    def _split_fields(self):
         self.split_combo = QComboBox()
         self.split_combo.addItems(["hold-out", "k-fold"])
         self.split_combo.setToolTip("Hold out a fraction of the cases for validation, or cross-validate by folds")
@@ -182,32 +182,24 @@ class TrainingForm(QWidget):
         self.split_stack = QStackedWidget()
         self.split_stack.addWidget(self.val_spin)
         self.split_stack.addWidget(_row(self.folds_spin, self.fold_spin))
-        return _row(self.split_combo, self.split_stack)
+        return self.split_combo, self.split_stack
 
     def _output_and_device(self) -> QGroupBox:
         box = QGroupBox("Output and device")
         form = _form(box)
-        self.out_edit = QLineEdit()
-        self.out_edit.setToolTip("Checkpoints (last.pt, best.pt) and logs are written here")
-        out_browse = small_button("...", "Choose the output folder")
-        out_browse.clicked.connect(lambda: self._browse_dir(self.out_edit))
+        out_field, self.out_edit = path_field("d", "", "Checkpoints (last.pt, best.pt) and logs are written here")
         new_out = small_button("New", "A fresh output folder for a new run (runs never share a folder)")
         new_out.clicked.connect(self.new_out_dir)
-        form.addRow("Output", _row(self.out_edit, out_browse, new_out))
-        self.device_combo = compact_combo(QComboBox())
-        for label, value in device_choices():
-            self.device_combo.addItem(label, value)
-        self.device_combo.setToolTip("CUDA GPUs found on this machine, or the CPU")
+        form.addRow("Output", _row(out_field, new_out))
+        self.device_combo = DeviceCombo("CUDA GPUs found on this machine, or the CPU")
         form.addRow("Device", self.device_combo)
-        self.resume_edit = QLineEdit()
-        self.resume_edit.setPlaceholderText("optional: last.pt of an earlier run")
-        self.resume_edit.setToolTip("Continue an earlier run from this checkpoint (its epochs, optimiser and schedule)")
-        resume_browse = small_button("...", "Choose a checkpoint to resume from")
-        resume_browse.clicked.connect(self._browse_checkpoint)
-        form.addRow("Resume", _row(self.resume_edit, resume_browse))
-        self.finetune_check = QCheckBox("Fine-tune from the shipped weights")
+        resume_field, self.resume_edit = path_field(
+            "r", "optional: last.pt of an earlier run",
+            "Continue an earlier run from this checkpoint (its epochs, optimiser and schedule)", filter="*.pt")
+        form.addRow("Resume", resume_field)
+        self.finetune_check = QCheckBox("Fine-tune shipped weights")
         form.addRow("", self.finetune_check)
-        self.small_check = QCheckBox("Small network (shipped variant's size)")
+        self.small_check = QCheckBox("Small network (shipped size)")
         self.small_check.setToolTip("Use the network's shipped constructor arguments: much faster on a CPU")
         form.addRow("", self.small_check)
         self.extra_edit = QLineEdit()
@@ -265,16 +257,6 @@ class TrainingForm(QWidget):
         self.check_label.setText(text)
         self.check_label.setVisible(bool(text))
 
-    def _browse_dir(self, edit: QLineEdit):
-        path = QFileDialog.getExistingDirectory(self, "Choose a folder", edit.text() or str(Path.home()))
-        if path:
-            edit.setText(path)
-
-    def _browse_checkpoint(self):
-        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint to resume", str(Path.home()), "Checkpoints (*.pt)")
-        if path:
-            self.resume_edit.setText(path)
-
     def set_network(self, name: str) -> None:
         index = self.network_combo.findData(name)
         if index < 0:
@@ -282,12 +264,7 @@ class TrainingForm(QWidget):
         self.network_combo.setCurrentIndex(index)
 
     def set_device(self, value: str) -> None:
-        """Choose a device; one not in the list (e.g. ``cuda`` without a GPU) is added so the run says why it fails."""
-        index = self.device_combo.findData(value)
-        if index < 0:
-            self.device_combo.addItem(value, value)
-            index = self.device_combo.count() - 1
-        self.device_combo.setCurrentIndex(index)
+        self.device_combo.set_device(value)
 
     def data_folder(self) -> str:
         return PHANTOM if self.phantom_check.isChecked() else self.data_edit.text().strip()

@@ -56,7 +56,7 @@ class TrainingProgress(QObject):
         self.log_view.setReadOnly(True)
         self.log_view.setMaximumBlockCount(3000)
         self.log_view.setPlaceholderText("Training output appears here.")
-        self.log_view.setMinimumHeight(80)
+        self.log_view.setMinimumHeight(50)
         self.page = QSplitter(Qt.Vertical)
         self.page.addWidget(self.plot)
         self.page.addWidget(self.log_view)

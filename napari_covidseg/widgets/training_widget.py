@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from qtpy.QtCore import QProcess, Qt, QTimer
-from qtpy.QtWidgets import QApplication, QHBoxLayout, QLabel, QPushButton, QScrollArea, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QApplication, QHBoxLayout, QLabel, QPushButton, QTabWidget, QVBoxLayout, QWidget
 
 from ..errors import CovidsegError, InputError
 from ..training_run import METRICS_FILE, PHANTOM, MetricsTail, TrainingRequest, plain_failure_message
-from .common import notify_error
+from .common import notify_error, scrolled
 from .training_data_check import DataCheck, environment, summarise_data_report  # noqa: F401 (API)
 from .training_form import TrainingForm, default_out_dir, parse_extra_args  # noqa: F401 (API)
 from .training_progress import TrainingProgress, per_class_dice
@@ -65,7 +65,7 @@ class TrainingWidget(QWidget):
         self.form.check_requested.connect(self.check_data)
         self.form.epochs_spin.valueChanged.connect(self._epochs_changed)
         self.tabs = QTabWidget()
-        self.tabs.addTab(self._scrolled(self.form), "Setup")
+        self.tabs.addTab(scrolled(self.form), "Setup")
         self.tabs.addTab(self.view.page, "Progress")
         layout = QVBoxLayout(self)
         layout.addWidget(self.tabs, 1)
@@ -83,15 +83,6 @@ class TrainingWidget(QWidget):
 
     def _on_quit(self):
         self.shutdown(timeout_ms=20_000)
-
-    @staticmethod
-    def _scrolled(page: QWidget) -> QScrollArea:
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        scroll.setFrameShape(QScrollArea.NoFrame)
-        scroll.setWidget(page)
-        return scroll
 
     def _build_run_controls(self, layout: QVBoxLayout):
         self.start_button = QPushButton("Start")

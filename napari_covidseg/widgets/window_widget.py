@@ -13,7 +13,6 @@ from __future__ import annotations
 from qtpy.QtWidgets import (
     QButtonGroup,
     QDoubleSpinBox,
-    QFormLayout,
     QGridLayout,
     QLabel,
     QPushButton,
@@ -24,7 +23,7 @@ from qtpy.QtWidgets import (
 from ..intensity import DISPLAY8, HU
 from ..io.geometry import GEOMETRY_KEY
 from ..windowing import contrast_limits, matching_preset, presets_for, width_level
-from .common import LayerComboBox, image_layers, layer_domain
+from .common import LayerComboBox, form_layout, image_layers, layer_domain
 
 UNITS = {HU: " HU", DISPLAY8: ""}
 
@@ -68,10 +67,7 @@ class WindowWidget(QWidget):
             box.valueChanged.connect(self._apply_boxes)
         self.readout = QLabel()
 
-        form = QFormLayout()
-        form.addRow("CT layer", self.layer_combo)
-        form.addRow("Width", self.width_box)
-        form.addRow("Level", self.level_box)
+        form = form_layout([("CT layer", self.layer_combo), ("Width", self.width_box), ("Level", self.level_box)])
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.domain_note)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Tuple
 
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QToolBox, QVBoxLayout, QWidget
+from qtpy.QtCore import QSize, Qt
+from qtpy.QtWidgets import QSizePolicy, QToolBox, QVBoxLayout, QWidget
+
+from .common import scrolled
 
 #: preferred dock width (px) on a 1920 px screen, and the least it may be on a 1366 px one
 DOCK_WIDTH = 460
@@ -55,16 +57,28 @@ def section_style(theme_name: str) -> str:
             f"QToolBox::tab:selected {{ background: {current}; }}")
 
 
-def scrolled(widget: QWidget) -> QScrollArea:
-    """``widget`` in a vertical scroll area that gives it the dock's width."""
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setFrameShape(QFrame.NoFrame)
-    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-    area.setWidget(widget)
-    # never clip the section: the dock grows to the section's least width instead
-    area.setMinimumWidth(widget.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
-    return area
+class _OwnScrolling(QWidget):
+    """Holds a section that scrolls by itself (Train: its setup page is a scroll area).
+
+    QToolBox puts each page in a scroll area that scrolls as soon as the page's preferred height
+    (through a layout, its height for the width) is more than the room, which for Train is the
+    whole form.  Without a layout and asking for no more than its least height, the section gets
+    the room it is given and keeps a single scroll bar, its own."""
+
+    def __init__(self, widget: QWidget):
+        super().__init__()
+        widget.setParent(self)
+        self.inner = widget
+
+    def sizeHint(self):  # noqa: N802 (Qt name)
+        return QSize(self.inner.sizeHint().width(), self.inner.minimumSizeHint().height())
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt name)
+        return self.inner.minimumSizeHint()
+
+    def resizeEvent(self, event):  # noqa: N802 (Qt name)
+        self.inner.setGeometry(0, 0, self.width(), self.height())
+        super().resizeEvent(event)
 
 
 class WorkspaceWidget(QWidget):
@@ -80,7 +94,7 @@ class WorkspaceWidget(QWidget):
             widget = factory(napari_viewer)
             self.sections[key] = widget
             self._keys.append(key)
-            self.toolbox.addItem(scrolled(widget) if scroll else widget, title)
+            self.toolbox.addItem(scrolled(widget) if scroll else _OwnScrolling(widget), title)
         self.toolbox.setStyleSheet(section_style(getattr(napari_viewer, "theme", "dark")))
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
