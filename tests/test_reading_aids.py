@@ -99,3 +99,23 @@ def test_case_and_class_names_and_fixed_colours_for_files(make_napari_viewer, ti
     assert case_layer_name("case_lung", "/d/lung/case_lung.nii.gz", True) == "case_lung"
     assert case_layer_name("ct", "/d/whatever/ct.nii.gz", True) == "ct"
     assert case_layer_name("coronacases_001", "/d/Infection_Mask/coronacases_001.nii", True) == "coronacases_001 infection"
+
+
+def test_open_buttons_read_through_the_plugin_and_views_need_a_volume(make_napari_viewer, qtbot, tiny_phantom,
+                                                                     tmp_path, monkeypatch):
+    from napari_covidseg.widgets import view_panel
+
+    errors = []
+    monkeypatch.setattr(view_panel, "notify_error", lambda e: errors.append(str(e)))
+    viewer = make_napari_viewer()
+    panel = ViewPanel(viewer)
+    qtbot.addWidget(panel)
+    qtbot.mouseClick(panel.view_buttons["coronal"], Qt.LeftButton)  # nothing open yet
+    assert errors and "Open a CT" in errors[-1] and panel.view_buttons["axial"].isChecked()
+    save_volume(tmp_path / "chest.nii.gz", tiny_phantom.ct, tiny_phantom.geometry)
+    monkeypatch.setattr(view_panel.QFileDialog, "getOpenFileName", lambda *a, **k: (str(tmp_path / "chest.nii.gz"), ""))
+    qtbot.mouseClick(panel.open_file_button, Qt.LeftButton)
+    ct = viewer.layers["chest"]
+    assert "covidseg_geometry" in ct.metadata and tuple(ct.contrast_limits) == (-1350.0, 150.0)  # the plugin's reader
+    qtbot.mouseClick(panel.sample_button, Qt.LeftButton)
+    assert "phantom CT" in viewer.layers

@@ -110,6 +110,14 @@ def test_implausible_result_is_flagged_and_cleanup_applies(make_napari_viewer, q
     assert not widget.findings_label.isHidden()
     assert "outside the body" in widget.findings_label.text() and "Infection covers" in widget.findings_label.text()
     assert any(m.startswith("warning: Check this result") for m in shown)
+    import os
+
+    screenshots = os.path.join(os.path.dirname(__file__), "..", "screenshots")
+    os.makedirs(screenshots, exist_ok=True)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    viewer.window._qt_window.resize(1400, 900)
+    qtbot.wait(50)
+    viewer.window._qt_window.grab().save(os.path.join(screenshots, "segment_findings.png"))
     # the clean-up removes the stray lung and the warning about it goes away
     widget.body_check.setChecked(True)
     widget.components_check.setChecked(True)

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -37,13 +35,12 @@ from qtpy.QtWidgets import (
 )
 
 from .. import metrics
-from ..errors import CancelledError, CovidsegError
+from ..errors import CovidsegError
 from ..overlay import (
     METRIC_COLUMNS,
     OVERLAY_NAMES,
     OVERLAY_RGB,
     check_same_shape,
-    iter_per_slice_metrics,
     overlay_color_dict,
     overlay_labels,
     rank_worst_slices,
@@ -52,7 +49,15 @@ from ..overlay import (
 )
 from .common import TaskRunner, add_labels_like, form_layout, labels_layers, layer_spacing_known, notify_error
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
+from .compare_compute import (  # noqa: F401 (part of this module's API)
+    comparison_report,
+    format_metric,
+    run_comparison_report,
+    volume_comparison,
+    volume_comparison_fast,
+)
 from .compare_display import ReviewDisplay, colour_as_reference
+from .slice_dice_plot import SliceDicePlot
 from .save_defaults import looks_like_ground_truth, mask_score, reference_score  # noqa: F401 (API)
 
 #: legend words short enough for a narrow dock (the tooltips hold OVERLAY_NAMES)
@@ -66,98 +71,6 @@ OVERLAY_OPACITY = 0.6
 
 def overlay_name(pred_name: str, gt_name: str) -> str:
     return f"{pred_name} vs {gt_name}"
-
-
-def format_metric(key: str, value) -> str:
-    """Table text: 3 decimals for ratios, 0.1 mm for HD95, 'n/a' for undefined."""
-    if value is None:
-        return "computing..."
-    value = float(value)
-    if math.isnan(value):
-        return "n/a"
-    return f"{value:.1f}" if key == "hd95_mm" else f"{value:.3f}"
-
-
-def volume_comparison_fast(p: np.ndarray, g: np.ndarray, spacing):
-    """(overlay, per-slice Dice, volume ratio metrics) of two boolean masks."""
-    overlay = overlay_labels(p, g)
-    slice_dice = np.asarray(metrics.per_slice_dice(p, g), dtype=float)
-    return overlay, slice_dice, region_metrics(p, g, spacing, with_hd95=False)
-
-
-def volume_comparison(pred: np.ndarray, gt: np.ndarray, spacing):
-    """Generator for a worker: yields the fast results, then returns the volume HD95 (mm).
-
-    Takes the layers' arrays as they are (no copy in the GUI thread); a brush stroke landing
-    while this runs makes the result stale, and the widget then runs it again.
-    """
-    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
-    yield volume_comparison_fast(p, g, spacing)
-    return float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
-
-
-def comparison_report(p: np.ndarray, g: np.ndarray, spacing, volume_metrics: Dict):
-    """Generator for the CSV export: yields per-slice HD95 progress, returns (slices, volume)."""
-    slices = yield from iter_per_slice_metrics(p, g, spacing, with_hd95=True)
-    volume = dict(volume_metrics)
-    if volume.get("hd95_mm") is None:  # the volume HD95 worker has not finished yet
-        volume["hd95_mm"] = float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
-    return slices, volume
-
-
-def run_comparison_report(p, g, spacing, volume_metrics, progress=None, should_cancel=None):
-    """:func:`comparison_report` driven by a :class:`TaskRunner` (progress, cancel)."""
-    steps = comparison_report(p, g, spacing, volume_metrics)
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(done, total)
-        if should_cancel is not None and should_cancel():
-            raise CancelledError("Export cancelled.")
-
-
-class SliceDicePlot(FigureCanvasQTAgg):
-    """Dice per axial slice (NaN slices left blank) with a vertical line at the current slice."""
-
-    def __init__(self, on_click=None, parent=None):
-        self.figure = Figure(figsize=(4.0, 1.9), tight_layout=True)
-        super().__init__(self.figure)
-        self.setParent(parent)
-        self.setMinimumHeight(160)
-        self.setMinimumWidth(200)  # the figure's own size hint must not widen the dock
-        self.ax = self.figure.add_subplot(1, 1, 1)
-        self.marker = None
-        self._on_click = on_click
-        self.mpl_connect("button_press_event", self._clicked)
-        self.show_dice(np.array([]), 0)
-
-    def show_dice(self, slice_dice: np.ndarray, current: int):
-        ax = self.ax
-        ax.clear()
-        ax.set_xlabel("slice", fontsize=8)
-        ax.set_ylabel("Dice", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(True, alpha=0.3)
-        if len(slice_dice):
-            z = np.arange(len(slice_dice))
-            ax.plot(z, slice_dice, "-", color="tab:blue", lw=1.2)
-            ax.plot(z, slice_dice, ".", color="tab:blue", ms=3)
-            ax.set_xlim(-0.5, len(slice_dice) - 0.5)
-        self.marker = ax.axvline(current, color="tab:red", lw=1.2)
-        self.draw_idle()
-
-    def move_marker(self, current: int):
-        if self.marker is not None:
-            self.marker.set_xdata([current, current])
-            self.draw_idle()
-
-    def _clicked(self, event):
-        if event.inaxes is self.ax and event.xdata is not None and self._on_click is not None:
-            self._on_click(int(round(event.xdata)))
 
 
 class CompareWidget(QWidget):
