@@ -173,7 +173,7 @@ def quantify(lung, infection, spacing: Sequence[float], min_lesion_ml: float = M
     ``left_involvement_pct``, ``right_involvement_pct``, ``total_involvement_pct`` (over lung |
     infection; NaN when both are empty), ``severity_grade``, ``left_lung_score``,
     ``right_lung_score``, ``lung_score_total``, ``n_lesions``, ``lesion_volumes_ml`` (largest
-    first, lesions of at least ``min_lesion_ml``), ``min_lesion_ml``, ``lung_split_method``,
+    first, lesions of at least ``min_lesion_ml``), ``min_lesion_ml`` (the size used), ``lung_split_method``,
     ``voxel_volume_ml``, ``spacing_known`` and ``volume_unit``; with ``ct_hu`` (the CT in HU, same
     shape) also ``ground_glass_ml`` and ``consolidation_ml``.
 
@@ -211,7 +211,7 @@ def quantify(lung, infection, spacing: Sequence[float], min_lesion_ml: float = M
         "lung_score_total": scores["left"] + scores["right"],
         "n_lesions": len(lesions),
         "lesion_volumes" + suffix: lesions,
-        "min_lesion_ml": float(min_lesion_ml),
+        "min_lesion" + suffix: float(min_lesion_ml) if spacing_known else min_lesion_ml * 1000.0,
         "lung_split_method": method,
         "voxel_volume_ml": voxel_ml if spacing_known else None,
         "spacing_known": bool(spacing_known),

@@ -54,20 +54,21 @@ def test_every_step_fits_the_screen(make_napari_viewer, qtbot, size):
         window.grab().save(os.path.join(SCREENSHOTS, f"workspace_{key}_{size[0]}x{size[1]}.png"))
 
 
-def test_view_opens_the_workspace_laid_out_without_the_qt5_toast(monkeypatch, qtbot):
+def test_view_opens_the_workspace_laid_out_without_the_qt5_toast(make_napari_viewer, monkeypatch, qtbot):
+    import napari
     from napari._qt import qt_main_window
     from napari.utils.notifications import notification_manager
 
-    monkeypatch.setattr(qt_main_window, "SHOW_QT_WARNING", True)
+    # covidseg view's own code path, on a viewer the napari fixture cleans up
+    monkeypatch.setattr(napari, "Viewer", lambda **kwargs: make_napari_viewer(**kwargs))
+    monkeypatch.setattr(qt_main_window, "SHOW_QT_WARNING", True)  # as on a user's first launch
     shown = []
     monkeypatch.setattr(notification_manager, "dispatch", lambda n: shown.append(str(n.message)))
     viewer = cli.open_viewer([], sample="small")
-    try:
-        viewer.window._qt_window.show()
-        qtbot.wait(50)
-        assert any("COVID-19 CT" in name for name in viewer.window.dock_widgets)
-        assert not any("PyQt5" in message for message in shown)
-        workspace = viewer.window._qt_window.findChild(WorkspaceWidget)
-        assert workspace is not None and workspace.width() >= MIN_DOCK_WIDTH
-    finally:
-        viewer.close()
+    viewer.window._qt_window.show()
+    qtbot.wait(50)
+    assert any("COVID-19 CT" in name for name in viewer.window.dock_widgets)
+    assert not any("PyQt5" in message for message in shown)
+    assert qt_main_window.SHOW_QT_WARNING is False
+    workspace = viewer.window._qt_window.findChild(WorkspaceWidget)
+    assert workspace is not None and workspace.width() >= MIN_DOCK_WIDTH

@@ -38,7 +38,8 @@ ROWS: Tuple[Tuple[str, str, str], ...] = (
     ("left_lung_score", "Left lung score (0-5)", "score"),
     ("right_lung_score", "Right lung score (0-5)", "score"),
 )
-HIDDEN_KEYS = {"voxel_volume_ml", "lung_split_method", "spacing_known", "volume_unit", "min_lesion_ml"}  # in the exports, not in the table
+HIDDEN_KEYS = {"voxel_volume_ml", "lung_split_method", "spacing_known", "volume_unit", "min_lesion_ml",
+               "min_lesion_voxels"}  # in the exports, not in the table
 
 
 def _plain(value):
