@@ -34,6 +34,7 @@ from .intensity import DISPLAY8, DISPLAY8_LAYER_NOTE, DOMAIN_KEY
 from .io.geometry import GEOMETRY_KEY, SPACING_KNOWN_KEY, Geometry
 from .io.loader import can_open, load_all, volume_stem
 from .io.nifti import KIND_LABELS, SOURCE_PATH_KEY, Volume
+from .widgets.layer_style import case_layer_name, class_of_text, mask_class, reference_color_dict
 from .windowing import default_contrast_limits
 
 #: napari's documented value for "the file was handled but there is no layer to add"
@@ -63,8 +64,9 @@ def layer_name(path) -> str:
 
 
 def series_layer_name(path, volume: Volume) -> str:
-    """Layer name of a volume read from ``path``: with the DICOM series it is, where it is one."""
-    name = layer_name(path)
+    """Layer name of a volume read from ``path``: with the DICOM series it is, where it is one; a
+    mask in a class folder is named with its case and class ("cc01 lung" for ``lung/cc01.nii.gz``)."""
+    name = case_layer_name(layer_name(path), path, volume.kind == KIND_LABELS)
     return f"{name} {volume.description}" if volume.description else name
 
 
@@ -73,7 +75,8 @@ def volume_layer_data(volume: Volume, name: str) -> Tuple[Any, Dict[str, Any], s
     metadata = {GEOMETRY_KEY: volume.geometry, SOURCE_PATH_KEY: volume.source_path,
                 SPACING_KNOWN_KEY: volume.spacing_known}
     kwargs: Dict[str, Any] = {"name": name, "scale": tuple(volume.spacing), "metadata": metadata}
-    if volume.kind == KIND_LABELS:
+    if volume.kind == KIND_LABELS:  # a reference mask: fixed colour of its class, none a prediction uses
+        kwargs["colormap"] = reference_color_dict(mask_class(volume.source_path or name) or class_of_text(name))
         return volume.data, kwargs, "labels"
     metadata[DOMAIN_KEY] = volume.domain
     if volume.domain == DISPLAY8:

@@ -12,12 +12,14 @@ from typing import List, Tuple
 
 from .io.geometry import GEOMETRY_KEY
 from .phantom import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom
+from .widgets.layer_style import reference_color_dict
 
 LUNG_WINDOW = (-1350.0, 150.0)  # W 1500 / L -600
 SMALL_SHAPE = (24, 128, 128)
 SMALL_SPACING = (10.0, 2.8, 2.8)  # same patient size as the default, a quarter of the voxels
-LUNG_COLOR = {0: "transparent", 1: "#3d9bff", None: "transparent"}
-INFECTION_COLOR = {0: "transparent", 1: "#ff3b30", None: "transparent"}
+# ground truth in the reference colours (cyan lung, magenta infection), which no prediction uses
+LUNG_COLOR = reference_color_dict("lung")
+INFECTION_COLOR = reference_color_dict("infection")
 
 
 def phantom_layers(shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, seed: int = 0) -> List[Tuple]:

@@ -34,7 +34,7 @@ PROG = "covidseg"
 SAMPLES = {"full": "chest_phantom", "small": "chest_phantom_small"}
 PLUGIN_NAME = "napari-covidseg"
 #: dock widgets ``view`` opens (display names from napari.yaml); missing ones are skipped
-VIEW_WIDGETS = ("CT window presets", "Segment")
+VIEW_WIDGETS = ("COVID-19 CT",)
 SERIES_HELP = ("DICOM series to open: its index as `covidseg info` lists it, or its SeriesInstanceUID "
                "(needed when a folder holds several CT series)")
 #: optional sub-command modules owned by other parts of the package (``add_parser``, ``run``)
@@ -157,6 +157,7 @@ def open_viewer(files: Sequence[str] = (), sample: Optional[str] = None, widgets
 
     import napari
 
+    _no_qt5_deprecation_toast()
     viewer = napari.Viewer(title="covidseg")
     if sample is not None:
         viewer.open_sample(PLUGIN_NAME, SAMPLES[sample])
@@ -165,13 +166,30 @@ def open_viewer(files: Sequence[str] = (), sample: Optional[str] = None, widgets
         getattr(viewer, f"add_{layer_type}")(data, **kwargs)
     for widget_name in widgets:
         try:
-            viewer.window.add_plugin_dock_widget(PLUGIN_NAME, widget_name)
+            dock, _widget = viewer.window.add_plugin_dock_widget(PLUGIN_NAME, widget_name)
         except Exception as exc:  # a widget of another part may be missing: the viewer still works
             print(f"{PROG}: warning: the '{widget_name}' widget is not available ({exc})", file=sys.stderr)
+            continue
+        if widget_name == VIEW_WIDGETS[0]:
+            from .widgets.workspace import lay_out
+
+            lay_out(viewer, dock)
     images = [layer for layer in viewer.layers if layer.__class__.__name__ == "Image"]
     if images:
         viewer.layers.selection.active = images[0]
     return viewer
+
+
+def _no_qt5_deprecation_toast() -> None:
+    """napari 0.9 greets every window with a toast that its PyQt5 support is deprecated: news for
+    developers (setup.cfg bounds napari below the release that drops it), not for a radiologist.
+    napari's own test fixture turns it off through the same flag; every other warning still shows."""
+    try:
+        from napari._qt import qt_main_window
+    except ImportError:  # pragma: no cover - a napari without Qt cannot open a window anyway
+        return
+    if hasattr(qt_main_window, "SHOW_QT_WARNING"):
+        qt_main_window.SHOW_QT_WARNING = False
 
 
 def read_for_view(files: Sequence[str], series: Optional[str] = None) -> list:

@@ -47,7 +47,7 @@ class TrainingRequest:
 
         if not self.out_dir:
             raise InputError("Choose an output folder for the checkpoints and logs.")
-        if self.data != PHANTOM and not Path(self.data).is_dir():
+        if self.data != PHANTOM and (not str(self.data).strip() or not Path(self.data).is_dir()):
             raise InputError(f"The data folder {self.data!r} does not exist. Choose a folder with CT and mask NIfTI files, or the built-in phantom.")
         if self.target not in ("lung", "infection", "both"):
             raise InputError(f"Unknown target {self.target!r}: use lung, infection or both.")

@@ -280,11 +280,26 @@ def _data_line(training: dict) -> Optional[str]:
     return ", ".join(parts) if parts else None
 
 
-def phantom_only(info: dict) -> bool:
-    """True when the weights were trained on synthetic phantoms only (no patient CT)."""
+def _source_name(item) -> str:
+    """``covid19ctseg_dstaroff`` for ``/data/covid19ctseg_dstaroff``; ``phantom`` for
+    ``phantom: 17 cases, ...`` or ``phantom,weight=0.15``."""
+    head = str(item).split(",")[0].strip()
+    if head.split(":")[0].strip() == "phantom":
+        return "phantom"
+    return Path(head).name or head
+
+
+def data_sources(info: dict) -> List[str]:
+    """Names of the data the weights were trained on (folder names, ``phantom``)."""
     data = (info.get("training") or {}).get("data")
     items = data if isinstance(data, list) else [data] if data else []
-    return bool(items) and all(str(d).split(",")[0] == "phantom" for d in items)
+    return [_source_name(d) for d in items]
+
+
+def phantom_only(info: dict) -> bool:
+    """True when the weights were trained on synthetic phantoms only (no patient CT)."""
+    sources = data_sources(info)
+    return bool(sources) and all(s == "phantom" for s in sources)
 
 
 def describe(info: dict, shipped: bool = False) -> str:
@@ -321,3 +336,129 @@ def describe(info: dict, shipped: bool = False) -> str:
     if info.get("created"):
         lines.append(f"created {info['created']}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# model card (the Segment widget's compact card and its details)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ModelCard:
+    """What a user must know before trusting a set of weights, short first.
+
+    ``headline``: what it was trained on; ``warning``: why its results must not be trusted on
+    patient CT (None when there is no such reason); ``reads``: which images it can segment;
+    ``figures``: its best evidence (held-out test, else validation) per class; ``details``: all
+    the rest, one fact a line (split, epochs, time, device, deviations from the paper...).
+    """
+
+    headline: str
+    warning: Optional[str]
+    reads: str
+    figures: List[str]
+    details: List[str]
+
+    def text(self) -> str:
+        lines = [self.headline] + ([self.warning] if self.warning else []) + [self.reads] + self.figures
+        return "\n".join(lines + [""] + self.details)
+
+
+def best_infection_dice(info: dict) -> Optional[float]:
+    """Infection Dice on held-out test data, else on validation data, else None."""
+    metrics = info.get("metrics") or {}
+    for block in (metrics.get("test"), metrics.get("val"), metrics):
+        entry = block.get("infection") if isinstance(block, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("dice"), (int, float)):
+            return float(entry["dice"])
+    return None
+
+
+def _class_dice(block) -> str:
+    parts = [f"{cls} Dice {float(block[cls]['dice']):.2f}" for cls in ("lung", "infection")
+             if isinstance(block, dict) and isinstance(block.get(cls), dict)
+             and isinstance(block[cls].get("dice"), (int, float))]
+    return " · ".join(parts)
+
+
+def _card_figures(metrics: dict, training: dict) -> List[str]:
+    figures = []
+    test = _class_dice(metrics.get("test"))
+    if test:
+        split = training.get("split") if isinstance(training.get("split"), dict) else {}
+        n_test = len(split["test"]) if isinstance(split.get("test"), list) else None
+        figures.append(f"Test ({metrics.get('test_set') or (f'{n_test} held-out cases' if n_test else 'held-out cases')}): {test}")
+    infnet = metrics.get("infnet_test")
+    if isinstance(infnet, dict) and isinstance(infnet.get("dice"), (int, float)):
+        figures.append(f"Inf-Net test slices: infection Dice {float(infnet['dice']):.2f}")
+    val = _class_dice(metrics.get("val") if isinstance(metrics.get("val"), dict) else metrics)
+    epoch = metrics.get("epoch") or training.get("epochs_done")
+    if val and not test:
+        figures.append(f"Validation: {val}" + (f" (epoch {epoch})" if epoch else ""))
+    elif not val and not test and _mean_dice(metrics) is not None:  # older files: one mean hides each class
+        figures.append(f"Validation: mean Dice {_mean_dice(metrics):.3f} (per class not stored)")
+    if not figures:
+        figures.append("No validation or test figures stored with these weights.")
+    return figures
+
+
+def _card_details(info: dict, training: dict, metrics: dict) -> List[str]:
+    details = []
+    if training.get("data"):
+        data = training["data"] if isinstance(training["data"], list) else [training["data"]]
+        details.append("data: " + "; ".join(str(d) for d in data))
+    if isinstance(training.get("domains"), dict):
+        details.append("cases by kind: " + ", ".join(f"{k} {v}" for k, v in training["domains"].items()))
+    split = training.get("split") if isinstance(training.get("split"), dict) else {}
+    sizes = [f"{k} {len(split[k])}" for k in ("train", "val", "test") if isinstance(split.get(k), list)]
+    if sizes or split.get("method"):
+        details.append("split by case: " + ", ".join(sizes) + (f" ({split['method']})" if split.get("method") else ""))
+    done, planned = training.get("epochs_done"), training.get("epochs_planned") or (training.get("recipe") or {}).get("epochs")
+    if done is not None:
+        details.append(f"epochs: {done}" + (f" of {planned}" if planned else ""))
+    if training.get("wall_minutes") is not None:
+        device = training.get("device") or "?"
+        threads = f", {training['cpu_threads']} thread(s)" if training.get("cpu_threads") else ""
+        details.append(f"training time: {float(training['wall_minutes']):.0f} min on {device}{threads}")
+    deviations = training.get("deviations_from_paper")
+    if isinstance(deviations, dict) and deviations:
+        details.append("changed from the paper: " + ", ".join(f"{k}={v}" for k, v in deviations.items()))
+    for key, label in (("test", "test"), ("val", "validation")):
+        parts = _class_metrics(metrics, key)
+        if parts:
+            details.append(f"{label}: " + "; ".join(parts))
+    if training.get("note"):
+        details.append(f"note: {training['note']}")
+    return details
+
+
+def model_card(info: dict, shipped: bool = False) -> ModelCard:
+    """The :class:`ModelCard` of checkpoint ``info`` (``read_checkpoint_info``'s dict)."""
+    from .preprocessing import Preprocessing
+
+    training = info.get("training") or {}
+    metrics = info.get("metrics") or {}
+    sources = data_sources(info)
+    counts = [f"{training[k]} {label}" for k, label in (("n_train", "train"), ("n_val", "val"))
+              if isinstance(training.get(k), int)]
+    headline = (("Shipped weights" if shipped else "Checkpoint") + ": trained on "
+                + (" + ".join(sources) if sources else "unrecorded data")
+                + (f" ({' / '.join(counts)} cases)" if counts else ""))
+    warning = None
+    if phantom_only(info):
+        warning = "Synthetic phantoms only: not validated on patient CT."
+    elif not sources:
+        warning = "Training data not recorded: treat its results with care."
+    try:
+        reads = Preprocessing.from_dict(info.get("preprocessing") or {}).describe_domains()
+    except (TypeError, ValueError):
+        reads = "preprocessing settings unreadable"
+    details = _card_details(info, training, metrics) + [reads]
+    n_params = info.get("n_parameters")
+    if isinstance(n_params, int) and n_params:
+        details.append(f"{n_params / 1e6:.2f} M parameters ({info.get('weights_dtype') or '?'}), "
+                       f"{json.dumps(info.get('network_kwargs') or {})}")
+    if info.get("created"):
+        details.append(f"created {info['created']}")
+    if info.get("path"):
+        details.append(str(info["path"]))
+    return ModelCard(headline=headline, warning=warning, reads=reads.split(";")[0].strip(),
+                     figures=_card_figures(metrics, training), details=details)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_covidseg.errors import InputError
-from napari_covidseg.quantify import MIN_LESION_ML, quantify, split_left_right
+from napari_covidseg.quantify import MIN_LESION_ML, lung_score, quantify, severity_grade, split_left_right
 
 SPACING = (2.0, 1.0, 0.5)  # one voxel = 1 mm^3 = 0.001 mL
 
@@ -24,18 +24,19 @@ def test_volumes_and_sides():
     inf = np.zeros_like(lung)
     inf[2:4, 6:11, 6:11] = 1  # 50 voxels in the right lung
     inf[2:6, 10:15, 41:46] = 1  # 100 voxels in the left lung
-    inf[5, 28, 30] = 1  # 1 voxel outside the lungs (below the lesion minimum volume)
-    r = quantify(lung, inf, SPACING)
+    inf[5, 28, 30] = 1  # 1 voxel outside the lungs (below the lesion minimum volume), on the left side
+    r = quantify(lung, inf, SPACING, min_lesion_ml=0.01)
     assert r["lung_ml"] == pytest.approx(6.0)
     assert r["right_lung_ml"] == pytest.approx(4.0)
     assert r["left_lung_ml"] == pytest.approx(2.0)
     assert r["right_infection_ml"] == pytest.approx(0.05)
-    assert r["left_infection_ml"] == pytest.approx(0.10)
+    assert r["left_infection_ml"] == pytest.approx(0.101)  # the voxel outside the lung is on the left
     assert r["infection_ml"] == pytest.approx(0.151)
     assert r["infection_outside_lung_ml"] == pytest.approx(0.001)
     assert r["right_involvement_pct"] == pytest.approx(100 * 0.05 / 4.0)
-    assert r["left_involvement_pct"] == pytest.approx(100 * 0.10 / 2.0)
-    assert r["total_involvement_pct"] == pytest.approx(100 * 0.15 / 6.0)
+    assert r["left_involvement_pct"] == pytest.approx(100 * 0.101 / 2.001)  # over lung | infection
+    assert r["total_involvement_pct"] == pytest.approx(100 * 0.151 / 6.001)
+    assert r["severity_grade"] == "CT-1" and r["left_lung_score"] == 2 and r["right_lung_score"] == 1
     assert r["n_lesions"] == 2  # the single outside voxel is 0.001 mL < 0.01 mL
     assert r["lesion_volumes_ml"] == pytest.approx([0.10, 0.05])
     assert r["lung_split_method"] == "components"
@@ -58,19 +59,21 @@ def test_lesions_26_connected_and_min_volume():
     inf[3, 8, 8] = inf[4, 9, 9] = 1  # diagonal neighbours: one lesion under 26-connectivity
     inf[3:6, 15:20, 15:20] = 1  # 75 voxels
     inf[8, 20, 45] = 1  # isolated voxel
-    r = quantify(lung, inf, (1.0, 1.0, 1.0))
+    r = quantify(lung, inf, (1.0, 1.0, 1.0), min_lesion_ml=0.01)
     assert r["n_lesions"] == 1  # the 2-voxel and 1-voxel lesions are under 10 mm^3
-    r = quantify(lung, inf, (10.0, 1.0, 1.0))  # voxel = 10 mm^3: everything counts
+    r = quantify(lung, inf, (10.0, 1.0, 1.0), min_lesion_ml=0.01)  # voxel = 10 mm^3: everything counts
     assert r["n_lesions"] == 3
     assert r["lesion_volumes_ml"] == pytest.approx([0.75, 0.02, 0.01])
     r = quantify(lung, inf, (1.0, 1.0, 1.0), min_lesion_ml=0.0)
     assert r["n_lesions"] == 3
-    # the default threshold is the documented 10 mm^3: a one-voxel lesion of 12 mm^3 counts, one of 8 mm^3 does not
+    # the default threshold is the documented 0.1 mL: a one-voxel lesion of 120 mm^3 counts, one of 80 mm^3 does not
     single = np.zeros_like(lung)
     single[8, 20, 45] = 1
-    assert quantify(lung, single, (12.0, 1.0, 1.0))["n_lesions"] == 1
-    assert quantify(lung, single, (8.0, 1.0, 1.0))["n_lesions"] == 0
-    assert quantify(lung, single, (8.0, 1.0, 1.0), min_lesion_ml=MIN_LESION_ML / 2)["n_lesions"] == 1
+    assert quantify(lung, single, (120.0, 1.0, 1.0))["n_lesions"] == 1
+    assert quantify(lung, single, (80.0, 1.0, 1.0))["n_lesions"] == 0
+    assert quantify(lung, single, (80.0, 1.0, 1.0), min_lesion_ml=MIN_LESION_ML / 2)["n_lesions"] == 1
+    r = quantify(lung, inf, (1.0, 1.0, 1.0))  # the default keeps lesions from 0.1 mL
+    assert r["n_lesions"] == 0 and r["severity_grade"] == "CT-0" and r["lung_score_total"] == 0
 
 
 def test_small_fragment_goes_to_its_side():
@@ -132,3 +135,32 @@ def test_phantom_sides():
     assert r["infection_outside_lung_ml"] == 0.0
     assert r["n_lesions"] >= 1
     assert r["left_infection_ml"] + r["right_infection_ml"] == pytest.approx(r["infection_ml"])
+
+
+def test_involvement_counts_infection_outside_the_lung_mask_and_grades():
+    """A lung mask that leaves a consolidation out still shows it as involvement (lung | infection)."""
+    lung = _two_lungs()
+    inf = np.zeros_like(lung)
+    inf[1:11, 5:25, 5:25] = 1  # the whole right lung
+    inf[1:11, 5:25, 25:28] = 1  # and a consolidation just outside its mask (on the right)
+    r = quantify(lung, inf, SPACING)
+    right = 4000 + 600
+    assert r["right_involvement_pct"] == pytest.approx(100.0)
+    assert r["right_infection_ml"] == pytest.approx(right * 0.001)
+    assert r["total_involvement_pct"] == pytest.approx(100 * right / (6000 + 600))
+    assert r["severity_grade"] == "CT-3" and r["right_lung_score"] == 5 and r["left_lung_score"] == 0
+    for pct, grade in ((0.5, "CT-1"), (25.0, "CT-1"), (25.1, "CT-2"), (50.0, "CT-2"), (74.9, "CT-3"), (75.0, "CT-4")):
+        assert severity_grade(pct, 1) == grade
+    assert [lung_score(p) for p in (0, 4.9, 5, 25, 26, 50, 51, 75, 76)] == [0, 1, 2, 2, 3, 3, 4, 4, 5]
+
+
+def test_ground_glass_and_consolidation_by_hu():
+    lung = _two_lungs()
+    inf = np.zeros_like(lung)
+    inf[2:4, 6:11, 6:11] = 1  # 50 voxels
+    ct = np.full(lung.shape, -850.0)
+    ct[2, 6:11, 6:11] = -500.0  # 25 voxels of ground glass
+    ct[3, 6:11, 6:11] = 20.0  # 25 voxels of consolidation
+    r = quantify(lung, inf, SPACING, ct_hu=ct)
+    assert r["ground_glass_ml"] == pytest.approx(0.025) and r["consolidation_ml"] == pytest.approx(0.025)
+    assert "ground_glass_ml" not in quantify(lung, inf, SPACING)

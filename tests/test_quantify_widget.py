@@ -37,7 +37,7 @@ def test_compute_equals_quantify_exports_and_screenshot(phantom_viewer, qtbot, t
     widget.compute_button.click()
     qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     lung, inf, ct = (viewer.layers[n] for n in ("phantom lung GT", "phantom infection GT", "phantom CT"))
-    expected = quantify(np.asarray(lung.data), np.asarray(inf.data), tuple(ct.scale))
+    expected = quantify(np.asarray(lung.data), np.asarray(inf.data), tuple(ct.scale), ct_hu=np.asarray(ct.data))
     assert widget.result.keys() == expected.keys()
     for key in ("lung_ml", "infection_ml", "total_involvement_pct", "left_involvement_pct", "right_involvement_pct"):
         assert widget.result[key] == pytest.approx(expected[key])
@@ -46,6 +46,10 @@ def test_compute_equals_quantify_exports_and_screenshot(phantom_viewer, qtbot, t
     assert widget.value_text("Lung volume") == f"{expected['lung_ml']:.1f} mL"
     assert widget.value_text("Total involvement") == f"{expected['total_involvement_pct']:.1f} %"
     assert widget.value_text("Lesions") == str(int(expected["n_lesions"]))
+    assert widget.value_text("Severity (MosMedData)") == expected["severity_grade"]
+    assert widget.severity_label.text().startswith(expected["severity_grade"] + ": ")
+    assert widget.value_text("Ground glass (< -300 HU)") == f"{expected['ground_glass_ml']:.1f} mL"
+    assert expected["ground_glass_ml"] > 0 and expected["consolidation_ml"] > 0  # the phantom has both
     csv_path = widget.export(tmp_path / "q.csv", "csv")
     rows = {r[0]: r[1] for r in list(csv.reader(open(csv_path)))[1:]}
     assert float(rows["infection_ml"]) == pytest.approx(widget.result["infection_ml"], rel=1e-5)
@@ -133,3 +137,21 @@ def test_placeholder_spacing_gives_voxels_and_says_why(phantom_viewer, qtbot):
     assert widget.value_text("Lung volume") == f"{lung} voxels"
     assert "mL" not in widget.value_text("Infection volume")
     assert "voxel size unknown" in widget.status.text()
+
+
+def test_smallest_lesion_and_grade_follow_the_setting(phantom_viewer, qtbot):
+    viewer = phantom_viewer
+    widget = _widget(viewer, qtbot)
+    assert widget.min_lesion_spin.value() == pytest.approx(0.1)  # the default where the spacing is real
+    speckled = np.array(viewer.layers["phantom infection GT"].data, copy=True)
+    speckled[0, 5, 5] = speckled[0, 9, 9] = 1  # two one-voxel specks (0.08 mL each)
+    specks = viewer.add_labels(speckled, name="speckled infection", scale=viewer.layers["phantom CT"].scale)
+    widget.infection_combo.set_layer(specks)
+    widget.compute_button.click()
+    qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
+    true_lesions = widget.result["n_lesions"]
+    widget.min_lesion_spin.setValue(0.0)  # every speck counts: the table follows at once
+    qtbot.waitUntil(lambda: not widget.busy() and widget.result["n_lesions"] == true_lesions + 2, timeout=10000)
+    widget.min_lesion_spin.setValue(60.0)  # only the largest lesion of the phantom is bigger
+    qtbot.waitUntil(lambda: not widget.busy() and widget.result["n_lesions"] == 1, timeout=10000)
+    assert widget.value_text("Lesions") == "1" and widget.result["lesion_volumes_ml"][0] > 60

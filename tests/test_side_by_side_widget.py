@@ -91,18 +91,25 @@ def test_grid_tiles_table_and_restore(make_napari_viewer, qtbot, tiny_phantom, t
     first = tiles[(0, 0)]
     assert any(l.name.startswith("ground truth (lung)") for l in first)
 
-    # names carry the Dice; the table matches napari_covidseg.metrics
-    assert widget.table.rowCount() == 2
+    # names carry the Dice; the table (one column per network) matches napari_covidseg.metrics
+    assert widget.table.columnCount() == 2
     for row, result in enumerate(widget.results):
         mask_layer = [l for l in viewer.layers if l.name.startswith(f"{result.network} lung — Dice")][0]
         assert mask_layer.data.shape == ct.data.shape and mask_layer.metadata[GEOMETRY_KEY] is tiny_phantom.geometry
         assert mask_layer.name_overlay.visible
         expected = all_metrics(mask_layer.data, tiny_phantom.lung, spacing=tiny_phantom.spacing)
         assert f"Dice {expected['dice']:.2f}" in mask_layer.name
-        for col, (_, key, _) in enumerate(side_by_side_widget.TABLE_COLUMNS):
-            if key in ("dice", "iou", "sensitivity", "specificity", "precision"):
-                assert float(widget.table.item(row, col).text()) == pytest.approx(expected[key], abs=6e-4)
-        assert widget.table.item(row, 0).text() == registry.get_network(result.network).title
+        for key in ("dice", "iou", "sensitivity", "specificity", "precision"):
+            assert float(widget.cell(key, result.network)) == pytest.approx(expected[key], abs=6e-4)
+        hd95 = widget.cell("hd95_mm", result.network)  # 0.1 mm, never "46.074"
+        assert hd95 == "—" or (len(hd95.split(".")[1]) == 1 and float(hd95) == pytest.approx(expected["hd95_mm"], abs=0.05))
+        header = widget.table.horizontalHeaderItem(row)
+        assert header.text().replace("\n", " ") == registry.get_network(result.network).title.split(" (")[0]
+        assert result.weights_path in header.toolTip()
+    # the best Dice of the row is bold; every row is visible without scrolling
+    dice_items = [widget.table.item(0, c) for c in range(2)]
+    assert sum(item.font().bold() for item in dice_items) == 1
+    assert widget.table.height() >= widget.table.verticalHeader().length()
     trained = [r for r in widget.results if r.network == "unet"][0]
     assert trained.metrics["dice"] > 0.6  # the briefly trained net finds the lungs
 
@@ -161,7 +168,7 @@ def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks
     assert len(calls) < 2 * ct.data.shape[0]
     assert len(viewer.layers) == n_layers and not viewer.canvas.grid.enabled
     assert "cancelled" in widget.runner.status_label.text().lower()
-    assert widget.table.rowCount() == 0 and messages == []
+    assert widget.table.columnCount() == 0 and messages == []
     monkeypatch.setattr(inference, "predict_volume", real_predict)
 
     # "Add checkpoint...": a checkpoint lands in its own network's row, ticked and selected
@@ -191,5 +198,30 @@ def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks
     widget.infection_gt_combo.set_layer(None)
     qtbot.mouseClick(widget.run_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: not widget.runner.is_running(), timeout=60000)
-    assert widget.table.rowCount() == 1 and widget.table.item(0, 1).text() == "—"
+    assert widget.table.columnCount() == 1 and widget.cell("dice", "unet") == "—"
     assert "unet infection" in viewer.layers and viewer.canvas.grid.enabled
+
+
+def test_default_ticks_and_presets_on_every_tile(make_napari_viewer, qtbot, tiny_phantom, two_networks, messages):
+    from napari_covidseg.widgets.window_widget import WindowWidget
+    from napari_covidseg.windowing import contrast_limits
+
+    viewer = make_napari_viewer()
+    fresh = SideBySideWidget(viewer)
+    qtbot.addWidget(fresh)
+    ticked = [name for name, check in fresh.network_checks.items() if check.isChecked()]
+    assert 1 <= len(ticked) <= 2 and len(ticked) < len(fresh.network_checks)  # not every network at once
+    if fresh.network_weights["unet"].current_path():
+        assert "unet" in ticked
+
+    viewer, ct, lung_gt, inf_gt, widget = _setup(make_napari_viewer, tiny_phantom, two_networks)
+    window = WindowWidget(viewer)
+    qtbot.addWidget(window)
+    qtbot.mouseClick(widget.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not widget.runner.is_running(), timeout=60000)
+    tiles = [layer for layer in viewer.layers if layer.metadata.get(side_by_side_widget.SIDE_BY_SIDE_KEY)
+             and type(layer).__name__ == "Image"]
+    assert len(tiles) == 3
+    qtbot.mouseClick(window.buttons["mediastinum"], Qt.LeftButton)
+    for layer in tiles + [ct]:
+        assert tuple(layer.contrast_limits) == contrast_limits("mediastinum")

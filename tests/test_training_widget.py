@@ -176,7 +176,8 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, make
     assert widget.tabs.currentIndex() == 1  # the progress tab is shown while training
     qtbot.waitUntil(lambda: widget.plot.n_points >= 1 or not widget.is_running(), timeout=PROCESS_TIMEOUT_MS)
     assert widget.is_running(), widget.status_label.text()
-    assert re.search(rf"Epoch \d/{EPOCHS} done", widget.status_label.text()) and "ETA" in widget.status_label.text()
+    assert re.search(rf"Epoch \d/{EPOCHS} done: val Dice lung \d\.\d{{3}}, infection \d\.\d{{3}}",
+                     widget.status_label.text()) and "ETA" in widget.status_label.text()
     assert widget.progress.maximum() == EPOCHS and widget.progress.value() >= 1 and "ETA" in widget.progress.format()
     assert not widget.setup_page.isEnabled()  # the form is locked while the run uses it
     _click_and_wait_until_done(qtbot, widget, widget.stop_button)
@@ -198,6 +199,7 @@ def test_train_stop_resume_then_segment_with_the_result(make_napari_viewer, make
     assert widget.plot.n_points == EPOCHS and widget.progress.value() == EPOCHS
     assert f"finished after epoch {EPOCHS}/{EPOCHS}" in widget.status_label.text()
     assert "Segment widget" in widget.status_label.text()
+    assert re.search(r"best\.pt \(val Dice lung \d\.\d{3}, infection \d\.\d{3}\)", widget.status_label.text())
 
     os.makedirs(SCREENSHOTS, exist_ok=True)
     qtbot.wait(300)
@@ -223,19 +225,25 @@ def test_failures_are_reported_in_plain_words(make_napari_viewer, make_training_
     widget = make_training_widget(viewer)
     viewer.window.add_dock_widget(widget, name="Training")
 
-    # a data folder the trainer cannot read: it fails in the child, napari goes on
+    # a data folder the trainer cannot read: the check before launch refuses it, no trainer starts
     bad = tmp_path / "not_ct"
     bad.mkdir()
     (bad / "notes.txt").write_text("no CT here")
     _tiny_form(widget, tmp_path / "bad_data_run")
     widget.phantom_check.setChecked(False)
     widget.data_edit.setText(str(bad))
-    _click_and_wait_until_done(qtbot, widget, widget.start_button)
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    assert widget.is_running() and not widget.start_button.isEnabled()  # checking the folder
+    qtbot.waitUntil(lambda: not widget.is_running(), timeout=PROCESS_TIMEOUT_MS)
     status = widget.status_label.text()
-    assert widget.last_status == "failed"
-    assert status.startswith("Training failed: cannot tell the layout of") and "Last log lines:" in status
+    assert widget.process is None and widget.last_status is None
+    assert "cannot be trained on" in status and "cannot tell the layout of" in status
     assert "Traceback" not in status
-    assert messages and messages[-1].startswith("Training failed")
+    assert messages and "cannot be trained on" in messages[-1]
+    # an empty folder field never starts anything
+    widget.data_edit.setText("")
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    assert not widget.is_running() and "Choose a data folder" in widget.status_label.text()
 
     # a folder that does not exist is refused before anything starts
     widget.data_edit.setText(str(tmp_path / "missing"))
@@ -316,3 +324,34 @@ def test_failure_messages_are_plain_words():
     assert plain_failure_message(None, 2, ["usage: ...", "error: unknown augmentation(s) foo"]) == "unknown augmentation(s) foo"
     assert "killed" in plain_failure_message(None, -9, [])
     assert "exit code 3" in plain_failure_message(None, 3, ["something"])
+
+
+def test_epoch_bar_follows_the_form_quick_preset_and_progress_within_an_epoch(make_napari_viewer, qtbot):
+    from napari_covidseg.widgets.training_form import QUICK_EPOCHS, QUICK_STEPS_PER_EPOCH
+    from napari_covidseg.widgets.training_progress import TrainingProgress
+
+    widget = TrainingWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    widget.epochs_spin.setValue(12)
+    assert widget.progress.maximum() == 12 and widget.progress.value() == 0  # never a stale count
+    qtbot.mouseClick(widget.quick_button, Qt.LeftButton)
+    assert widget.epochs_spin.value() == QUICK_EPOCHS and widget.small_check.isChecked()
+    assert widget.device_combo.currentData() == "cpu" and widget.progress.maximum() == QUICK_EPOCHS
+    assert f"--max-steps-per-epoch {QUICK_STEPS_PER_EPOCH}" in widget.extra_edit.text()
+    assert widget.finetune_check.isChecked() == widget.finetune_check.isEnabled()
+
+    view = TrainingProgress()
+    view.begin(4, [])
+    view.step_bar.show()
+    view.take([{"event": "start", "epochs": 4}], [], [], now=100.0)
+    view.tick(now=130.0)
+    assert view.step_bar.maximum() == 0  # before the first epoch: busy, no made-up number
+    epoch1 = {"event": "epoch", "epoch": 1, "epochs": 4, "seconds": 60.0, "device": "cpu",
+              "val": {"lung": {"dice": 0.9}, "infection": {"dice": 0.02}}, "val_dice_mean": 0.46}
+    text = view.take([epoch1], [epoch1], [epoch1], now=160.0)
+    assert text.startswith("Epoch 1/4 done: val Dice lung 0.900, infection 0.020")  # not the 0.46 mean
+    view.tick(now=190.0)  # 30 s into epoch 2, epochs take 60 s
+    assert view.step_bar.value() == 50 and view.step_bar.format() == "epoch 2: 50% (estimated)"
+    view.take([{"event": "step", "epoch": 2, "step": 3, "steps": 4}], [epoch1], [epoch1], now=195.0)
+    view.tick(now=195.0)
+    assert view.step_bar.value() == 75 and view.step_bar.format() == "epoch 2: 75%"  # the trainer's own count

@@ -64,7 +64,9 @@ class LayerCombo(QComboBox):
 
     ``list_layers(viewer)`` gives the candidates (e.g. ``labels_layers``).  The selection is kept
     by layer identity across refreshes, so renaming or adding a layer does not switch what the
-    user picked; ``prefer`` (a callable on a layer) chooses the initial pick among candidates.
+    user picked; ``prefer`` (a callable on a layer, giving a bool or a score) chooses the initial
+    pick: the candidate with the highest score, the first of equals.  :meth:`repick` applies it
+    again (the scores may have changed, e.g. a mask was edited) unless the user chose by hand.
     """
 
     def __init__(self, viewer, list_layers, allow_none: bool = False, prefer=None, parent=None):
@@ -79,7 +81,8 @@ class LayerCombo(QComboBox):
         events = viewer.layers.events
         for emitter in (events.inserted, events.removed, events.moved):
             emitter.connect(self.refresh)
-        self.activated.connect(lambda index: setattr(self, "_user_none", self.current_layer() is None))
+        self.user_picked = False
+        self.activated.connect(self._activated)
         self.refresh()
 
     def refresh(self, event=None):
@@ -101,12 +104,27 @@ class LayerCombo(QComboBox):
         elif previous is None and self._allow_none and self._picked_none:
             index = 0
         else:
-            preferred = [l for l in layers if self._prefer is not None and self._prefer(l)]
-            index = self._layers.index(preferred[0]) if preferred else (0 if self._layers else -1)
+            index = self._best_index(layers)
         self.setCurrentIndex(index)
         self.blockSignals(False)
         if self.current_layer() is not previous:
             self.currentIndexChanged.emit(self.currentIndex())
+
+    def _activated(self, index) -> None:
+        self._user_none = self.current_layer() is None
+        self.user_picked = True
+
+    def _best_index(self, layers) -> int:
+        scores = [self._prefer(layer) if self._prefer is not None else 0 for layer in layers]
+        if scores and max(scores):
+            return self._layers.index(layers[scores.index(max(scores))])
+        return 0 if self._layers else -1
+
+    def repick(self) -> None:
+        """Choose the best-scored layer again, unless the user picked one by hand."""
+        if not self.user_picked:
+            layers = [layer for layer in self._layers if layer is not None]
+            self.setCurrentIndex(self._best_index(layers))
 
     @property
     def _picked_none(self) -> bool:
@@ -120,9 +138,11 @@ class LayerCombo(QComboBox):
         return None
 
     def set_layer(self, layer) -> None:
+        """Choose ``layer`` as a user would (kept by :meth:`repick`)."""
         if layer in self._layers:
             self.setCurrentIndex(self._layers.index(layer))
         self._user_none = layer is None
+        self.user_picked = True
 
 
 #: Labels layer events that mean "the mask changed": a brush/fill stroke, napari's own

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..errors import CancelledError, CovidsegError, InputError
 from ..intensity import DISPLAY8, DOMAIN_KEY, DOMAINS, HU, looks_like_display8
@@ -30,9 +30,9 @@ LOG = logging.getLogger("napari_covidseg")
 # (``LayerComboBox(viewer, image_layers)``); one implementation shared by all widgets.
 LayerComboBox = LayerCombo
 
-# Fixed, recognisable colours for the two classes: lung blue, infection orange-red.
-LUNG_COLOR = (0.20, 0.55, 1.00, 1.0)
-INFECTION_COLOR = (1.00, 0.35, 0.10, 1.0)
+# Fixed, recognisable colours of predictions (lung blue, infection orange); references differ
+from .layer_style import INFECTION_COLOR, LUNG_COLOR  # noqa: E402
+
 MASK_OPACITY = 0.5
 
 
@@ -409,6 +409,81 @@ class TaskRunner(QWidget):
         while self.is_running() and time.perf_counter() < end:
             QApplication.processEvents()
             time.sleep(0.005)
+
+
+class DeviceCombo(QComboBox):
+    """Auto / each CUDA GPU / CPU; ``device()`` is the value, ``set_device`` also accepts one that
+    is not listed (e.g. ``cuda`` without a GPU) so the run can say why it fails."""
+
+    def __init__(self, tooltip: str = "Where the network runs; Auto uses the first GPU when there is one", parent=None):
+        super().__init__(parent)
+        compact_combo(self)
+        for label, value in device_choices():
+            self.addItem(label, value)
+        self.setToolTip(tooltip)
+
+    def device(self) -> str:
+        return self.currentData() or "auto"
+
+    def set_device(self, value: str) -> None:
+        index = self.findData(value)
+        if index < 0:
+            self.addItem(value, value)
+            index = self.count() - 1
+        self.setCurrentIndex(index)
+
+
+def path_field(mode: str = "d", placeholder: str = "", tooltip: str = "", filter: Optional[str] = None):
+    """A path line edit with its browse button: magicgui's ``FileEdit`` (``mode`` "d" a folder,
+    "r" an existing file, "w" a file to write).  Returns (the widget to lay out, its QLineEdit),
+    so callers keep reading and watching a plain ``QLineEdit``."""
+    from magicgui.widgets import FileEdit
+
+    field = FileEdit(mode=mode, filter=filter, value="")
+    field.choose_btn.text = "..."
+    field.choose_btn.tooltip = "Choose a folder" if mode == "d" else "Choose a file"
+    edit = field.line_edit.native
+    edit.setPlaceholderText(placeholder)
+    edit.setToolTip(tooltip)
+    field.native.setContentsMargins(0, 0, 0, 0)
+    return field.native, edit
+
+
+def form_layout(rows) -> "QFormLayout":
+    """A form of ``(label, widget or layout)`` rows whose fields take the width they are given."""
+    from qtpy.QtWidgets import QFormLayout
+
+    form = QFormLayout()
+    form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+    for label, field in rows:
+        form.addRow(label, field)
+    return form
+
+
+def scrolled(widget: QWidget):
+    """``widget`` in a vertical scroll area that gives it the dock's width and never clips it."""
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    area.setWidget(widget)
+    area.setMinimumWidth(widget.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+    return area
+
+
+def short_title(spec) -> str:
+    """A network's title without its parenthesised gloss ("MS-UNet"), for narrow rows."""
+    return spec.title.split(" (")[0]
+
+
+def compact_combo(combo, characters: int = 12):
+    """Let a drop-down shrink to ``characters`` wide (long entries are elided), so it never
+    widens the dock."""
+    combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(characters)
+    return combo
 
 
 def format_seconds(seconds: float) -> str:

@@ -4,8 +4,10 @@ The user picks a prediction and a ground-truth Labels layer.  The widget adds an
 "<pred> vs <gt>" (green = true positive, red = missed, yellow = extra), a table of Dice, IoU,
 sensitivity, specificity, precision and HD95 for the slice on screen and for the whole volume,
 and a per-slice Dice plot with the current slice marked (click it to jump there).  "Worst slice"
-and "Next worst" walk the slices from the lowest Dice up, which is where a reviewer should look
-first.  Everything follows the data: changing the slice updates the slice column, painting into
+and "Next" / "Previous" walk the slices from the lowest Dice up, which is where a reviewer should
+look first.  Outlines, hiding the compared masks and the overlay switch keep the CT's texture
+readable (:mod:`compare_display`); keys on the canvas: N / Shift-N next / previous worst slice,
+Shift-O overlay on/off, Shift-C outlines on/off.  Everything follows the data: changing the slice updates the slice column, painting into
 either layer updates everything after a short pause (debounced so the brush stays fluid), and
 the whole-volume HD95, the one slow number, is computed in a worker thread.
 """
@@ -17,15 +19,12 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from qtpy.QtCore import Qt
-from qtpy.QtGui import QColor, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
+    QGridLayout,
     QHeaderView,
     QLabel,
     QPushButton,
@@ -36,125 +35,42 @@ from qtpy.QtWidgets import (
 )
 
 from .. import metrics
-from ..errors import CancelledError, CovidsegError
+from ..errors import CovidsegError
 from ..overlay import (
     METRIC_COLUMNS,
     OVERLAY_NAMES,
     OVERLAY_RGB,
     check_same_shape,
-    iter_per_slice_metrics,
     overlay_color_dict,
     overlay_labels,
     rank_worst_slices,
     region_metrics,
     write_comparison_csv,
 )
-from .common import TaskRunner, add_labels_like, labels_layers, layer_spacing_known, notify_error
+from .common import TaskRunner, add_labels_like, form_layout, labels_layers, layer_spacing_known, notify_error
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
+from .compare_compute import (  # noqa: F401 (part of this module's API)
+    comparison_report,
+    format_metric,
+    run_comparison_report,
+    volume_comparison,
+    volume_comparison_fast,
+)
+from .compare_display import ReviewDisplay, colour_as_reference
+from .slice_dice_plot import SliceDicePlot
+from .save_defaults import looks_like_ground_truth, mask_score, reference_score  # noqa: F401 (API)
 
+#: legend words short enough for a narrow dock (the tooltips hold OVERLAY_NAMES)
+OVERLAY_SHORT_NAMES = {1: "agree (TP)", 2: "missed (FN)", 3: "extra (FP)"}
+#: review keys on the canvas -> CompareWidget method (none of them is a napari image/labels key)
+REVIEW_KEYS = {"N": "go_to_next_worst", "Shift-N": "go_to_previous_worst", "Shift-O": "toggle_overlay",
+               "Shift-C": "toggle_outlines"}
 EDIT_DEBOUNCE_MS = 250  # recompute this long after the last brush dab
 OVERLAY_OPACITY = 0.6
 
 
 def overlay_name(pred_name: str, gt_name: str) -> str:
     return f"{pred_name} vs {gt_name}"
-
-
-def looks_like_ground_truth(layer) -> bool:
-    """A first guess for the drop-downs: "GT", "truth", "ground", "manual" or "reference" in the name."""
-    words = layer.name.lower().replace("_", " ").replace("-", " ").split()
-    return any(w in ("gt", "truth", "ground", "manual", "reference") for w in words)
-
-
-def format_metric(key: str, value) -> str:
-    """Table text: 3 decimals for ratios, 0.1 mm for HD95, 'n/a' for undefined."""
-    if value is None:
-        return "computing..."
-    value = float(value)
-    if math.isnan(value):
-        return "n/a"
-    return f"{value:.1f}" if key == "hd95_mm" else f"{value:.3f}"
-
-
-def volume_comparison_fast(p: np.ndarray, g: np.ndarray, spacing):
-    """(overlay, per-slice Dice, volume ratio metrics) of two boolean masks."""
-    overlay = overlay_labels(p, g)
-    slice_dice = np.asarray(metrics.per_slice_dice(p, g), dtype=float)
-    return overlay, slice_dice, region_metrics(p, g, spacing, with_hd95=False)
-
-
-def volume_comparison(pred: np.ndarray, gt: np.ndarray, spacing):
-    """Generator for a worker: yields the fast results, then returns the volume HD95 (mm).
-
-    Takes the layers' arrays as they are (no copy in the GUI thread); a brush stroke landing
-    while this runs makes the result stale, and the widget then runs it again.
-    """
-    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
-    yield volume_comparison_fast(p, g, spacing)
-    return float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
-
-
-def comparison_report(p: np.ndarray, g: np.ndarray, spacing, volume_metrics: Dict):
-    """Generator for the CSV export: yields per-slice HD95 progress, returns (slices, volume)."""
-    slices = yield from iter_per_slice_metrics(p, g, spacing, with_hd95=True)
-    volume = dict(volume_metrics)
-    if volume.get("hd95_mm") is None:  # the volume HD95 worker has not finished yet
-        volume["hd95_mm"] = float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
-    return slices, volume
-
-
-def run_comparison_report(p, g, spacing, volume_metrics, progress=None, should_cancel=None):
-    """:func:`comparison_report` driven by a :class:`TaskRunner` (progress, cancel)."""
-    steps = comparison_report(p, g, spacing, volume_metrics)
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(done, total)
-        if should_cancel is not None and should_cancel():
-            raise CancelledError("Export cancelled.")
-
-
-class SliceDicePlot(FigureCanvasQTAgg):
-    """Dice per axial slice (NaN slices left blank) with a vertical line at the current slice."""
-
-    def __init__(self, on_click=None, parent=None):
-        self.figure = Figure(figsize=(4.0, 1.9), tight_layout=True)
-        super().__init__(self.figure)
-        self.setParent(parent)
-        self.setMinimumHeight(160)
-        self.ax = self.figure.add_subplot(1, 1, 1)
-        self.marker = None
-        self._on_click = on_click
-        self.mpl_connect("button_press_event", self._clicked)
-        self.show_dice(np.array([]), 0)
-
-    def show_dice(self, slice_dice: np.ndarray, current: int):
-        ax = self.ax
-        ax.clear()
-        ax.set_xlabel("slice", fontsize=8)
-        ax.set_ylabel("Dice", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(True, alpha=0.3)
-        if len(slice_dice):
-            z = np.arange(len(slice_dice))
-            ax.plot(z, slice_dice, "-", color="tab:blue", lw=1.2)
-            ax.plot(z, slice_dice, ".", color="tab:blue", ms=3)
-            ax.set_xlim(-0.5, len(slice_dice) - 0.5)
-        self.marker = ax.axvline(current, color="tab:red", lw=1.2)
-        self.draw_idle()
-
-    def move_marker(self, current: int):
-        if self.marker is not None:
-            self.marker.set_xdata([current, current])
-            self.draw_idle()
-
-    def _clicked(self, event):
-        if event.inaxes is self.ax and event.xdata is not None and self._on_click is not None:
-            self._on_click(int(round(event.xdata)))
 
 
 class CompareWidget(QWidget):
@@ -174,60 +90,35 @@ class CompareWidget(QWidget):
         self._volume_running = False  # a whole-volume worker (after an edit) is running
         self._volume_dirty = False  # an edit arrived while it ran: run it again when it ends
 
-        self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=lambda l: not looks_like_ground_truth(l))
-        self.gt_combo = LayerCombo(napari_viewer, labels_layers, prefer=looks_like_ground_truth)
+        self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
+        self.gt_combo = LayerCombo(napari_viewer, labels_layers, prefer=reference_score())
         self.compare_button = QPushButton("Compare")
         self.compare_button.setToolTip("Add the overlay layer and compute the metrics")
         self.compare_button.clicked.connect(self.compare)
 
-        form = QFormLayout()
-        form.addRow("Prediction", self.pred_combo)
-        form.addRow("Ground truth", self.gt_combo)
+        # one wrapping line of coloured squares and words, so the legend never widens the dock
+        self.legend = QLabel("&nbsp;&nbsp; ".join(
+            f"<span style='color: rgb{rgb}; font-size: large;'>&#9632;</span>&nbsp;{OVERLAY_SHORT_NAMES[value]}"
+            for value, rgb in OVERLAY_RGB.items()))
+        self.legend.setWordWrap(True)
+        self.legend.setToolTip("\n".join(f"{OVERLAY_SHORT_NAMES[v]}: {OVERLAY_NAMES[v]}" for v in OVERLAY_RGB))
 
-        legend = QHBoxLayout()
-        for value, rgb in OVERLAY_RGB.items():
-            swatch = QLabel()
-            pix = QPixmap(12, 12)
-            pix.fill(QColor(*rgb))
-            swatch.setPixmap(pix)
-            legend.addWidget(swatch)
-            legend.addWidget(QLabel(OVERLAY_NAMES[value]))
-            legend.addSpacing(6)
-        legend.addStretch(1)
-
-        self.table = QTableWidget(len(METRIC_COLUMNS), 2)
-        self.table.setHorizontalHeaderLabels(["This slice", "Volume"])
-        self.table.setVerticalHeaderLabels([label for _, label in METRIC_COLUMNS])
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
-        row_height = self.fontMetrics().height() + 10
-        self.table.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
-        self.table.verticalHeader().setDefaultSectionSize(row_height)
-        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        # Every row visible, no scroll bar (the header is about one row high; margin for the frame).
-        self.table.setFixedHeight((len(METRIC_COLUMNS) + 1) * row_height + 2 * self.table.frameWidth() + 6)
-        for row in range(len(METRIC_COLUMNS)):
-            for col in range(2):
-                item = QTableWidgetItem("")
-                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
-                self.table.setItem(row, col, item)
-
+        self.table = self._make_table()
         self.plot = SliceDicePlot(on_click=self.go_to_slice)
 
         self.worst_button = QPushButton("Worst slice")
         self.worst_button.setToolTip("Go to the slice with the lowest Dice")
         self.worst_button.clicked.connect(self.go_to_worst)
-        self.next_worst_button = QPushButton("Next worst")
-        self.next_worst_button.setToolTip("Go to the slice with the next lowest Dice (cycles)")
+        self.next_worst_button = QPushButton("Next \u25b6")
+        self.next_worst_button.setToolTip("Go to the slice with the next lowest Dice (cycles; key N)")
         self.next_worst_button.clicked.connect(self.go_to_next_worst)
+        self.previous_worst_button = QPushButton("\u25c0 Previous")
+        self.previous_worst_button.setToolTip("Back to the slice with the next higher Dice in the worst-first order "
+                                              "(key Shift-N)")
+        self.previous_worst_button.clicked.connect(self.go_to_previous_worst)
         self.export_button = QPushButton("Export CSV...")
         self.export_button.setToolTip("Per-slice metrics and the volume summary as a CSV file")
         self.export_button.clicked.connect(self.export_csv_dialog)
-        nav = QHBoxLayout()
-        nav.addWidget(self.worst_button)
-        nav.addWidget(self.next_worst_button)
-        nav.addWidget(self.export_button)
 
         self.runner = TaskRunner(self, unit="slices")
         self.runner.setVisible(False)  # shown only while an export runs
@@ -240,26 +131,105 @@ class CompareWidget(QWidget):
         self.status = QLabel("Pick a prediction and its ground truth, then press Compare.")
         self.status.setWordWrap(True)
 
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.compare_button)
-        layout.addLayout(legend)
-        layout.addWidget(self.table)
-        layout.addWidget(QLabel("Dice per slice (click to go to a slice)"))
-        layout.addWidget(self.plot)
-        layout.addLayout(nav)
-        layout.addWidget(self.runner)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
+        self._lay_out()
         self._set_result_buttons(False)
 
         self._edits = EditWatcher(self, self._after_edit, EDIT_DEBOUNCE_MS)
         self.viewer.dims.events.current_step.connect(self._on_step)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._bind_review_keys()
+
+    def _make_table(self) -> QTableWidget:
+        table = QTableWidget(len(METRIC_COLUMNS), 2)
+        table.setHorizontalHeaderLabels(["This slice", "Volume"])
+        table.setVerticalHeaderLabels([label for _, label in METRIC_COLUMNS])
+        table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        row_height = self.fontMetrics().height() + 10
+        table.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+        table.verticalHeader().setDefaultSectionSize(row_height)
+        table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        # Every row visible, no scroll bar (the header is about one row high; margin for the frame).
+        table.setFixedHeight((len(METRIC_COLUMNS) + 1) * row_height + 2 * table.frameWidth() + 6)
+        for row in range(len(METRIC_COLUMNS)):
+            for col in range(2):
+                item = QTableWidgetItem("")
+                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                table.setItem(row, col, item)
+        return table
+
+    def _lay_out(self):
+        layout = QVBoxLayout(self)
+        layout.addLayout(form_layout([("Prediction", self.pred_combo), ("Ground truth", self.gt_combo)]))
+        layout.addWidget(self.compare_button)
+        layout.addLayout(self._display_switches())
+        layout.addWidget(self.legend)
+        layout.addWidget(self.table)
+        plot_title = QLabel("Dice per slice (click to go to a slice)")
+        plot_title.setWordWrap(True)
+        layout.addWidget(plot_title)
+        layout.addWidget(self.plot)
+        nav = QGridLayout()
+        nav.addWidget(self.previous_worst_button, 0, 0)
+        nav.addWidget(self.worst_button, 0, 1)
+        nav.addWidget(self.next_worst_button, 0, 2)
+        nav.addWidget(self.export_button, 1, 0, 1, 3)
+        layout.addLayout(nav)
+        layout.addWidget(self.runner)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    def _display_switches(self) -> QGridLayout:
+        self.display = ReviewDisplay()
+        self.outline_check = QCheckBox("Outlines")
+        self.outline_check.setToolTip("Draw the overlay and the masks as outlines, so the CT texture under a "
+                                      "lesion stays visible (key Shift-C)")
+        self.outline_check.toggled.connect(self.display.set_outlines)
+        self.hide_check = QCheckBox("Hide the compared masks")
+        self.hide_check.setChecked(True)
+        self.hide_check.setToolTip("While comparing, show only the overlay: the ground truth is hidden and the "
+                                   "prediction transparent (the brush still paints it)")
+        self.hide_check.toggled.connect(self.display.set_sources_hidden)
+        self.display.sources_hidden = True
+        self.overlay_check = QCheckBox("Overlay")
+        self.overlay_check.setChecked(True)
+        self.overlay_check.setToolTip("Show the agree / missed / extra overlay (key Shift-O)")
+        self.overlay_check.toggled.connect(self.display.set_overlay_shown)
+        switches = QGridLayout()
+        switches.addWidget(self.overlay_check, 0, 0)
+        switches.addWidget(self.outline_check, 0, 1)
+        switches.addWidget(self.hide_check, 1, 0, 1, 2)
+        return switches
+
+    def _bind_review_keys(self) -> None:
+        """N / Shift-N / Shift-O / Shift-C on the canvas act on this widget while it lives."""
+        import weakref
+
+        widget = weakref.ref(self)
+
+        def handler(method):
+            def on_key(viewer):
+                target = widget()
+                try:
+                    if target is not None:
+                        getattr(target, method)()
+                except RuntimeError:  # the widget was closed: its Qt half is gone
+                    pass
+            return on_key
+
+        for key, method in REVIEW_KEYS.items():
+            self.viewer.bind_key(key, handler(method), overwrite=True)
+
+    def toggle_overlay(self) -> None:
+        self.overlay_check.setChecked(not self.overlay_check.isChecked())
+
+    def toggle_outlines(self) -> None:
+        self.outline_check.setChecked(not self.outline_check.isChecked())
 
     # --- setup -------------------------------------------------------------------------------
     def _set_result_buttons(self, enabled: bool):
-        for button in (self.worst_button, self.next_worst_button, self.export_button):
+        for button in (self.worst_button, self.next_worst_button, self.previous_worst_button, self.export_button):
             button.setEnabled(enabled)
 
     def compare(self):
@@ -278,6 +248,8 @@ class CompareWidget(QWidget):
         self.pred_layer, self.gt_layer = pred, gt
         self.rank_position = -1
         self.overlay_layer = None
+        colour_as_reference(gt)
+        self.display.set_layers(pred, gt)
         self._show_hd95_unit(layer_spacing_known(pred) and layer_spacing_known(gt))
         self._edits.watch([pred, gt])
         self.recompute()
@@ -307,6 +279,8 @@ class CompareWidget(QWidget):
             layer = add_labels_like(self.viewer, overlay, name, self.pred_layer, opacity=OVERLAY_OPACITY)
         self._apply_overlay_colours(layer)
         layer.editable = False  # an overlay edited by hand would no longer mean anything
+        if layer is not self.overlay_layer:
+            self.display.set_overlay(layer)
         self.overlay_layer = layer
 
     @staticmethod
@@ -479,9 +453,11 @@ class CompareWidget(QWidget):
 
     def _on_layer_removed(self, event):
         layer = event.value
+        self.display.forget(layer)
         if layer is self.overlay_layer:
             self.overlay_layer = None
         if layer is self.pred_layer or layer is self.gt_layer:
+            self.display.restore()
             self._edits.stop()
             self._edits.watch([])
             self.pred_layer = self.gt_layer = None
@@ -504,10 +480,18 @@ class CompareWidget(QWidget):
         self._go_to_ranked()
 
     def go_to_next_worst(self):
+        self._step_worst(+1)
+
+    def go_to_previous_worst(self):
+        self._step_worst(-1)
+
+    def _step_worst(self, step: int):
         if not len(self.ranking):
             self.status.setText("No slice holds foreground in either mask: there is no worst slice.")
             return
-        self.rank_position = (self.rank_position + 1) % len(self.ranking)
+        start = -1 if step > 0 else 0
+        position = self.rank_position if self.rank_position >= 0 else start
+        self.rank_position = (position + step) % len(self.ranking)
         self._go_to_ranked()
 
     def _go_to_ranked(self):

@@ -19,7 +19,7 @@ class TrainingPlot(FigureCanvasQTAgg):
         self.figure = Figure(figsize=(3.6, 3.4), layout="constrained")
         super().__init__(self.figure)
         self.setParent(parent)
-        self.setMinimumHeight(220)
+        self.setMinimumHeight(150)
         self.ax_loss, self.ax_dice = self.figure.subplots(2, 1, sharex=True)
         self.n_points = 0
         self.clear()

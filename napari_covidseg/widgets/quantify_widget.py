@@ -1,29 +1,29 @@
-"""Quantify dock widget: lung and infection volumes, involvement per lung, lesion count.
+"""Quantify dock widget: severity, involvement per lung, volumes, lesions, ground glass vs
+consolidation.
 
-The numbers a radiologist reports for COVID-19 pneumonia: how much of each lung is affected
-(left and right by the patient's side, not the screen's: the display column index grows toward
-the patient's left, see :mod:`napari_covidseg.io.geometry`), total involvement, infection and
-lung volumes in mL and the number of separate lesions.  The computation is
-:func:`napari_covidseg.quantify.quantify`; this widget picks the layers, shows the result as a
-table, exports it (CSV or JSON) and recomputes it after edits (debounced, in a worker thread, so
-painting a correction stays fluid and the table follows the corrected mask).
+The numbers a radiologist reports for COVID-19 pneumonia: the MosMedData severity grade (CT-0..4)
+and a per-lung score, how much of each lung is affected (left and right by the patient's side,
+not the screen's: the display column index grows toward the patient's left, see
+:mod:`napari_covidseg.io.geometry`), over lung plus infection so a consolidation the lung mask
+left out still counts, infection and lung volumes in mL, the lesions above a minimum size
+(0.1 mL by default) and, for a CT in HU, ground glass vs consolidation.  The computation is
+:func:`napari_covidseg.quantify.quantify`; this widget picks the layers (the corrected masks
+first), shows the result, exports it (CSV or JSON) and recomputes it after edits (debounced, in a
+worker thread, so painting a correction stays fluid and the table follows the corrected mask).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
+    QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -35,104 +35,20 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import CancelledError, CovidsegError, InputError
-from ..quantify import quantify
+from ..intensity import HU
+from ..quantify import MIN_LESION_ML, quantify
 from ._review import EditWatcher, LayerCombo, ask_overwrite
-from .common import TaskRunner, image_layers, labels_layers, layer_spacing_known, notify_error
+from .common import TaskRunner, form_layout, image_layers, labels_layers, layer_domain, layer_spacing_known, notify_error
+from .quantify_table import ROWS, severity_text, table_rows, write_quantify_csv, write_quantify_json  # noqa: F401
+from .save_defaults import class_mask_score
 
 EDIT_DEBOUNCE_MS = 400
 
-# (key in quantify()'s result without its unit suffix, row label, unit) in table order; other
-# scalar keys follow.  Volumes ("vol") are in mL, or in voxels where the spacing is a placeholder.
-ROWS: Tuple[Tuple[str, str, str], ...] = (
-    ("infection", "Infection volume", "vol"),
-    ("lung", "Lung volume", "vol"),
-    ("left_involvement_pct", "Left lung involved", "%"),
-    ("right_involvement_pct", "Right lung involved", "%"),
-    ("total_involvement_pct", "Total involvement", "%"),
-    ("n_lesions", "Lesions", ""),
-    ("left_lung", "Left lung volume", "vol"),
-    ("right_lung", "Right lung volume", "vol"),
-    ("left_infection", "Left lung infection", "vol"),
-    ("right_infection", "Right lung infection", "vol"),
-    ("infection_outside_lung", "Infection outside lung", "vol"),
-)
-HIDDEN_KEYS = {"voxel_volume_ml", "lung_split_method", "spacing_known", "volume_unit"}  # in the exports, not in the table
 
-
-def _plain(value):
-    """JSON/CSV-friendly copy of a quantify() value (numpy scalars and arrays to Python)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in list(value)]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
-
-
-def table_rows(result: Dict) -> List[Tuple[str, str]]:
-    """(label, text) rows for the table: the known keys first, then any other scalar key."""
-    rows, shown = [], set()
-    in_ml = result.get("volume_unit", "mL") == "mL"
-    for base, label, unit in ROWS:
-        key = base + ("_ml" if in_ml else "_voxels") if unit == "vol" else base
-        if key not in result:
-            continue
-        shown.add(key)
-        value = result[key]
-        if key == "n_lesions" or (unit == "vol" and not in_ml):
-            text = str(int(value)) + ("" if key == "n_lesions" else " voxels")
-        elif value is None or (isinstance(value, float) and not math.isfinite(value)):
-            text = "n/a"
-        else:
-            text = f"{float(value):.1f} {'mL' if unit == 'vol' else unit}".strip()
-        rows.append((label, text))
-    known = shown | HIDDEN_KEYS
-    for key, value in result.items():
-        if key in known:
-            continue
-        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-            rows.append((key.replace("_", " "), f"{float(value):.4g}"))
-        elif isinstance(value, (list, tuple, np.ndarray)) and "lesion" in key and len(value):
-            largest = sorted((float(v) for v in value), reverse=True)[:3]
-            rows.append(("Largest lesions", ", ".join(f"{v:.1f}" if in_ml else f"{v:.0f}" for v in largest)
-                         + (" mL" if in_ml else " voxels")))
-    return rows
-
-
-def write_quantify_csv(path, result: Dict, overwrite: bool = False) -> Path:
-    """``quantity,value`` rows of every scalar in ``result`` (lists joined with ';')."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; choose another file name (nothing was written).")
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["quantity", "value"])
-        for key, value in _plain(result).items():
-            if isinstance(value, list):
-                value = ";".join("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)
-            elif isinstance(value, float):
-                value = f"{value:.6g}"
-            writer.writerow([key, "" if value is None else value])
-    return path
-
-
-def write_quantify_json(path, result: Dict, layers: Dict[str, Optional[str]], overwrite: bool = False) -> Path:
-    """The whole result (with the layer names it came from) as indented JSON."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; choose another file name (nothing was written).")
-    with open(path, "w") as fh:
-        json.dump({"layers": layers, "result": _plain(result)}, fh, indent=2)
-    return path
-
-
-def run_quantify(lung, infection, spacing, spacing_known=True, progress=None, should_cancel=None):
+def run_quantify(lung, infection, spacing, spacing_known=True, min_lesion_ml=MIN_LESION_ML, ct_hu=None,
+                 progress=None, should_cancel=None):
     """quantify() for a :class:`TaskRunner`: it cannot stop half way, so Cancel drops the result."""
-    result = quantify(lung, infection, spacing, spacing_known=spacing_known)
+    result = quantify(lung, infection, spacing, min_lesion_ml=min_lesion_ml, spacing_known=spacing_known, ct_hu=ct_hu)
     if should_cancel is not None and should_cancel():
         raise CancelledError("Quantification cancelled.")
     return result
@@ -143,36 +59,37 @@ class QuantifyWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.result: Optional[Dict] = None
-
-        self.lung_combo = LayerCombo(napari_viewer, labels_layers, prefer=lambda l: "lung" in l.name.lower())
-        self.infection_combo = LayerCombo(
-            napari_viewer, labels_layers, prefer=lambda l: "infection" in l.name.lower() or "lesion" in l.name.lower()
-        )
+        self._layer_names: Dict[str, str] = {}
+        self.lung_combo = LayerCombo(napari_viewer, labels_layers, prefer=class_mask_score("lung"))
+        self.infection_combo = LayerCombo(napari_viewer, labels_layers, prefer=class_mask_score("infection"))
         self.ct_combo = LayerCombo(napari_viewer, image_layers, allow_none=True, prefer=lambda l: True)
-        form = QFormLayout()
-        form.addRow("Lung mask", self.lung_combo)
-        form.addRow("Infection mask", self.infection_combo)
-        form.addRow("CT (spacing)", self.ct_combo)
-
+        self.min_lesion_spin = QDoubleSpinBox()
+        self.min_lesion_spin.setRange(0.0, 100.0)
+        self.min_lesion_spin.setDecimals(2)
+        self.min_lesion_spin.setSingleStep(0.05)
+        self.min_lesion_spin.setValue(MIN_LESION_ML)
+        self.min_lesion_spin.setSuffix(" mL")
+        self.min_lesion_spin.setToolTip("Infection components smaller than this are not counted as lesions (they "
+                                        "still count in the volumes). Where the voxel size is a placeholder, "
+                                        "1 mL means 1000 voxels.")
+        self.min_lesion_spin.valueChanged.connect(lambda *_: self.result is not None and self._auto_update())
         self.compute_button = QPushButton("Compute")
         self.compute_button.clicked.connect(self.compute)
         self.auto_check = QCheckBox("Update when the masks are edited")
         self.auto_check.setChecked(True)
-        self.table = QTableWidget(0, 2)
-        self.table.setHorizontalHeaderLabels(["Quantity", "Value"])
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
-        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
-        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
-        self.table.setMinimumHeight(120)
+        self.severity_label = QLabel("")
+        self.severity_label.setWordWrap(True)
+        self.severity_label.setStyleSheet("font-weight: bold; font-size: 14px;")
+        self.severity_label.setVisible(False)
+        self.table = self._make_table()
         self.csv_button = QPushButton("Export CSV...")
         self.csv_button.clicked.connect(lambda: self.export_dialog("csv"))
         self.json_button = QPushButton("Export JSON...")
         self.json_button.clicked.connect(lambda: self.export_dialog("json"))
-        exports = QHBoxLayout()
-        exports.addWidget(self.csv_button)
-        exports.addWidget(self.json_button)
+        self.report_button = QPushButton("Case report (PNG + CSV)...")
+        self.report_button.setToolTip("Key slices with the masks, this table, and the network that made them "
+                                      "with its model card: the picture to attach to a study")
+        self.report_button.clicked.connect(self.report_dialog)
         self.runner = TaskRunner(self)
         self.runner.setVisible(False)  # shown only while quantify() runs
         self.runner.started.connect(lambda: self.runner.setVisible(True))
@@ -185,23 +102,42 @@ class QuantifyWidget(QWidget):
         self._pending = None
         self.status = QLabel("Pick the lung and infection masks, then press Compute.")
         self.status.setWordWrap(True)
+        self._lay_out()
+        self._set_export_enabled(False)
+        self._edits = EditWatcher(self, self._auto_update, EDIT_DEBOUNCE_MS, enabled=self.auto_check.isChecked)
 
+    def _make_table(self) -> QTableWidget:
+        table = QTableWidget(0, 2)
+        table.setHorizontalHeaderLabels(["Quantity", "Value"])
+        table.verticalHeader().setVisible(False)
+        table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
+        table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
+        table.setMinimumHeight(120)
+        return table
+
+    def _lay_out(self):
+        form = form_layout([("Lung mask", self.lung_combo), ("Infection mask", self.infection_combo),
+                            ("CT", self.ct_combo), ("Smallest lesion", self.min_lesion_spin)])
+        exports = QHBoxLayout()
+        exports.addWidget(self.csv_button)
+        exports.addWidget(self.json_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.compute_button)
         layout.addWidget(self.auto_check)
+        layout.addWidget(self.severity_label)
         layout.addWidget(self.table)
         layout.addLayout(exports)
+        layout.addWidget(self.report_button)
         layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
-        self._set_export_enabled(False)
-
-        self._edits = EditWatcher(self, self._auto_update, EDIT_DEBOUNCE_MS, enabled=self.auto_check.isChecked)
 
     def _set_export_enabled(self, enabled: bool):
-        self.csv_button.setEnabled(enabled)
-        self.json_button.setEnabled(enabled)
+        for button in (self.csv_button, self.json_button, self.report_button):
+            button.setEnabled(enabled)
 
     # --- inputs ------------------------------------------------------------------------------
     def _inputs(self):
@@ -255,8 +191,11 @@ class QuantifyWidget(QWidget):
         lung_data, infection_data = np.array(lung.data, copy=True), np.array(infection.data, copy=True)
         self._pending = ((lung.name, infection.name), spacing)
         self.status.setText(message)
-        source = self.ct_combo.current_layer() or lung
-        return self.runner.start(run_quantify, lung_data, infection_data, spacing, layer_spacing_known(source), status=message)
+        ct = self.ct_combo.current_layer()
+        source = ct or lung
+        ct_hu = np.asarray(ct.data) if ct is not None and layer_domain(ct) == HU else None  # GGO vs consolidation
+        return self.runner.start(run_quantify, lung_data, infection_data, spacing, layer_spacing_known(source),
+                                 float(self.min_lesion_spin.value()), ct_hu, status=message)
 
     def _succeeded(self, result):
         names, spacing = self._pending
@@ -296,6 +235,8 @@ class QuantifyWidget(QWidget):
         self.table.setMinimumHeight(height)
         self.table.setMaximumHeight(height)
         self._set_export_enabled(True)
+        self.severity_label.setText(severity_text(result))
+        self.severity_label.setVisible(True)
         voxel = (f"voxel {spacing[0]:.2f} x {spacing[1]:.2f} x {spacing[2]:.2f} mm" if result.get("spacing_known", True)
                  else "voxel size unknown (a placeholder in the file), so volumes are voxel counts, not mL")
         self.status.setText(
@@ -343,3 +284,30 @@ class QuantifyWidget(QWidget):
             notify_error(error)
             return
         self.status.setText(f"Quantification written to {written}")
+
+    # --- case report -------------------------------------------------------------------------
+    def report_dialog(self):
+        if self.result is None:
+            return
+        from .case_report import default_report_name
+
+        path, _ = QFileDialog.getSaveFileName(self, "Case report", default_report_name(self), "PNG image (*.png)")
+        if not path:
+            return
+        try:
+            png, csv_path = self.write_report(path)
+        except (CovidsegError, OSError) as error:
+            notify_error(error)
+            return
+        self.status.setText(f"Report written to {png} and {csv_path.name}")
+
+    def write_report(self, png_path):
+        """Write ``<name>.png`` and ``<name>.csv`` for the masks quantified last; returns both paths."""
+        from .case_report import build_report
+        from ..report import write_case_csv, write_case_report
+
+        if self.result is None:
+            raise InputError("Press Compute first: there is nothing to report yet.")
+        report = build_report(self)
+        png_path = Path(png_path).with_suffix(".png")
+        return write_case_report(png_path, report), write_case_csv(png_path.with_suffix(".csv"), report)

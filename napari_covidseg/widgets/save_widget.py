@@ -1,7 +1,10 @@
 """Correct-and-save dock widget: keep a hand-corrected mask, as a file or as training data.
 
 After fixing a prediction with napari's brush and eraser, the user saves it with the geometry of
-the CT it belongs to (affine and header from the CT layer's ``metadata[GEOMETRY_KEY]``), so the
+the CT it belongs to, in the CT's own format where it holds labels (NIfTI, NRRD, MHA; NIfTI for
+DICOM and slices).  The defaults are the edited mask, ``<case>_<class>_corrected`` and a folder
+outside any training folder (:mod:`save_defaults`); with nothing to save, no dialog opens.  It
+keeps the mask with the geometry of the CT it belongs to (affine and header from the CT layer's ``metadata[GEOMETRY_KEY]``), so the
 mask lines up with the CT in any other viewer.  The widget never writes over the source CT, asks
 before replacing any other file and otherwise suggests a free name.  "Add to training folder"
 turns the corrected case into training data in the ``pairs`` layout (see
@@ -18,7 +21,6 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -30,9 +32,11 @@ from qtpy.QtWidgets import (
 
 from ..errors import CovidsegError, DataFolderError, InputError
 from ..io.geometry import GEOMETRY_KEY, Geometry
-from ..training_folder import add_case, case_exists, case_id_from_name, list_cases, suggest_case_id, validate_case_id
+from ..training_folder import add_case, case_exists, list_cases, suggest_case_id, validate_case_id
 from ._review import LayerCombo, ask_overwrite, free_path
-from .common import TaskRunner, error_text, image_layers, labels_layers, notify_error
+from .common import TaskRunner, error_text, form_layout, image_layers, labels_layers, notify_error, path_field
+from .edits import mark_computed, watch_edits
+from .save_defaults import case_of, class_mask_score, default_folder, default_name, mask_score
 
 
 def _same_file(a, b) -> bool:
@@ -81,16 +85,26 @@ def _compact(array: np.ndarray) -> np.ndarray:
     return array.copy()
 
 
-def _with_nifti_suffix(path) -> Path:
+def mask_suffix_for(ct_layer) -> str:
+    """The suffix a mask of ``ct_layer`` is saved with: the CT's format where it holds labels."""
+    from ..io.loader import mask_suffix
+
+    paths = source_paths(ct_layer) if ct_layer is not None else []
+    return mask_suffix(paths[0] if paths else "")
+
+
+def _with_mask_suffix(path, default: str = ".nii.gz") -> Path:
+    from ..io.loader import WRITABLE_SUFFIXES
+
     path = Path(path)
-    return path if path.name.lower().endswith((".nii", ".nii.gz")) else path.with_name(path.name + ".nii.gz")
+    return path if path.name.lower().endswith(WRITABLE_SUFFIXES) else path.with_name(path.name + default)
 
 
 def run_save(path, array, geometry, overwrite, progress=None, should_cancel=None) -> Path:
-    """save_volume() for a :class:`TaskRunner` (one atomic write: nothing to cancel half way)."""
-    from ..io.nifti import save_volume
+    """save_any() for a :class:`TaskRunner` (one atomic write: nothing to cancel half way)."""
+    from ..io.loader import save_any
 
-    return save_volume(path, array, geometry, overwrite=overwrite)
+    return save_any(path, array, geometry, overwrite=overwrite)
 
 
 class SaveWidget(QWidget):
@@ -99,15 +113,11 @@ class SaveWidget(QWidget):
         self.viewer = napari_viewer
         self._originals: Dict[int, np.ndarray] = {}  # id(layer) -> mask before brush edits
         self._reverting = False
-
-        self.mask_combo = LayerCombo(napari_viewer, labels_layers)
+        self.mask_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
         self.ct_combo = LayerCombo(napari_viewer, image_layers)
-        form = QFormLayout()
-        form.addRow("Mask", self.mask_combo)
-        form.addRow("CT", self.ct_combo)
-
-        self.save_button = QPushButton("Save as NIfTI...")
-        self.save_button.setToolTip("Write the mask with the CT's affine and header")
+        self.save_button = QPushButton("Save mask...")
+        self.save_button.setToolTip("Write the mask with the CT's affine and header, in the CT's format where it "
+                                    "holds labels (NIfTI, NRRD, MHA), else NIfTI")
         self.save_button.clicked.connect(self.save_dialog)
         self.revert_button = QPushButton("Revert edits")
         self.revert_button.setToolTip("Put back the mask as it was when it appeared in the viewer")
@@ -115,34 +125,6 @@ class SaveWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.save_button)
         buttons.addWidget(self.revert_button)
-
-        self.folder_edit = QLineEdit()
-        self.folder_edit.setPlaceholderText("training data folder")
-        self.folder_edit.textChanged.connect(self.folder_edit.setToolTip)  # the full path, when cut
-        browse = QPushButton("Browse...")
-        browse.clicked.connect(self.choose_folder)
-        folder_row = QHBoxLayout()
-        folder_row.addWidget(self.folder_edit, 1)
-        folder_row.addWidget(browse)
-        self.case_edit = QLineEdit()
-        self.case_edit.setPlaceholderText("case id (default: CT name)")
-        self.lung_combo = LayerCombo(napari_viewer, labels_layers, allow_none=True, prefer=lambda l: "lung" in l.name.lower())
-        self.infection_combo = LayerCombo(
-            napari_viewer, labels_layers, allow_none=True, prefer=lambda l: "infection" in l.name.lower() or "lesion" in l.name.lower()
-        )
-        self.add_button = QPushButton("Add to training folder")
-        self.add_button.setToolTip("Write images/<case>, lung/<case>, infection/<case> (.nii.gz)")
-        self.add_button.clicked.connect(self.add_to_training_folder)
-        training_form = QFormLayout()
-        training_form.addRow("Folder", folder_row)
-        training_form.addRow("Case id", self.case_edit)
-        training_form.addRow("Lung mask", self.lung_combo)
-        training_form.addRow("Infection mask", self.infection_combo)
-        training_box = QGroupBox("Add to training folder")
-        training_layout = QVBoxLayout(training_box)
-        training_layout.addLayout(training_form)
-        training_layout.addWidget(self.add_button)
-
         self.runner = TaskRunner(self, unit="files")
         self.runner.setVisible(False)  # shown only while files are written
         self.runner.started.connect(lambda: self.runner.setVisible(True))
@@ -151,25 +133,47 @@ class SaveWidget(QWidget):
         self.runner.cancelled.connect(lambda: self.status.setText("Cancelled; nothing was kept."))
         self.runner.finished.connect(self._finished)
         self._on_success = self._on_failure = None
-
         self.status = QLabel("Edit a mask with the brush, then save it with its CT's geometry.")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)  # the saved path can be copied
-
         layout = QVBoxLayout(self)
-        layout.addLayout(form)
+        layout.addLayout(form_layout([("Mask", self.mask_combo), ("CT", self.ct_combo)]))
         layout.addLayout(buttons)
-        layout.addWidget(training_box)
+        layout.addWidget(self._training_box())
         layout.addWidget(self.runner)
         layout.addWidget(self.status)
         layout.addStretch(1)
-
         self.ct_combo.currentIndexChanged.connect(self._default_case_id)
         napari_viewer.layers.events.inserted.connect(self._on_inserted)
         napari_viewer.layers.events.removed.connect(self._on_removed)
         for layer in labels_layers(napari_viewer):
             self._remember(layer)
         self._default_case_id()
+
+    def _training_box(self) -> QGroupBox:
+        folder_field, self.folder_edit = path_field("d", "training data folder")
+        self.folder_edit.textChanged.connect(self._folder_changed)
+        self.case_edit = QLineEdit()
+        self.case_edit.setPlaceholderText("case id (default: CT name)")
+        self.lung_combo = LayerCombo(self.viewer, labels_layers, allow_none=True, prefer=class_mask_score("lung"))
+        self.infection_combo = LayerCombo(self.viewer, labels_layers, allow_none=True,
+                                          prefer=class_mask_score("infection"))
+        self.add_button = QPushButton("Add to training folder")
+        self.add_button.setToolTip("Write images/<case>, lung/<case>, infection/<case> (.nii.gz)")
+        self.add_button.clicked.connect(self.add_to_training_folder)
+        box = QGroupBox("Add to training folder")
+        column = QVBoxLayout(box)
+        column.addLayout(form_layout([("Folder", folder_field), ("Case id", self.case_edit),
+                                      ("Lung mask", self.lung_combo), ("Infection mask", self.infection_combo)]))
+        column.addWidget(self.add_button)
+        return box
+
+    def _folder_changed(self, text: str) -> None:
+        """The full path as tooltip (the field may cut it) and how many cases the folder holds."""
+        self.folder_edit.setToolTip(text)
+        if text and Path(text).is_dir():
+            n = len(list_cases(text))
+            self.status.setText(f"{text} holds {n} case{'s' if n != 1 else ''}.")
 
     # --- original copies for "Revert edits" ---------------------------------------------------
     # A copy of every Labels layer is taken when it appears and again whenever its whole array
@@ -179,6 +183,8 @@ class SaveWidget(QWidget):
         if layer in labels_layers(self.viewer) and id(layer) not in self._originals:
             self._originals[id(layer)] = _compact(layer.data)
             layer.events.data.connect(self._on_data_replaced)
+            if "covidseg_computed_checksum" not in layer.metadata:
+                watch_edits(layer)  # masks from files can be corrected too
 
     def _on_data_replaced(self, event):
         layer = getattr(event, "source", None)
@@ -205,19 +211,20 @@ class SaveWidget(QWidget):
             layer.data = original.astype(layer.data.dtype)
         finally:
             self._reverting = False
+        mark_computed(layer)
         self.status.setText(f"'{layer.name}' is back to how it was when it appeared.")
 
     # --- save -------------------------------------------------------------------------------
     def _default_case_id(self, *_):
         ct = self.ct_combo.current_layer()
         if ct is not None and not self.case_edit.isModified():
-            self.case_edit.setText(case_id_from_name(ct.name))
+            self.case_edit.setText(case_of(ct))
 
     def _start_folder(self) -> Path:
         ct = self.ct_combo.current_layer()
         for path in source_paths(ct):
             if Path(path).parent.is_dir():
-                return Path(path).parent
+                return default_folder(path)
         return Path.cwd()
 
     def _prepare_save(self, path):
@@ -225,7 +232,7 @@ class SaveWidget(QWidget):
         mask, ct = self.mask_combo.current_layer(), self.ct_combo.current_layer()
         if mask is None or ct is None:
             raise InputError("Choose the mask (Labels layer) to save and the CT it belongs to.")
-        path = _with_nifti_suffix(path)
+        path = _with_mask_suffix(path, mask_suffix_for(ct))
         for source in source_paths(ct):
             if _same_file(path, source):
                 raise InputError(
@@ -239,22 +246,34 @@ class SaveWidget(QWidget):
 
         Never writes over the file the CT was read from, even with ``overwrite``.
         """
-        from ..io.nifti import save_volume
-
         path, array, geometry = self._prepare_save(path)
-        return save_volume(path, array, geometry, overwrite=overwrite)
+        return run_save(path, array, geometry, overwrite)
 
     def busy(self) -> bool:
         return self.runner.is_running()
 
-    def save_dialog(self):
-        mask = self.mask_combo.current_layer()
+    def suggested_path(self) -> Path:
+        """Where the dialog opens: ``<case>_<class>_corrected`` next to the CT, outside a training folder.
+
+        Raises :class:`InputError` (before any dialog) when nothing can be saved."""
+        self.mask_combo.repick()  # the mask edited since the list was made, unless the user chose
+        mask, ct = self.mask_combo.current_layer(), self.ct_combo.current_layer()
         if mask is None:
-            notify_error("Choose the mask (Labels layer) to save.")
+            raise InputError("There is no mask to save: run Segment, or open a mask (File > Open).")
+        if ct is None:
+            raise InputError("Open the CT this mask belongs to: the mask is saved with the CT's geometry.")
+        ct_geometry(ct, mask.data.shape)
+        return free_path(self._start_folder() / default_name(ct, mask, mask_suffix_for(ct)))
+
+    def save_dialog(self):
+        try:
+            suggested = self.suggested_path()
+        except CovidsegError as error:
+            notify_error(error)
+            self.status.setText(str(error))
             return
-        suggested = free_path(self._start_folder() / f"{case_id_from_name(mask.name)}.nii.gz")
         path, _ = QFileDialog.getSaveFileName(
-            self, "Save mask as NIfTI", str(suggested), "NIfTI (*.nii.gz *.nii)", options=QFileDialog.DontConfirmOverwrite
+            self, "Save mask", str(suggested), "Masks (*.nii.gz *.nii *.nrrd *.mha)", options=QFileDialog.DontConfirmOverwrite
         )
         if path:
             self.save_to(path)
@@ -264,7 +283,6 @@ class SaveWidget(QWidget):
 
         Returns the worker, or None when nothing is started (declined, or a clear error shown).
         """
-        path = _with_nifti_suffix(path)
         try:
             path, array, geometry = self._prepare_save(path)
         except CovidsegError as error:
@@ -283,19 +301,16 @@ class SaveWidget(QWidget):
         return self.runner.start(run_save, path, np.array(array, copy=True), geometry, overwrite, status=f"Saving {path.name}...")
 
     # --- training folder --------------------------------------------------------------------
-    def choose_folder(self):
-        folder = QFileDialog.getExistingDirectory(self, "Training data folder", self.folder_edit.text() or str(Path.cwd()))
-        if folder:
-            self.folder_edit.setText(folder)
-            n = len(list_cases(folder))
-            self.status.setText(f"{folder} holds {n} case{'s' if n != 1 else ''}.")
-
     def add_to_training_folder(self):
-        """Write the CT and the chosen masks as a new case in a worker; never replaces a case."""
+        """Write the CT and the chosen masks as a new case in a worker; never replaces a case.
+
+        Unless chosen by hand, the masks are the corrected ones of each class (edited first)."""
+        self.lung_combo.repick()
+        self.infection_combo.repick()
         ct = self.ct_combo.current_layer()
         lung, infection = self.lung_combo.current_layer(), self.infection_combo.current_layer()
         folder = self.folder_edit.text().strip()
-        case_id = self.case_edit.text().strip() or (case_id_from_name(ct.name) if ct is not None else "")
+        case_id = self.case_edit.text().strip() or (case_of(ct) if ct is not None else "")
         try:
             if ct is None:
                 raise InputError("Choose the CT (Image layer) of the case.")

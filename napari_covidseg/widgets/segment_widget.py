@@ -1,5 +1,11 @@
 """Segment dock widget: run one network on the chosen CT and add its lung and infection masks.
 
+The chosen weights' model card (what they were trained on, what they read, their held-out
+figures, "not validated on patient CT" where true) sits under the weights; every result is
+checked for plausibility (:mod:`result_checks`) and what is wrong is shown in the widget, and the
+optional clean-ups (lung inside the body, largest lung components, smallest lesion) run in the
+worker with the network.
+
 The work (loading the checkpoint, running the network slice by slice or patch by patch) happens
 in a worker thread, so the viewer stays usable; the progress bar counts batches of slices (2D
 networks) or patches (3D networks) and Cancel stops between two of them.  Results land as
@@ -10,7 +16,6 @@ running again replaces those layers' data rather than stacking duplicates.
 
 from __future__ import annotations
 
-import textwrap
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -22,9 +27,9 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
     QLabel,
     QPushButton,
-    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
@@ -41,7 +46,9 @@ from .common import (
     add_image_like,
     add_labels_like,
     check_weights_read,
-    device_choices,
+    DeviceCombo,
+    compact_combo,
+    form_layout,
     format_seconds,
     image_layers,
     layer_domain,
@@ -52,12 +59,14 @@ from .common import (
     notify_warning,
     volume_of,
 )
+from .edits import EDITED_KEY, is_edited, watch_edits  # noqa: F401 (EDITED_KEY: part of this module's API)
+from .model_card_view import WARNING_STYLE, ModelCardView
+from .result_checks import PostProcessing, body_mask, check_result, postprocess
 from .weights_combo import WeightsCombo
 
 CLASS_COLORS = {"lung": LUNG_COLOR, "infection": INFECTION_COLOR}
-# set in a result layer's metadata once the user paints, fills or erases in it
-EDITED_KEY = "covidseg_edited"
-INFO_WIDTH = 52  # characters per line of the weights summary
+#: the smallest lesion the clean-up keeps by default, in mL (where the spacing is real)
+DEFAULT_MIN_LESION_ML = 0.1
 
 
 def mask_layer_name(network: str, cls: str) -> str:
@@ -80,15 +89,17 @@ class RunRequest:
     threshold: float
     domain: str = HU
     spacing_known: bool = True
+    cleanup: PostProcessing = PostProcessing()
 
 
 @dataclass
 class RunOutcome:
     request: RunRequest
-    result: object  # inference.SegmentationResult
+    result: object  # inference.SegmentationResult (lung and infection after the clean-up)
     device_used: str
     seconds: float
     n_slices: int
+    findings: tuple = ()  # result_checks.Finding, what is implausible about the result
 
 
 def run_segmentation(request: RunRequest, progress=None, should_cancel=None) -> RunOutcome:
@@ -101,8 +112,18 @@ def run_segmentation(request: RunRequest, progress=None, should_cancel=None) -> 
     loaded = load_checkpoint(request.weights_path, expected_network=request.network, map_location="cpu")
     result = segment_volume(loaded, request.ct, request.spacing, threshold=request.threshold, device=device,
                             progress=progress, should_cancel=should_cancel, domain=request.domain)
+    findings = check_and_clean(result, request)
     return RunOutcome(request=request, result=result, device_used=describe_device(device),
-                      seconds=time.perf_counter() - t0, n_slices=int(request.ct.shape[0]))
+                      seconds=time.perf_counter() - t0, n_slices=int(request.ct.shape[0]), findings=tuple(findings))
+
+
+def check_and_clean(result, request: RunRequest) -> list:
+    """Apply the clean-up to ``result``'s masks (in place), then check them (worker thread)."""
+    body = body_mask(request.ct, request.domain)
+    if request.cleanup.active:
+        result.lung, result.infection = postprocess(result.lung, result.infection, body, request.cleanup,
+                                                    request.spacing, request.spacing_known)
+    return check_result(result.lung, result.infection, body, request.spacing, request.spacing_known)
 
 
 def describe_device(device) -> str:
@@ -151,42 +172,26 @@ class SegmentWidget(QWidget):
 
         self.ct_combo = LayerComboBox(napari_viewer, image_layers)
         self.ct_combo.setToolTip("The chest CT to segment (Image layer: a CT in HU or an 8-bit display image)")
-
-        self.network_combo = QComboBox()
+        self.network_combo = compact_combo(QComboBox())
         for name in network_names():
             spec = get_network(name)
             self.network_combo.addItem(spec.title, name)
             self.network_combo.setItemData(self.network_combo.count() - 1,
                                            f"{spec.name}: {spec.dims}D network\n{spec.paper}", Qt.ToolTipRole)
         self.network_combo.currentIndexChanged.connect(self._network_changed)
-
         self.weights = WeightsCombo(self.network)
         self.weights.changed.connect(self._weights_changed)
         self.weights.other_network.connect(self._switch_to_checkpoint)
-        self.weights_info = QLabel()
-        # no word wrap (it leaves stray gaps in a form layout): lines are wrapped by hand, and the
-        # label never widens the dock (the tooltip holds the whole description)
-        self.weights_info.setWordWrap(False)
-        self.weights_info.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
-        self.weights_info.setStyleSheet("color: gray;")
-        self.weights_info.setAlignment(Qt.AlignTop | Qt.AlignLeft)
-        self.weights_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
-
-        self.device_combo = QComboBox()
-        for label, value in device_choices():
-            self.device_combo.addItem(label, value)
-        self.device_combo.setToolTip("Where the network runs; Auto uses the first GPU when there is one")
-
+        self.card = self.weights_info = ModelCardView()
+        self.device_combo = DeviceCombo()
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setRange(0.01, 0.99)
         self.threshold_spin.setSingleStep(0.05)
         self.threshold_spin.setDecimals(2)
         self.threshold_spin.setValue(0.5)
         self.threshold_spin.setToolTip("A voxel belongs to a mask when its probability is above this")
-
         self.probability_check = QCheckBox("Add probability maps")
         self.probability_check.setToolTip("Also add the lung and infection probabilities (0..1) as image layers")
-
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("Segment the CT with the chosen network")
         self.run_button.clicked.connect(self.run)
@@ -194,23 +199,55 @@ class SegmentWidget(QWidget):
         self.runner.succeeded.connect(self._on_success)
         self.runner.finished.connect(self._update_buttons)
         self.runner.started.connect(self._update_buttons)
-
-        form = QFormLayout()
-        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        form.addRow("CT:", self.ct_combo)
-        form.addRow("Network:", self.network_combo)
-        form.addRow("Weights:", self.weights)
-        form.addRow("", self.weights_info)
-        form.addRow("Device:", self.device_combo)
-        form.addRow("Threshold:", self.threshold_spin)
-        form.addRow("", self.probability_check)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.run_button)
-        layout.addWidget(self.runner)
-        layout.addStretch(1)
+        self.runner.cancelled.connect(self._on_cancelled)
+        self._closed_ct = None  # name of the CT closed while it was segmented
+        self.findings_label = QLabel()
+        self.findings_label.setWordWrap(True)
+        self.findings_label.setStyleSheet(WARNING_STYLE)
+        self.findings_label.setVisible(False)
+        self._lay_out()
+        napari_viewer.layers.events.removed.connect(self._on_layer_removed)
         self._weights_changed()
         self._update_buttons()
+
+    def _lay_out(self):
+        top = form_layout([("CT:", self.ct_combo), ("Network:", self.network_combo), ("Weights:", self.weights)])
+        bottom = form_layout([("Device:", self.device_combo), ("Threshold:", self.threshold_spin),
+                              ("", self.probability_check)])
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addWidget(self.card)
+        layout.addLayout(bottom)
+        layout.addWidget(self._cleanup_box())
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.runner)
+        layout.addWidget(self.findings_label)
+        layout.addStretch(1)
+
+    def _cleanup_box(self) -> QGroupBox:
+        box = QGroupBox("Clean-up (optional)")
+        box.setToolTip("Applied to the masks after the network; see the README (Segment) for what each does")
+        self.body_check = QCheckBox("Keep lung inside the body")
+        self.body_check.setToolTip("Remove lung voxels outside the patient (body: denser than air, largest component)")
+        self.components_check = QCheckBox("Keep the largest lung components")
+        self.components_check.setToolTip("Keep the two lungs (largest 3D components), drop specks elsewhere")
+        self.min_lesion_spin = QDoubleSpinBox()
+        self.min_lesion_spin.setRange(0.0, 100.0)
+        self.min_lesion_spin.setDecimals(2)
+        self.min_lesion_spin.setSingleStep(0.05)
+        self.min_lesion_spin.setSuffix(" mL")
+        self.min_lesion_spin.setSpecialValueText("keep all")
+        self.min_lesion_spin.setToolTip("Remove infection components smaller than this (0: keep all). Where the voxel "
+                                        "size is a placeholder, 1 mL means 1000 voxels.")
+        form = QFormLayout(box)
+        form.addRow(self.body_check)
+        form.addRow(self.components_check)
+        form.addRow("Smallest lesion:", self.min_lesion_spin)
+        return box
+
+    def cleanup_options(self) -> PostProcessing:
+        return PostProcessing(lung_in_body=self.body_check.isChecked(), lung_components=self.components_check.isChecked(),
+                              min_lesion_ml=float(self.min_lesion_spin.value()))
 
     # --- choices -------------------------------------------------------------------------------
     @property
@@ -223,11 +260,7 @@ class SegmentWidget(QWidget):
             self.network_combo.setCurrentIndex(index)
 
     def set_device(self, value: str) -> None:
-        index = self.device_combo.findData(value)
-        if index < 0:  # e.g. "cuda" on a machine without GPUs: keep it so the run says why it fails
-            self.device_combo.addItem(value, value)
-            index = self.device_combo.count() - 1
-        self.device_combo.setCurrentIndex(index)
+        self.device_combo.set_device(value)
 
     def _network_changed(self, *_):
         self.weights.set_network(self.network)
@@ -238,16 +271,7 @@ class SegmentWidget(QWidget):
         self.weights.select_path(entry.path)
 
     def _weights_changed(self, *_):
-        entry = self.weights.current_entry()
-        if entry is None:
-            self.weights_info.setText(textwrap.fill(
-                "No weights for this network: train it (Train widget) or Browse... to a checkpoint.", INFO_WIDTH))
-            self.weights_info.setToolTip("")
-        else:
-            lines = entry.description.splitlines()
-            shown = lines[2:5] if len(lines) > 2 else lines  # data, domains, held-out figures
-            self.weights_info.setText("\n".join(textwrap.fill(line, INFO_WIDTH) for line in shown))
-            self.weights_info.setToolTip(entry.description)
+        self.card.show_entry(self.weights.current_entry())
         self._update_buttons()
 
     def _update_buttons(self, *_):
@@ -270,14 +294,14 @@ class SegmentWidget(QWidget):
             )
         from ..inference import resolve_device
 
-        device = self.device_combo.currentData() or "auto"
+        device = self.device_combo.device()
         resolve_device(device)  # fail now, in the GUI thread, with the reason
         domain = layer_domain(layer)
         check_weights_read(self.weights.current_entry(), domain, self.network)
         self._ct_layer = layer
         return RunRequest(ct=ct, spacing=layer_spacing(layer), network=self.network, weights_path=path,
                           device=device, threshold=float(self.threshold_spin.value()), domain=domain,
-                          spacing_known=layer_spacing_known(layer))
+                          spacing_known=layer_spacing_known(layer), cleanup=self.cleanup_options())
 
     def run(self):
         if self.runner.is_running():
@@ -291,40 +315,60 @@ class SegmentWidget(QWidget):
         warning = check_hounsfield(request.ct, self._ct_layer.name) if request.domain == HU else None
         if warning:
             notify_warning(warning)
+        self.findings_label.setVisible(False)
+        self._closed_ct = None
         return self.runner.start(run_segmentation, request,
                                  status=f"Segmenting '{self._ct_layer.name}' with {request.network}...")
 
     def cancel(self):
         self.runner.cancel()
 
+    def _on_layer_removed(self, event):
+        """The CT of a running segmentation was closed: stop, and drop the result when it comes."""
+        if event.value is self._ct_layer and self.runner.is_running():
+            self._closed_ct = event.value.name
+            self.runner.cancel()
+
+    def _on_cancelled(self):
+        if self._closed_ct is not None:
+            self.runner.set_status(f"'{self._closed_ct}' was closed while it was segmented: the run was stopped "
+                                   "and nothing was added.")
+
     def _on_success(self, outcome: RunOutcome):
+        if self._ct_layer is None or self._ct_layer not in self.viewer.layers:
+            # adding layers on the grid of a CT that napari has already torn down can crash it
+            self.runner.set_status("The CT was closed while it was segmented; the result was dropped.")
+            return
         self.last_outcome = outcome
         self.add_result_layers(outcome)
+        cleanup = outcome.request.cleanup
         self.runner.set_status(
             f"{outcome.request.network}: {outcome.n_slices} slices in {format_seconds(outcome.seconds)} on {outcome.device_used}.\n"
-            + result_sizes(outcome))
+            + result_sizes(outcome) + (f"\nClean-up: {cleanup.describe()}." if cleanup.active else ""))
+        self.show_findings(outcome.findings)
+
+    def show_findings(self, findings) -> None:
+        """Warnings in the widget (and as a notification); notes in the widget only."""
+        self.findings_label.setText("\n".join(("\u26a0 " if f.level == "warning" else "") + f.text for f in findings))
+        self.findings_label.setVisible(bool(findings))
+        warnings = [f.text for f in findings if f.level == "warning"]
+        if warnings:
+            notify_warning("Check this result: " + " ".join(warnings))
 
     def _free_name(self, base: str) -> str:
         """``base`` unless that layer holds hand edits; then the first ``base (k)`` that is free or
         unedited, so re-running never overwrites a corrected mask."""
         candidates = [base] + [f"{base} ({k})" for k in range(2, 1000)]
         for name in candidates:
-            if name not in self.viewer.layers or not self.viewer.layers[name].metadata.get(EDITED_KEY):
+            if name not in self.viewer.layers or not is_edited(self.viewer.layers[name]):
                 return name
         return base  # pragma: no cover
-
-    @staticmethod
-    def _watch_edits(layer) -> None:
-        layer.metadata[EDITED_KEY] = False
-        if not layer.metadata.get("_covidseg_watched"):
-            layer.metadata["_covidseg_watched"] = True
-            layer.events.paint.connect(lambda event, layer=layer: layer.metadata.__setitem__(EDITED_KEY, True))
 
     def add_result_layers(self, outcome: RunOutcome):
         """Add or refresh ``<net> lung``/``<net> infection`` (and the probability maps if asked).
 
-        A result layer the user has edited (paint, fill, erase) is kept: the new result goes to
-        ``<net> lung (2)`` and a notification says so.
+        A result layer the user has edited (paint, fill, erase; not undone) is kept: the new
+        result goes to ``<net> lung (2)`` and a notification says so.
         """
         ref = self._ct_layer
         network = outcome.request.network
@@ -337,8 +381,8 @@ class SegmentWidget(QWidget):
                 notify_info(f"'{base}' has your edits, so it was kept; the new result is '{name}'.")
             layer = add_labels_like(self.viewer, mask, name, ref, color=CLASS_COLORS[cls], opacity=MASK_OPACITY)
             layer.metadata["covidseg_source"] = {"network": network, "weights": outcome.request.weights_path,
-                                                 "threshold": outcome.request.threshold}
-            self._watch_edits(layer)
+                                                 "threshold": outcome.request.threshold, "class": cls}
+            watch_edits(layer)
             layers.append(layer)
         if self.probability_check.isChecked():
             for channel, cls in enumerate(("lung", "infection")):

@@ -9,7 +9,7 @@ widget's layers are put on top in the order of the networks, and every other lay
 while the grid is on (hidden layers take no tile); "Leave grid mode" removes the widget's layers
 and restores the visibility and grid settings that were there before.
 
-With a ground-truth layer, the first tile shows the ground truth (green) and every network tile
+With a ground-truth layer, the first tile shows the ground truth (in its reference colour) and every network tile
 is named with its Dice; the table lists Dice, IoU, sensitivity, specificity, precision, HD95 and
 run time per network (all from :mod:`napari_covidseg.metrics`, as in the Compare widget).
 """
@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -52,7 +51,8 @@ from .common import (
     TaskRunner,
     add_labels_like,
     check_weights_read,
-    device_choices,
+    DeviceCombo,
+    form_layout,
     format_seconds,
     image_layers,
     labels_layers,
@@ -60,24 +60,26 @@ from .common import (
     layer_spacing,
     layer_spacing_known,
     notify_error,
+    short_title,
     volume_of,
 )
+from .layer_style import reference_color
+from .save_defaults import reference_score
 from .weights_combo import WeightsCombo
 
 CLASSES = ("infection", "lung")
 CLASS_COLORS = {"lung": LUNG_COLOR, "infection": INFECTION_COLOR}
-GT_COLOR = (0.15, 0.85, 0.25, 1.0)
 TILE_OPACITY = 0.6
-# (header, metric key, header tooltip): short headers keep the table readable in a narrow dock
-TABLE_COLUMNS = [
-    ("Network", None, "Network (hover a name for its weights file)"),
-    ("Dice", "dice", "Dice similarity coefficient"),
-    ("IoU", "iou", "Intersection over union (Jaccard)"),
-    ("Sens.", "sensitivity", "Sensitivity (recall): fraction of the ground truth found"),
-    ("Spec.", "specificity", "Specificity: fraction of the background left out"),
-    ("Prec.", "precision", "Precision: fraction of the prediction that is right"),
-    ("HD95 mm", "hd95_mm", "95th percentile Hausdorff distance in mm (— when a mask is empty)"),
-    ("Time s", "seconds", "Time to load the weights and segment the CT, in seconds"),
+# (row label, metric key, tooltip, higher is better): one row per metric and one column per
+# network, so five networks fit a narrow dock; the best value of each row is bold
+TABLE_ROWS = [
+    ("Dice", "dice", "Dice similarity coefficient", True),
+    ("IoU", "iou", "Intersection over union (Jaccard)", True),
+    ("Sensitivity", "sensitivity", "Fraction of the ground truth found (recall)", True),
+    ("Specificity", "specificity", "Fraction of the background left out", True),
+    ("Precision", "precision", "Fraction of the prediction that is right", True),
+    ("HD95 (mm)", "hd95_mm", "95th percentile Hausdorff distance (— when a mask is empty)", False),
+    ("Time (s)", "seconds", "Time to load the weights and segment the CT", False),
 ]
 SIDE_BY_SIDE_KEY = "covidseg_side_by_side"
 
@@ -139,13 +141,32 @@ def run_networks(jobs: List[Job], ct: np.ndarray, spacing, cls: str, gt: Optiona
     return results
 
 
-def format_metric(value) -> str:
+def format_metric(value, key: str = "dice") -> str:
+    """3 decimals for ratios, 0.1 for HD95 (mm or px) and seconds, "—" when undefined."""
     if value is None:
         return "—"
     value = float(value)
     if not math.isfinite(value):
         return "—"
-    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return f"{value:.1f}" if key in ("hd95_mm", "seconds") else f"{value:.3f}"
+
+
+def result_value(result: "NetworkResult", key: str) -> Optional[float]:
+    return result.seconds if key == "seconds" else (result.metrics or {}).get(key)
+
+
+def default_networks(weights: Dict[str, "WeightsCombo"]) -> List[str]:
+    """What is ticked at first: the U-Net baseline and the network whose weights report the best
+    infection Dice (held-out test, else validation): two runs, not five."""
+    from ..weights_catalog import best_infection_dice
+
+    available = [name for name, combo in weights.items() if combo.current_path()]
+    picks = [name for name in available if name == "unet"]
+    scored = [(best_infection_dice(weights[name].current_entry().info), name) for name in available if name not in picks]
+    scored = [(dice, name) for dice, name in scored if dice is not None] or [(0.0, n) for _, n in scored[:1]]
+    if scored:
+        picks.append(max(scored)[1])
+    return picks
 
 
 def tile_name(result: NetworkResult, cls: str) -> str:
@@ -173,43 +194,19 @@ class SideBySideWidget(QWidget):
         for cls in CLASSES:
             self.class_combo.addItem(cls.capitalize(), cls)
         self.class_combo.setToolTip("Which mask of each network to compare")
-        self.infection_gt_combo = LayerComboBox(
-            napari_viewer, labels_layers, allow_none=True,
-            prefer=lambda l: "infection" in l.name.lower() and ("gt" in l.name.lower() or "truth" in l.name.lower()))
-        self.lung_gt_combo = LayerComboBox(
-            napari_viewer, labels_layers, allow_none=True,
-            prefer=lambda l: "lung" in l.name.lower() and ("gt" in l.name.lower() or "truth" in l.name.lower()))
+        self.infection_gt_combo = LayerComboBox(napari_viewer, labels_layers, allow_none=True,
+                                                prefer=reference_score("infection"))
+        self.lung_gt_combo = LayerComboBox(napari_viewer, labels_layers, allow_none=True, prefer=reference_score("lung"))
         for combo in (self.infection_gt_combo, self.lung_gt_combo):
             combo.setToolTip("Optional ground truth: with it each tile shows its Dice and the table all metrics")
 
-        self.device_combo = QComboBox()
-        for label, value in device_choices():
-            self.device_combo.addItem(label, value)
+        self.device_combo = DeviceCombo()
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setRange(0.01, 0.99)
         self.threshold_spin.setSingleStep(0.05)
         self.threshold_spin.setValue(0.5)
 
-        # one row per registered network: [x] title | weights
-        self.network_checks: Dict[str, QCheckBox] = {}
-        self.network_weights: Dict[str, WeightsCombo] = {}
-        networks_box = QGroupBox("Networks")
-        grid = QGridLayout(networks_box)
-        for row, name in enumerate(network_names()):
-            spec = get_network(name)
-            check = QCheckBox(spec.title)
-            check.setToolTip(f"{name} ({spec.dims}D)\n{spec.paper}")
-            weights = WeightsCombo(name, browse=False)
-            check.setChecked(weights.current_path() is not None)
-            self.network_checks[name] = check
-            self.network_weights[name] = weights
-            grid.addWidget(check, row, 0)
-            grid.addWidget(weights, row, 1)
-        grid.setColumnStretch(1, 1)
-        self.add_checkpoint_button = QPushButton("Add checkpoint...")
-        self.add_checkpoint_button.setToolTip("Use a checkpoint file (.pt); it is selected in its network's row")
-        self.add_checkpoint_button.clicked.connect(self._browse_checkpoint)
-        grid.addWidget(self.add_checkpoint_button, len(self.network_checks), 1, Qt.AlignRight)
+        networks_box = self._networks_box()
 
         self.run_button = QPushButton("Run selected networks")
         self.run_button.clicked.connect(self.run)
@@ -218,30 +215,16 @@ class SideBySideWidget(QWidget):
         self.runner.started.connect(self._update_buttons)
         self.runner.finished.connect(self._update_buttons)
 
-        self.table = QTableWidget(0, len(TABLE_COLUMNS))
-        self.table.setHorizontalHeaderLabels([c[0] for c in TABLE_COLUMNS])
-        for column, (_, _, tip) in enumerate(TABLE_COLUMNS):
-            self.table.horizontalHeaderItem(column).setToolTip(tip)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
-        self.table.setMinimumHeight(120)
-        self.table.setToolTip("Metrics of the chosen class against the ground truth, one row per network")
+        self.table = self._make_table()
         self.export_button = QPushButton("Export CSV...")
         self.export_button.clicked.connect(self._export_clicked)
         self.clear_button = QPushButton("Leave grid mode")
         self.clear_button.setToolTip("Remove the side-by-side layers and restore the viewer as it was")
         self.clear_button.clicked.connect(self.clear)
 
-        form = QFormLayout()
-        form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        form.addRow("CT:", self.ct_combo)
-        form.addRow("Compare:", self.class_combo)
-        form.addRow("Infection GT:", self.infection_gt_combo)
-        form.addRow("Lung GT:", self.lung_gt_combo)
-        form.addRow("Device:", self.device_combo)
-        form.addRow("Threshold:", self.threshold_spin)
+        form = form_layout([("CT:", self.ct_combo), ("Compare:", self.class_combo),
+                            ("Infection GT:", self.infection_gt_combo), ("Lung GT:", self.lung_gt_combo),
+                            ("Device:", self.device_combo), ("Threshold:", self.threshold_spin)])
         buttons = QHBoxLayout()
         buttons.addWidget(self.export_button)
         buttons.addWidget(self.clear_button)
@@ -251,9 +234,33 @@ class SideBySideWidget(QWidget):
         layout.addWidget(self.run_button)
         layout.addWidget(self.runner)
         layout.addWidget(QLabel("Results:"))
-        layout.addWidget(self.table, 1)
+        layout.addWidget(self.table)
         layout.addLayout(buttons)
+        layout.addStretch(1)
         self._update_buttons()
+
+    def _networks_box(self) -> QGroupBox:
+        """One row per registered network: [x] title | weights; "Add checkpoint..." below."""
+        self.network_checks: Dict[str, QCheckBox] = {}
+        self.network_weights: Dict[str, WeightsCombo] = {}
+        networks_box = QGroupBox("Networks")
+        grid = QGridLayout(networks_box)
+        for row, name in enumerate(network_names()):
+            spec = get_network(name)
+            check = QCheckBox(short_title(spec))
+            check.setToolTip(f"{spec.title}: {name} ({spec.dims}D)\n{spec.paper}")
+            weights = WeightsCombo(name, browse=False)
+            self.network_checks[name] = check
+            self.network_weights[name] = weights
+            grid.addWidget(check, row, 0)
+            grid.addWidget(weights, row, 1)
+        grid.setColumnStretch(1, 1)
+        self.set_networks(default_networks(self.network_weights))
+        self.add_checkpoint_button = QPushButton("Add checkpoint...")
+        self.add_checkpoint_button.setToolTip("Use a checkpoint file (.pt); it is selected in its network's row")
+        self.add_checkpoint_button.clicked.connect(self._browse_checkpoint)
+        grid.addWidget(self.add_checkpoint_button, len(self.network_checks), 1, Qt.AlignRight)
+        return networks_box
 
     # --- choices -------------------------------------------------------------------------------
     def set_networks(self, names) -> None:
@@ -264,11 +271,7 @@ class SideBySideWidget(QWidget):
         self.class_combo.setCurrentIndex(self.class_combo.findData(cls))
 
     def set_device(self, value: str) -> None:
-        index = self.device_combo.findData(value)
-        if index < 0:
-            self.device_combo.addItem(value, value)
-            index = self.device_combo.count() - 1
-        self.device_combo.setCurrentIndex(index)
+        self.device_combo.set_device(value)
 
     def _browse_checkpoint(self):
         path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.pt *.pth);;All files (*)")
@@ -338,7 +341,7 @@ class SideBySideWidget(QWidget):
                     )
             from ..inference import resolve_device
 
-            device = self.device_combo.currentData() or "auto"
+            device = self.device_combo.device()
             resolve_device(device)
         except InputError as exc:
             notify_error(exc)
@@ -406,7 +409,8 @@ class SideBySideWidget(QWidget):
             gt_name = f"ground truth ({self.class_name})"
             pairs.append((self._ct_copy(ref, f"CT · {gt_name}"),
                           # a copy: a stray brush stroke in the tile must not change the real ground truth
-                          self._mask_layer(np.array(self._gt_layer.data, copy=True), gt_name, GT_COLOR)))
+                          self._mask_layer(np.array(self._gt_layer.data, copy=True), gt_name,
+                                           reference_color(self.class_name))))
         for result in results:
             pairs.append((self._ct_copy(ref, f"CT · {result.network}"),
                           self._mask_layer(result.mask, tile_name(result, self.class_name), CLASS_COLORS[self.class_name])))
@@ -445,43 +449,68 @@ class SideBySideWidget(QWidget):
         self._update_buttons()
 
     # --- table ---------------------------------------------------------------------------------
-    def table_rows(self) -> List[List[str]]:
-        rows = []
-        for result in self.results:
-            row = [result.network]
-            for _, key, _ in TABLE_COLUMNS[1:]:
-                if key == "seconds":
-                    row.append(f"{result.seconds:.2f}")
-                else:
-                    row.append(format_metric((result.metrics or {}).get(key)))
-            rows.append(row)
-        return rows
+    def _make_table(self) -> QTableWidget:
+        table = QTableWidget(len(TABLE_ROWS), 0)
+        table.setVerticalHeaderLabels([row[0] for row in TABLE_ROWS])
+        for r, (_, _, tip, _) in enumerate(TABLE_ROWS):
+            table.verticalHeaderItem(r).setToolTip(tip)
+        table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        table.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+        table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
+        table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        table.setToolTip("Metrics of the chosen class against the ground truth, one column per network; "
+                         "the best of each row in bold")
+        self._fit_table_height(table)
+        return table
+
+    @staticmethod
+    def _fit_table_height(table) -> None:
+        """Every row visible without a scroll bar (the header may hold two lines)."""
+        header = max(table.horizontalHeader().sizeHint().height(), table.fontMetrics().height() + 8)
+        table.setFixedHeight(header + table.verticalHeader().length() + 2 * table.frameWidth() + 2)
+
+    def cell(self, key: str, network: str) -> str:
+        """The table text of metric ``key`` for ``network`` (tests, scripting)."""
+        row = [r[1] for r in TABLE_ROWS].index(key)
+        column = [r.network for r in self.results].index(network)
+        return self.table.item(row, column).text()
 
     def fill_table(self, results):
-        hd95 = [c[1] for c in TABLE_COLUMNS].index("hd95_mm")
+        from qtpy.QtGui import QFont
+
         known = self._ct_layer is None or layer_spacing_known(self._ct_layer)
-        self.table.horizontalHeaderItem(hd95).setText("HD95 mm" if known else "HD95 px")
-        rows = self.table_rows()
-        self.table.setRowCount(len(rows))
-        for r, (row, result) in enumerate(zip(rows, results)):
-            for c, text in enumerate(row):
-                item = QTableWidgetItem(text if c else result.title)
-                if c:
-                    item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
-                else:
-                    item.setToolTip(f"{result.network}\n{result.weights_path}")
+        hd95 = [r[1] for r in TABLE_ROWS].index("hd95_mm")
+        self.table.verticalHeaderItem(hd95).setText("HD95 (mm)" if known else "HD95 (px)")
+        self.table.setColumnCount(len(results))
+        self.table.setHorizontalHeaderLabels([short_title(get_network(r.network)).replace(" ", "\n") for r in results])
+        for c, result in enumerate(results):
+            self.table.horizontalHeaderItem(c).setToolTip(f"{result.title}\n{result.weights_path}")
+        for r, (_, key, _, higher) in enumerate(TABLE_ROWS):
+            values = [result_value(result, key) for result in results]
+            finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+            best = (max(finite) if higher else min(finite)) if len(finite) > 1 else None
+            for c, value in enumerate(values):
+                item = QTableWidgetItem(format_metric(value, key))
+                item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
+                if best is not None and value is not None and float(value) == best:
+                    font = QFont(item.font())
+                    font.setBold(True)
+                    item.setFont(font)
                 self.table.setItem(r, c, item)
+        self._fit_table_height(self.table)
 
     def export_csv(self, path) -> None:
         """Write the table (raw values, full precision) to ``path``."""
-        keys = [key for _, key, _ in TABLE_COLUMNS[1:]]
+        keys = [key for _, key, _, _ in TABLE_ROWS]
         with open(path, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["network", "class", "weights"] + keys)
             for result in self.results:
                 values = []
                 for key in keys:
-                    value = result.seconds if key == "seconds" else (result.metrics or {}).get(key)
+                    value = result_value(result, key)
                     values.append("" if value is None or not math.isfinite(float(value)) else repr(float(value)))
                 writer.writerow([result.network, self.class_name, result.weights_path] + values)
 

@@ -38,7 +38,7 @@ class WeightsCombo(QWidget):
         self._empty_text = NO_WEIGHTS if browse else NO_WEIGHTS_SHORT
         self.combo = QComboBox()
         self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.combo.setMinimumContentsLength(14 if browse else 10)
+        self.combo.setMinimumContentsLength(8)
         self.combo.currentIndexChanged.connect(self._index_changed)
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)

@@ -1,7 +1,8 @@
 """Dock widget: switch a CT's display window (lung, mediastinum, soft tissue, bone) in one click.
 
 Reading COVID-19 CT needs the lung window for ground-glass opacities and the mediastinum window
-for consolidation and effusion; radiologists think in width/level, not napari's contrast limits,
+for consolidation and effusion; in grid mode (Side by side) a preset changes every tile that
+shows the CT.  Radiologists think in width/level, not napari's contrast limits,
 so the widget shows and accepts W/L and keeps its read-out in step with napari's own contrast
 slider.  For an 8-bit display image (not HU) the buttons are display presets and W/L are grey
 values 0..255, with a line saying so.
@@ -12,7 +13,6 @@ from __future__ import annotations
 from qtpy.QtWidgets import (
     QButtonGroup,
     QDoubleSpinBox,
-    QFormLayout,
     QGridLayout,
     QLabel,
     QPushButton,
@@ -23,9 +23,15 @@ from qtpy.QtWidgets import (
 from ..intensity import DISPLAY8, HU
 from ..io.geometry import GEOMETRY_KEY
 from ..windowing import contrast_limits, matching_preset, presets_for, width_level
-from .common import LayerComboBox, image_layers, layer_domain
+from .common import LayerComboBox, form_layout, image_layers, layer_domain
 
 UNITS = {HU: " HU", DISPLAY8: ""}
+
+
+def same_ct_layers(viewer, layer) -> list:
+    """``layer`` and every image layer showing the same array (the Side-by-side grid tiles share
+    the CT's array), so a preset changes what the user sees in every tile."""
+    return [layer] + [other for other in image_layers(viewer) if other is not layer and other.data is layer.data]
 
 
 def _is_ct(layer) -> bool:
@@ -61,10 +67,7 @@ class WindowWidget(QWidget):
             box.valueChanged.connect(self._apply_boxes)
         self.readout = QLabel()
 
-        form = QFormLayout()
-        form.addRow("CT layer", self.layer_combo)
-        form.addRow("Width", self.width_box)
-        form.addRow("Level", self.level_box)
+        form = form_layout([("CT layer", self.layer_combo), ("Width", self.width_box), ("Level", self.level_box)])
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.domain_note)
@@ -94,10 +97,11 @@ class WindowWidget(QWidget):
             self.readout.setText("Open a CT (File > Open, or the phantom sample) to set its window.")
             return
         low, high = (float(v) for v in limits)
-        range_low, range_high = layer.contrast_limits_range
-        if low < range_low or high > range_high:  # let the slider reach the window too
-            layer.contrast_limits_range = (min(low, range_low), max(high, range_high))
-        layer.contrast_limits = (low, high)
+        for shown in same_ct_layers(self.viewer, layer):  # every grid tile showing this CT
+            range_low, range_high = shown.contrast_limits_range
+            if low < range_low or high > range_high:  # let the slider reach the window too
+                shown.contrast_limits_range = (min(low, range_low), max(high, range_high))
+            shown.contrast_limits = (low, high)
         self._show_limits()
 
     # --- internals ----------------------------------------------------------------------------
