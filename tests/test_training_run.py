@@ -126,3 +126,21 @@ def test_3d_network_trains_on_patches_with_one_target(tmp_path):
     assert loaded.preprocessing.target_spacing == (15.0, 7.5, 7.5) and loaded.preprocessing.normalisation == "zscore"
     epoch = [r for r in _records(out) if r["event"] == "epoch"][0]
     assert epoch["val_dice_mean"] == epoch["val"]["lung"]["dice"]  # only the chosen class counts
+
+
+def test_step_records_show_progress_within_an_epoch(tmp_path, monkeypatch):
+    """The Train widget's within-epoch bar reads these: step s of n, in order, never past n."""
+    import json
+
+    from training import trainer
+    from training.config import build_config
+
+    monkeypatch.setattr(trainer, "STEP_RECORD_SECONDS", 0.0)
+    cfg = build_config(None, network="unet", data="phantom", phantom_cases=2, phantom_shape=[4, 32, 32], out=str(tmp_path),
+                       epochs=1, batch_size=1, input_size=[32, 32], samples_per_epoch=3, network_kwargs={"base": 4})
+    assert trainer.run_training(cfg)[0] == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3] and {r["steps"] for r in steps} == {3}
+    assert all(r["epoch"] == 1 and r["train_loss"] > 0 for r in steps)
+    assert [r["event"] for r in records].index("epoch") > [r["event"] for r in records].index("step")

@@ -59,6 +59,7 @@ from .signals import StopFlag
 from .sources import sampling_shares
 from .splits import make_split, read_split, write_split
 
+STEP_RECORD_SECONDS = 10.0  # how often the training loop writes a within-epoch progress record
 HU_TO_DISPLAY8 = {"recipe": CT_SEG_PNG_RECIPE, "lung_window": LUNG_WINDOW}
 DEFAULT_3D_INPLANE = (128, 128)
 #: files of the output folder written through atomic_path (their temporary files are swept at start)
@@ -539,11 +540,22 @@ class Trainer:
             state["loss"] += float(loss.detach()) * x.shape[0]
             state["samples"] += x.shape[0]
             steps += 1
+            self._report_step(epoch, steps, state)
             if distributed.any_true(self.stop.stopped, self.dist, self.device):
                 stopped = True
                 break
         state["seconds"] += time.time() - t0
         return {**state, "steps": steps, "stopped": stopped}
+
+    def _report_step(self, epoch: int, steps: int, state: dict) -> None:
+        """A ``step`` record at most every ``STEP_RECORD_SECONDS`` (the GUI's within-epoch bar);
+        the epoch records stay the ones that count (a lost step record costs nothing)."""
+        now = time.time()
+        if not self.is_main or now - getattr(self, "_last_step_record", 0.0) < STEP_RECORD_SECONDS:
+            return
+        self._last_step_record = now
+        self.log.record("step", epoch=epoch + 1, epochs=int(self.cfg.epochs), step=steps, steps=self.steps_per_epoch,
+                        train_loss=state["loss"] / max(1, state["samples"]))
 
     def _finish_epoch(self, epoch: int, done: dict, last: Path, best: Path) -> None:
         """Validate, step the schedule, write best.pt (if improved), last.pt, then the log record."""
