@@ -49,9 +49,7 @@ class PreparedCase:
 
     def __init__(self, case: Case, prep: Preprocessing, dims: int, channels: Sequence[int] = (0, 1)):
         image = in_network_domain(case.ct, prep, case.domain)  # may change the in-plane size (HU -> 8-bit)
-        if dims == 2 and prep.inplane_size is not None:
-            grid = tuple(int(v) for v in prep.inplane_size)
-        elif dims == 3 and prep.inplane_size is not None:
+        if prep.inplane_size is not None:  # 2D networks, and 3D networks on 8-bit data: slices resized
             grid = tuple(int(v) for v in prep.inplane_size)
         elif dims == 3 and prep.target_spacing is not None:
             spacing = (case.spacing[0],) + tuple(s * n / m for s, n, m in zip(case.spacing[1:], case.ct.shape[1:], image.shape[1:]))
