@@ -1,0 +1,226 @@
+"""The fast CHS-Net computes what the plain formulation computed (frozen in ``chs_net_reference.py``).
+
+The reference is the code before the CPU speed-up (complex FFT + fftshift spectral pooling,
+3x3 stride-1 max pool, one convolution per branch).  Checked: spectral pooling and the spectral
+low-pass alone for even and odd sizes (outputs and gradients); the whole cascade with random
+weights loaded into both from one ``state_dict`` (strict, so keys and shapes are unchanged) in
+eval mode (sizes padded as the inference pads them) and in train mode (outputs, every
+parameter's gradient, BatchNorm running statistics); and the shipped weights' prediction on a
+phantom.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import chs_net_reference as reference
+from napari_covidseg.checkpoint import load_shipped
+from napari_covidseg.inference import _forward_logits, predict_volume
+from napari_covidseg.models import get_network
+from napari_covidseg.models.chs_net import CHSNet
+from napari_covidseg.models.spectral_pooling import spectral_lowpass2d, spectral_pool2d
+
+SPECTRAL_SIZES = [(16, 12), (7, 10), (10, 7), (31, 45), (37, 53), (64, 64), (1, 5), (2, 2)]
+
+
+def assert_close(new: torch.Tensor, old: torch.Tensor, tol: float = 1e-5, what: str = "") -> None:
+    """``max |new - old| <= tol * max(1, max |old|)``: float rounding, relative to the output scale."""
+    new, old = new.detach(), old.detach()
+    scale = max(1.0, float(old.abs().max()))
+    error = float((new - old).abs().max())
+    assert error <= tol * scale, f"{what}: max error {error:.3g} at scale {scale:.3g}"
+
+
+def _out_sizes(h: int, w: int) -> set:
+    """Output sizes that cover every parity: half (the default), full, odd and even crops, 1x1."""
+    return {(max(1, h // 2), max(1, w // 2)), (h, w), (1, 1), (max(1, h - 1), max(1, w - 3)),
+            (max(1, (h + 1) // 3), w)}
+
+
+@pytest.mark.parametrize("size", SPECTRAL_SIZES)
+def test_spectral_pool_matches_the_complex_fft_crop(size):
+    torch.manual_seed(0)
+    x = torch.randn((2, 3) + size, requires_grad=True)
+    for out_size in _out_sizes(*size):
+        new, old = spectral_pool2d(x, out_size), reference.spectral_pool2d(x, out_size)
+        assert new.shape == old.shape
+        assert_close(new, old, what=f"output {out_size}")
+        weights = torch.randn_like(old)
+        (grad_new,) = torch.autograd.grad((new * weights).sum(), x)
+        (grad_old,) = torch.autograd.grad((old * weights).sum(), x)
+        assert_close(grad_new, grad_old, what=f"gradient {out_size}")
+
+
+@pytest.mark.parametrize("size", SPECTRAL_SIZES)
+@pytest.mark.parametrize("keep", [0.5, 0.3, 0.9, 1.0])
+def test_spectral_lowpass_matches_the_complex_fft_mask(size, keep):
+    torch.manual_seed(0)
+    x = torch.randn((2, 3) + size, requires_grad=True)
+    new, old = spectral_lowpass2d(x, keep), reference.spectral_lowpass2d(x, keep)
+    assert_close(new, old, what="output")
+    weights = torch.randn_like(old)
+    (grad_new,) = torch.autograd.grad((new * weights).sum(), x)
+    (grad_old,) = torch.autograd.grad((old * weights).sum(), x)
+    assert_close(grad_new, grad_old, what="gradient")
+
+
+def test_spectral_ops_keep_working_after_a_first_call_under_inference_mode():
+    """The cached masks and indices are built outside inference mode, so autograd can use them later."""
+    with torch.inference_mode():
+        spectral_pool2d(torch.randn(1, 2, 22, 18))
+        spectral_lowpass2d(torch.randn(1, 2, 22, 18))
+    x = torch.randn(1, 2, 22, 18, requires_grad=True)
+    (spectral_pool2d(x).sum() + spectral_lowpass2d(x).sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _randomise_batch_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so that a mix-up between layers shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def _new_and_reference(base: int = 4, seed: int = 0):
+    """The fast CHSNet with random weights and the reference CHSNet holding the same state_dict."""
+    torch.manual_seed(seed)
+    new = CHSNet(base=base)
+    _randomise_batch_norms(new, torch.Generator().manual_seed(seed))
+    old = reference.CHSNet(base=base)
+    old.load_state_dict(new.state_dict(), strict=True)
+    return new, old
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (96, 96)])
+def test_eval_outputs_match_the_reference(size):
+    new, old = _new_and_reference(seed=size[0])
+    new.eval(), old.eval()
+    x = torch.rand((2, 1) + size)
+    with torch.inference_mode():
+        logits_new = _forward_logits(new, x, get_network("chs_net").stride)  # padded as the inference pads
+        logits_old = _forward_logits(old, x, get_network("chs_net").stride)
+        raw_new, raw_old = new(x)["infection_raw_logits"], old(x)["infection_raw_logits"]
+    assert logits_new.shape == (2, 2) + size
+    assert_close(logits_new, logits_old, what="logits")
+    assert_close(raw_new, raw_old, what="raw infection logits")
+
+
+def _gradients(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple:
+    """Logits and ``{name: gradient}`` of the CHS-Net loss at ``x``."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    get_network("chs_net").loss()(out, target)[0].backward()
+    return out["logits"].detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_same_gradients(new: dict, old: dict, tol: float) -> None:
+    assert new.keys() == old.keys()
+    for name, grad in new.items():
+        assert grad is not None, name
+        assert_close(grad / old[name].abs().max().clamp_min(1e-12), old[name] / old[name].abs().max().clamp_min(1e-12),
+                     tol=tol, what=f"gradient of {name}")
+
+
+def test_eval_mode_gradients_match_the_reference():
+    """Every parameter's gradient through the whole cascade (BatchNorm on running statistics)."""
+    new, old = _new_and_reference(seed=3)
+    new.eval(), old.eval()
+    x = torch.rand(2, 1, 64, 64)
+    target = (torch.rand(2, 2, 64, 64) > 0.7).float()
+    logits_new, grads_new = _gradients(new, x, target)
+    logits_old, grads_old = _gradients(old, x, target)
+    assert_close(logits_new, logits_old, what="logits")
+    assert_same_gradients(grads_new, grads_old, tol=1e-3)
+
+
+def _block_pairs():
+    """(name, fast block, reference block, input) for each kind of block, random weights."""
+    from napari_covidseg.models import chs_net, spectral_pooling
+
+    generator = torch.Generator().manual_seed(5)
+    pairs = [
+        ("inception", chs_net.InceptionConv(6, 12), reference.InceptionConv(6, 12), (6, 20, 28)),
+        ("residual block", chs_net.ResidualInceptionBlock(6, 12), reference.ResidualInceptionBlock(6, 12), (6, 20, 28)),
+        ("odd-size block", chs_net.ResidualInceptionBlock(5, 8), reference.ResidualInceptionBlock(5, 8), (5, 17, 23)),
+        ("hybrid pool", spectral_pooling.HybridPool2d(6, 8), reference.HybridPool2d(6, 8), (6, 20, 28)),
+    ]
+    for name, new, old, shape in pairs:
+        _randomise_batch_norms(new, generator)
+        old.load_state_dict(new.state_dict(), strict=True)
+        yield name, new, old, torch.randn((3,) + shape, generator=generator).relu()
+
+
+def test_train_mode_blocks_match_the_reference():
+    """Train mode block by block: outputs, input and parameter gradients, BatchNorm running statistics.
+
+    Block by block because a whole cascade with random weights in train mode is chaotic: batch
+    statistics of nearly constant channels amplify float rounding (a 1e-7 relative change of the
+    input moves its logits by about 1 %), so only shallow pieces can be compared to float tolerance.
+    The whole cascade in train mode is compared with the shipped (trained) weights below.
+    """
+    for name, new, old, x in _block_pairs():
+        new.train(), old.train()
+        x_new, x_old = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_new, out_old = new(x_new), old(x_old)
+        assert_close(out_new, out_old, what=f"{name} output")
+        weights = torch.randn_like(out_old)
+        (out_new * weights).sum().backward()
+        (out_old * weights).sum().backward()
+        assert_close(x_new.grad, x_old.grad, tol=1e-4, what=f"{name} input gradient")
+        assert_same_gradients({n: p.grad for n, p in new.named_parameters()},
+                              {n: p.grad for n, p in old.named_parameters()}, tol=1e-4)
+        old_buffers = dict(old.named_buffers())
+        for buffer_name, buffer in new.named_buffers():
+            assert_close(buffer.float(), old_buffers[buffer_name].float(), what=f"{name} buffer {buffer_name}")
+
+
+def test_attention_matches_the_reference():
+    from napari_covidseg.models.chs_net import SpectralSpatialDepthAttention
+
+    torch.manual_seed(0)
+    new = SpectralSpatialDepthAttention(6, 9)
+    old = reference.SpectralSpatialDepthAttention(6, 9)
+    old.load_state_dict(new.state_dict(), strict=True)
+    x, g = torch.randn(2, 6, 16, 12).relu(), torch.randn(2, 9, 8, 6)
+    assert_close(new(x, g), old(x, g), what="attention output")
+
+
+def test_training_with_the_shipped_weights_matches_the_reference():
+    """The whole cascade in train mode (batch statistics) from trained weights: outputs and gradients."""
+    from napari_covidseg.phantom import make_phantom
+    from napari_covidseg.preprocessing import preprocess
+
+    loaded = load_shipped("chs_net")
+    new = loaded.model
+    old = reference.CHSNet(**loaded.network_kwargs)
+    old.load_state_dict(new.state_dict(), strict=True)
+    phantom = make_phantom(shape=(4, 64, 64), spacing=(5.0, 5.0, 5.0))
+    x = torch.from_numpy(np.asarray(preprocess(phantom.ct, loaded.preprocessing), dtype=np.float32))[1:3, None]
+    target = torch.from_numpy(np.stack([phantom.lung, phantom.infection], 1)[1:3]).float()
+    new.train(), old.train()
+    logits_new, grads_new = _gradients(new, x, target)
+    logits_old, grads_old = _gradients(old, x, target)
+    # float rounding moves these logits by about 4e-4 (measured: 1e-7 relative noise on the input)
+    assert_close(logits_new, logits_old, tol=2e-4, what="train-mode logits")
+    assert_same_gradients(grads_new, grads_old, tol=5e-2)
+
+
+def test_shipped_weights_give_the_reference_prediction():
+    from napari_covidseg.phantom import make_phantom
+
+    loaded = load_shipped("chs_net")
+    old = reference.CHSNet(**loaded.network_kwargs)
+    old.load_state_dict(loaded.model.state_dict(), strict=True)
+    phantom = make_phantom(shape=(4, 128, 128))
+    spacing = (5.0, 2.5, 2.5)
+    new_prob = predict_volume(loaded.model, loaded.spec, phantom.ct, spacing, loaded.preprocessing, device="cpu")
+    old_prob = predict_volume(old, loaded.spec, phantom.ct, spacing, loaded.preprocessing, device="cpu")
+    assert float(np.abs(new_prob - old_prob).max()) < 1e-5
+    undecided = np.abs(old_prob - 0.5) < 1e-4
+    assert np.array_equal((new_prob > 0.5) | undecided, (old_prob > 0.5) | undecided)
+    assert (old_prob[0] > 0.5).any(), "the shipped lung net finds lung on the phantom"
