@@ -6,8 +6,9 @@
 Forward: ``model.eval()`` under ``torch.inference_mode()``.  Training step: ``model.train()``,
 forward, :class:`CHSNetLoss`, backward and one Adam step (``zero_grad(set_to_none=True)`` first),
 as the trainer does.  Each is warmed up once, then the median of ``--repeats`` runs is divided by
-the batch size.  The numbers depend on the machine and its load: the script prints the
-1-minute load average before and after.
+the batch size.  Both the wall time and the process CPU time are given: with one thread the CPU
+time is the compute time, while the wall time grows with the machine's load (the script prints
+the 1-minute load average before and after).
 
 The script imports ``napari_covidseg`` from ``sys.path``, so the same file can time another
 checkout of the package (``PYTHONPATH=/path/to/old/checkout python benchmarks/chs_net_speed.py``).
@@ -23,30 +24,35 @@ import time
 import torch
 
 
-def median_seconds(step, repeats: int) -> float:
-    """Median wall time of ``step()`` over ``repeats`` runs after one warm-up run."""
+def median_seconds(step, repeats: int) -> tuple:
+    """Median (wall time, process CPU time) of ``step()`` over ``repeats`` runs after one warm-up run.
+
+    With one thread the CPU time is the compute time; the wall time also holds the time the
+    process waited for a core, which on a loaded machine can be much longer.
+    """
     step()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def time_forward(model, x, repeats: int) -> float:
-    """Seconds per sample of an inference forward pass."""
+    """(wall, CPU) seconds per sample of an inference forward pass."""
     model.eval()
 
     def step():
         with torch.inference_mode():
             model(x)
 
-    return median_seconds(step, repeats) / x.shape[0]
+    return tuple(t / x.shape[0] for t in median_seconds(step, repeats))
 
 
 def time_train_step(model, x, target, repeats: int) -> float:
-    """Seconds per sample of forward + loss + backward + Adam step."""
+    """(wall, CPU) seconds per sample of forward + loss + backward + Adam step."""
     from napari_covidseg.models.chs_net import CHSNetLoss
 
     model.train()
@@ -59,7 +65,7 @@ def time_train_step(model, x, target, repeats: int) -> float:
         loss.backward()
         optimiser.step()
 
-    return median_seconds(step, repeats) / x.shape[0]
+    return tuple(t / x.shape[0] for t in median_seconds(step, repeats))
 
 
 def measure(size: int, batch: int, base: int, repeats: int, channels_last: bool) -> dict:
@@ -95,8 +101,9 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     for size in args.sizes:
         row = measure(size, args.batch, args.base, args.repeats, args.channels_last)
-        print(f"{size}x{size}: forward {row['forward_s'] * 1e3:8.1f} ms/sample, "
-              f"training step {row['train_step_s'] * 1e3:8.1f} ms/sample", flush=True)
+        (forward_wall, forward_cpu), (train_wall, train_cpu) = row["forward_s"], row["train_step_s"]
+        print(f"{size}x{size}: forward {forward_wall * 1e3:7.1f} ms/sample (CPU {forward_cpu * 1e3:7.1f}), "
+              f"training step {train_wall * 1e3:7.1f} ms/sample (CPU {train_cpu * 1e3:7.1f})", flush=True)
     print(f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     return 0
 

@@ -1,7 +1,8 @@
 """Frozen reference: CHS-Net and its spectral pooling as they were computed before the CPU speed-up.
 
 A copy of ``napari_covidseg/models/chs_net.py`` and ``spectral_pooling.py`` at commit d5c16ed
-(docstrings shortened), kept only so that ``test_chs_net_equivalence.py`` can check that the
+(docstrings shortened; the FFTs keep float64 input in float64, see ``_fft_input``), kept only
+so that ``test_chs_net_equivalence.py`` can check that the
 faster formulation computes the same outputs and gradients from the same ``state_dict``.  Do not
 optimise this file: its value is that it is the plain, slow formulation of the paper readings
 (complex FFT, ``fftshift``, centre crop, ``ifftshift``, inverse FFT, real part; a 3x3 stride-1
@@ -19,6 +20,12 @@ import torch.nn.functional as F
 from napari_covidseg.models.unet import crop_to, pad_to_multiple
 
 
+def _fft_input(x: torch.Tensor) -> torch.Tensor:
+    # the one change to the frozen code: float64 input stays float64 (was: always float32), as in
+    # the fast code, so that the two can be compared in float64 (see test_chs_net_equivalence.py)
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _centre_slice(n: int, m: int) -> slice:
     start = n // 2 - m // 2
     return slice(start, start + m)
@@ -27,7 +34,7 @@ def _centre_slice(n: int, m: int) -> slice:
 def _crop_spectrum(x: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:
     h, w = x.shape[-2:]
     oh, ow = out_size
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="forward"), dim=(-2, -1))
+    spectrum = torch.fft.fftshift(torch.fft.fft2(_fft_input(x), norm="forward"), dim=(-2, -1))
     return spectrum[..., _centre_slice(h, oh), _centre_slice(w, ow)]
 
 
@@ -44,7 +51,7 @@ def spectral_pool2d(x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None)
 def spectral_lowpass2d(x: torch.Tensor, keep: float = 0.5) -> torch.Tensor:
     h, w = x.shape[-2:]
     oh, ow = max(1, int(round(h * keep))), max(1, int(round(w * keep)))
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="forward"), dim=(-2, -1))
+    spectrum = torch.fft.fftshift(torch.fft.fft2(_fft_input(x), norm="forward"), dim=(-2, -1))
     mask = torch.zeros((h, w), dtype=torch.bool, device=x.device)
     mask[_centre_slice(h, oh), _centre_slice(w, ow)] = True
     spectrum = spectrum * mask

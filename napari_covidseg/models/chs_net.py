@@ -78,6 +78,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
+from .channels_last import PointwiseConv2d, cat_channels
 from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
 from .spectral_pooling import HybridPool2d, HybridPoolBranch2d, global_spectral_pool2d
@@ -99,7 +100,7 @@ class SeparableConvBN(nn.Sequential):
         layers: List[nn.Module] = []
         if k > 1:
             layers.append(nn.Conv2d(cin, cin, k, padding=k // 2, groups=cin, bias=False))
-        layers += [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        layers += [PointwiseConv2d(cin, cout, bias=False), nn.BatchNorm2d(cout)]
         if relu:
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
@@ -114,12 +115,12 @@ class InceptionConv(nn.Module):
         self.branches = nn.ModuleList([SeparableConvBN(cin, branch, k) for k in (1, 3, 5)])
         self.pool_branch = nn.Sequential(HybridPoolBranch2d(cin, branch), nn.BatchNorm2d(branch), nn.ReLU(inplace=True))
         self.merge = nn.Sequential(
-            nn.Conv2d(4 * branch, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            PointwiseConv2d(4 * branch, cout, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [b(x) for b in self.branches] + [self.pool_branch(x)]
-        return self.merge(torch.cat(parts, dim=1))
+        return self.merge(cat_channels(parts))
 
 
 class ResidualInceptionBlock(nn.Module):
@@ -145,8 +146,8 @@ class SpectralSpatialDepthAttention(nn.Module):
             nn.Conv2d(hidden, skip_channels, 1), nn.Sigmoid(),
         )
         self.theta = nn.Conv2d(skip_channels, hidden, 2, stride=2, bias=False)
-        self.phi = nn.Conv2d(gate_channels, hidden, 1)
-        self.psi = nn.Conv2d(hidden, 1, 1)
+        self.phi = PointwiseConv2d(gate_channels, hidden)
+        self.psi = PointwiseConv2d(hidden, 1)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         x = x * self.depth(global_spectral_pool2d(x))
@@ -186,9 +187,10 @@ class RAIUNet(nn.Module):
             self.attentions.append(SpectralSpatialDepthAttention(w_high, w_low))
             self.ups.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
             self.decoders.append(ResidualInceptionBlock(2 * w_high, w_high))
-        self.head = nn.Conv2d(widths[0], out_channels, 1)
+        self.head = PointwiseConv2d(widths[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x if i == 0 else self.pools[i - 1](x))
@@ -196,7 +198,7 @@ class RAIUNet(nn.Module):
         x = skips.pop()
         for att, up, dec in zip(self.attentions, self.ups, self.decoders):
             skip = att(skips.pop(), x)
-            x = dec(torch.cat([up(x), skip], dim=1))
+            x = dec(cat_channels([up(x), skip]))
         return self.head(x)
 
 
@@ -222,9 +224,9 @@ class CHSNet(nn.Module):
         infection = infection_raw
         if self.restrict_to_lung and not self.training:
             infection = torch.minimum(infection_raw, lung_logits)
-        return {
-            "logits": crop_to(torch.cat([lung_logits, infection], dim=1), crop),
-            "infection_raw_logits": crop_to(infection_raw, crop),
+        return {  # contiguous, whatever layout the nets ran in
+            "logits": crop_to(torch.cat([lung_logits, infection], dim=1), crop).contiguous(),
+            "infection_raw_logits": crop_to(infection_raw, crop).contiguous(),
         }
 
 

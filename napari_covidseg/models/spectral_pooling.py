@@ -57,6 +57,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .channels_last import PointwiseConv2d, cat_channels, like_layout
+
+
+def _fft_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 for the FFTs (half precision has no CPU FFT), float64 kept as it is."""
+    return x if x.dtype == torch.float64 else x.float()
+
 
 def _kept_frequencies(m: int) -> List[int]:
     """Signed frequencies of the centre crop of length ``m``, in the (unshifted) order of a length-``m`` FFT axis.
@@ -123,28 +130,28 @@ def spectral_pool2d(x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None)
     oh, ow = int(out_size[0]), int(out_size[1])
     if not (1 <= oh <= h and 1 <= ow <= w):
         raise ValueError(f"spectral pooling can only shrink: input {h}x{w}, asked for {oh}x{ow}")
-    half = torch.fft.rfft2(x.float(), norm="forward")[..., : ow // 2 + 1]
+    half = torch.fft.rfft2(_fft_input(x), norm="forward")[..., : ow // 2 + 1]
     kept, mirrored, negated = _pool_rows(h, oh, x.device)
     first = half.index_select(-2, kept)
     if ow % 2 == 0:
         nyquist_column = half[..., -1:].index_select(-2, negated).conj()
         first = torch.cat([first[..., :-1], nyquist_column], dim=-1)
     hermitian = (first + half.index_select(-2, mirrored)) * 0.5
-    return torch.fft.irfft2(hermitian, s=(oh, ow), norm="forward").to(x.dtype)
+    return like_layout(torch.fft.irfft2(hermitian, s=(oh, ow), norm="forward").to(x.dtype), x)
 
 
 def _apply_half_mask(x: torch.Tensor, half_mask: torch.Tensor) -> torch.Tensor:
-    """``irfft2(rfft2(x) * half_mask)`` over the last two dims, in float32 (``norm="forward"``).
+    """``irfft2(rfft2(x) * half_mask)`` over the last two dims (``norm="forward"``), at least in float32.
 
     Done axis by axis so that only the ``half_mask.shape[-1]`` columns that the mask keeps go
     through the FFTs along the rows (the others are zero): the same numbers as the 2D transforms,
     at about half the cost.
     """
     columns = half_mask.shape[-1]
-    spectrum = torch.fft.rfft(x.float(), dim=-1, norm="forward")[..., :columns]
+    spectrum = torch.fft.rfft(_fft_input(x), dim=-1, norm="forward")[..., :columns]
     spectrum = torch.fft.fft(spectrum, dim=-2, norm="forward").mul_(half_mask)
     spectrum = torch.fft.ifft(spectrum, dim=-2, norm="forward")
-    return torch.fft.irfft(spectrum, n=x.shape[-1], dim=-1, norm="forward")
+    return like_layout(torch.fft.irfft(spectrum, n=x.shape[-1], dim=-1, norm="forward"), x)
 
 
 class _SymmetricSpectralFilter(torch.autograd.Function):
@@ -198,11 +205,11 @@ class HybridPool2d(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.merge = nn.Sequential(
-            nn.Conv2d(2 * channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+            PointwiseConv2d(2 * channels, out_channels, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.merge(torch.cat([F.max_pool2d(x, 2), spectral_pool2d(x)], dim=1))
+        return self.merge(cat_channels([F.max_pool2d(x, 2), spectral_pool2d(x)]))
 
 
 class HybridPoolBranch2d(nn.Module):
@@ -214,8 +221,8 @@ class HybridPoolBranch2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, keep: float = 0.5):
         super().__init__()
         self.keep = keep
-        self.merge = nn.Conv2d(2 * in_channels, out_channels, 1, bias=False)
+        self.merge = PointwiseConv2d(2 * in_channels, out_channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.max_pool2d(x, 3, stride=1, padding=1)
-        return self.merge(torch.cat([pooled, spectral_lowpass2d(x, self.keep)], dim=1))
+        return self.merge(cat_channels([pooled, spectral_lowpass2d(x, self.keep)]))
