@@ -227,3 +227,33 @@ def test_shipped_weights_give_the_reference_prediction():
     undecided = np.abs(old_prob - 0.5) < 1e-4
     assert np.array_equal((new_prob > 0.5) | undecided, (old_prob > 0.5) | undecided)
     assert (old_prob[0] > 0.5).any(), "the shipped lung net finds lung on the phantom"
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_joint_batch_norm_equals_one_call_per_layer(momentum):
+    """Same outputs, gradients and running statistics as calling each layer on its channels."""
+    from napari_covidseg.models.joint_batch_norm import joint_batch_norm
+
+    generator = torch.Generator().manual_seed(0)
+    separate = [torch.nn.BatchNorm2d(n, momentum=momentum) for n in (4, 3, 5)]
+    joined = [torch.nn.BatchNorm2d(n, momentum=momentum) for n in (4, 3, 5)]
+    for norm in separate:
+        _randomise_batch_norms(norm, generator)
+    for a, b in zip(joined, separate):
+        a.load_state_dict(b.state_dict())
+    for training in (True, True, False):
+        x = torch.randn(3, 12, 9, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+        x_separate, x_joined = x.clone().requires_grad_(), x.clone().requires_grad_()
+        for norm in separate + joined:
+            norm.train(training)
+        out_separate = torch.cat([n(p) for n, p in zip(separate, x_separate.split([4, 3, 5], dim=1))], dim=1)
+        out_joined = joint_batch_norm(x_joined, joined)
+        assert_close(out_joined, out_separate, what="output")
+        weights = torch.randn_like(out_separate)
+        (out_separate * weights).sum().backward()
+        (out_joined * weights).sum().backward()
+        assert_close(x_joined.grad, x_separate.grad, what="input gradient")
+        for a, b in zip(joined, separate):
+            for name, value in b.state_dict().items():
+                assert_close(a.state_dict()[name].double(), value.double(), what=name)
+            assert_close(a.weight.grad, b.weight.grad, what="weight gradient")

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
 from .channels_last import PointwiseConv2d, cat_channels
+from .joint_batch_norm import joint_batch_norm
 from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
 from .spectral_pooling import HybridPool2d, HybridPoolBranch2d, global_spectral_pool2d
@@ -104,10 +105,25 @@ class SeparableConvBN(nn.Sequential):
         if relu:
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
+        self.n_convs = 2 if k > 1 else 1
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutions only (depthwise and pointwise), without BN and ReLU."""
+        for conv in list(self)[: self.n_convs]:
+            x = conv(x)
+        return x
+
+    @property
+    def norm(self) -> nn.BatchNorm2d:
+        return self[self.n_convs]
 
 
 class InceptionConv(nn.Module):
-    """Separable 1x1, 3x3, 5x5 and stride-1 hybrid pooling in parallel (each BN+ReLU), concat, 1x1 Conv-BN-ReLU."""
+    """Separable 1x1, 3x3, 5x5 and stride-1 hybrid pooling in parallel (each BN+ReLU), concat, 1x1 Conv-BN-ReLU.
+
+    The four branches' BatchNorms and ReLUs run as one call each on the concatenation (exact:
+    BatchNorm is per channel, see :mod:`.joint_batch_norm`); the layers stay one per branch.
+    """
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -119,8 +135,9 @@ class InceptionConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [b(x) for b in self.branches] + [self.pool_branch(x)]
-        return self.merge(cat_channels(parts))
+        convolved = cat_channels([b.convolve(x) for b in self.branches] + [self.pool_branch[0](x)])
+        norms = [b.norm for b in self.branches] + [self.pool_branch[1]]
+        return self.merge(F.relu(joint_batch_norm(convolved, norms), inplace=True))
 
 
 class ResidualInceptionBlock(nn.Module):
