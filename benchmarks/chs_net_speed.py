@@ -25,10 +25,11 @@ import torch
 
 
 def median_seconds(step, repeats: int) -> tuple:
-    """Median (wall time, process CPU time) of ``step()`` over ``repeats`` runs after one warm-up run.
+    """(median wall time, median CPU time, fastest CPU time) of ``step()`` over ``repeats`` runs, after a warm-up.
 
     With one thread the CPU time is the compute time; the wall time also holds the time the
-    process waited for a core, which on a loaded machine can be much longer.
+    process waited for a core, which on a loaded machine can be much longer.  Other processes
+    still slow the CPU time down (shared caches and memory bandwidth), least so in the fastest run.
     """
     step()
     wall, cpu = [], []
@@ -37,11 +38,11 @@ def median_seconds(step, repeats: int) -> tuple:
         step()
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    return statistics.median(wall), statistics.median(cpu), min(cpu)
 
 
 def time_forward(model, x, repeats: int) -> float:
-    """(wall, CPU) seconds per sample of an inference forward pass."""
+    """(wall, CPU, fastest CPU) seconds per sample of an inference forward pass."""
     model.eval()
 
     def step():
@@ -52,7 +53,7 @@ def time_forward(model, x, repeats: int) -> float:
 
 
 def time_train_step(model, x, target, repeats: int) -> float:
-    """(wall, CPU) seconds per sample of forward + loss + backward + Adam step."""
+    """(wall, CPU, fastest CPU) seconds per sample of forward + loss + backward + Adam step."""
     from napari_covidseg.models.chs_net import CHSNetLoss
 
     model.train()
@@ -101,9 +102,9 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     for size in args.sizes:
         row = measure(size, args.batch, args.base, args.repeats, args.channels_last)
-        (forward_wall, forward_cpu), (train_wall, train_cpu) = row["forward_s"], row["train_step_s"]
-        print(f"{size}x{size}: forward {forward_wall * 1e3:7.1f} ms/sample (CPU {forward_cpu * 1e3:7.1f}), "
-              f"training step {train_wall * 1e3:7.1f} ms/sample (CPU {train_cpu * 1e3:7.1f})", flush=True)
+        parts = [f"{name} {wall * 1e3:6.0f} ms/sample (CPU median {cpu * 1e3:6.0f}, min {fastest * 1e3:6.0f})"
+                 for name, (wall, cpu, fastest) in (("forward", row["forward_s"]), ("training step", row["train_step_s"]))]
+        print(f"{size}x{size}: " + ", ".join(parts), flush=True)
     print(f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     return 0
 

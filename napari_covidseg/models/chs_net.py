@@ -78,7 +78,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .channels_last import PointwiseConv2d, cat_channels
+from .fast_layers import PointwiseConv2d, cat_channels
 from .joint_batch_norm import joint_batch_norm
 from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
@@ -149,7 +149,7 @@ class ResidualInceptionBlock(nn.Module):
         self.shortcut = SeparableConvBN(cin, cout, 3, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        return torch.relu_(self.body(x) + self.shortcut(x))
 
 
 class SpectralSpatialDepthAttention(nn.Module):

@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .channels_last import PointwiseConv2d, cat_channels, like_layout
+from .fast_layers import PointwiseConv2d, like_layout
 
 
 def _fft_input(x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,8 @@ class HybridPool2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.merge(cat_channels([F.max_pool2d(x, 2), spectral_pool2d(x)]))
+        merge = self.merge[0].forward_parts([F.max_pool2d(x, 2), spectral_pool2d(x)])  # = conv of the concatenation
+        return self.merge[2](self.merge[1](merge))
 
 
 class HybridPoolBranch2d(nn.Module):
@@ -225,4 +226,4 @@ class HybridPoolBranch2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.max_pool2d(x, 3, stride=1, padding=1)
-        return self.merge(cat_channels([pooled, spectral_lowpass2d(x, self.keep)]))
+        return self.merge.forward_parts([pooled, spectral_lowpass2d(x, self.keep)])  # = conv of the concatenation
