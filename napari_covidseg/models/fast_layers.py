@@ -13,6 +13,8 @@ so the results agree to float rounding.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,8 +36,8 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-class PointwiseConv2d(nn.Conv2d):
-    """A 1x1 ``nn.Conv2d`` (same parameters, same ``state_dict``) run as a matrix product on channels-last maps.
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight``, as ``F.linear`` on a channels-last map.
 
     On CPU, ``conv2d`` copies a channels-last input to the contiguous layout (and its gradient
     back) for 1x1 kernels; ``F.linear`` on the ``(N, H, W, C)`` view reads it in place and writes a
@@ -43,30 +45,35 @@ class PointwiseConv2d(nn.Conv2d):
     map fits both layouts and takes the matrix product too, so that the network's first layers
     (one input channel) already give channels-last maps.
     """
+    if not x.is_contiguous(memory_format=torch.channels_last):  # also true for a single channel
+        return F.conv2d(x, weight, bias)
+    return F.linear(_nhwc(x), weight.flatten(1), bias).permute(0, 3, 1, 2)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters, same ``state_dict``) run by :func:`pointwise_conv`."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_contiguous(memory_format=torch.channels_last):  # also true for a single channel
-            return super().forward(x)
-        return F.linear(_nhwc(x), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return pointwise_conv(x, self.weight, self.bias)
 
-    def forward_parts(self, parts) -> torch.Tensor:
+    def forward_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """``self(cat_channels(parts))`` without building the concatenation.
 
-        One matrix product per part with its slice of the weight, summed: the wide concatenation
-        is neither written nor read, and its gradient needs no splitting.
+        One matrix product per part with its slice of the weight (:meth:`weight_parts`), summed:
+        the wide concatenation is neither written nor read, and its gradient needs no splitting.
         """
-        if not all(p.is_contiguous(memory_format=torch.channels_last) for p in parts):
-            return self(cat_channels(parts))
-        weights = self.weight.flatten(1).split([p.shape[1] for p in parts], dim=1)
-        out = F.linear(_nhwc(parts[0]), weights[0], self.bias)
+        weights = self.weight_parts([p.shape[1] for p in parts])
+        out = pointwise_conv(parts[0], weights[0], self.bias)
         for part, weight in zip(parts[1:], weights[1:]):
-            # F.linear, not addmm_(part, weight.t()): the backward of the latter computes the weight
-            # gradient as part^T @ grad, which MKL runs ~10x slower than linear's grad^T @ part
-            out = out.add_(F.linear(_nhwc(part), weight))
-        return out.permute(0, 3, 1, 2)
+            out = out.add_(pointwise_conv(part, weight))
+        return out
+
+    def weight_parts(self, in_channels: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+        """The weight split by input channels: the 1x1 convs that each part of a concatenation sees."""
+        return self.weight.split(list(in_channels), dim=1)
 
 
 def cat_channels(parts) -> torch.Tensor:

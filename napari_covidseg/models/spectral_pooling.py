@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_layers import PointwiseConv2d, like_layout
+from .fast_layers import PointwiseConv2d, like_layout, pointwise_conv
 
 
 def _fft_input(x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +217,11 @@ class HybridPoolBranch2d(nn.Module):
     """Stride-1 hybrid pooling for the inception branch: 3x3 max pool and spectral low-pass in parallel, 1x1 conv.
 
     BatchNorm and ReLU follow in the inception block, like every other branch.
+
+    The 1x1 conv of the concatenation is computed as one 1x1 conv per part, summed.  The low-pass
+    and the 1x1 conv of its part are both linear, and the low-pass treats every channel alike, so
+    they commute: the low-pass runs after the 1x1 conv when that has fewer output than input
+    channels (in CHS-Net 4 to 8 times fewer), before it otherwise.  Same function, fewer FFTs.
     """
 
     def __init__(self, in_channels: int, out_channels: int, keep: float = 0.5):
@@ -226,4 +231,9 @@ class HybridPoolBranch2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.max_pool2d(x, 3, stride=1, padding=1)
-        return self.merge.forward_parts([pooled, spectral_lowpass2d(x, self.keep)])  # = conv of the concatenation
+        weight_max, weight_low = self.merge.weight_parts([x.shape[1], x.shape[1]])
+        if weight_low.shape[0] < x.shape[1]:
+            low = spectral_lowpass2d(pointwise_conv(x, weight_low), self.keep)
+        else:
+            low = pointwise_conv(spectral_lowpass2d(x, self.keep), weight_low)
+        return pointwise_conv(pooled, weight_max).add_(low)
