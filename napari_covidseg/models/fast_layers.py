@@ -47,7 +47,9 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """
     if not x.is_contiguous(memory_format=torch.channels_last):  # also true for a single channel
         return F.conv2d(x, weight, bias)
-    return F.linear(_nhwc(x), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    # a contiguous weight (a slice of a split one is not) makes autograd compute the weight
+    # gradient as grad^T @ x, which MKL runs about 10x faster than x^T @ grad for these shapes
+    return F.linear(_nhwc(x), weight.flatten(1).contiguous(), bias).permute(0, 3, 1, 2)
 
 
 class PointwiseConv2d(nn.Conv2d):
