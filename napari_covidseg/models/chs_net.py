@@ -71,14 +71,14 @@ Readings chosen where the paper is ambiguous (configurable through the construct
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .fast_layers import PointwiseConv2d, cat_channels
+from .fast_layers import PointwiseConv2d, cat_channels, pointwise_conv
 from .joint_batch_norm import joint_batch_norm
 from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
@@ -135,9 +135,25 @@ class InceptionConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        convolved = cat_channels([b.convolve(x) for b in self.branches] + [self.pool_branch[0](x)])
+        first, pooled = self._one_by_one_and_pool(x)
+        convolved = cat_channels([first, self.branches[1].convolve(x), self.branches[2].convolve(x), pooled])
         norms = [b.norm for b in self.branches] + [self.pool_branch[1]]
         return self.merge(F.relu(joint_batch_norm(convolved, norms), inplace=True))
+
+    def _one_by_one_and_pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The 1x1 branch and the pooling branch, before BN.
+
+        When the pooling branch low-passes after a 1x1 conv of ``x`` (see
+        :class:`HybridPoolBranch2d`), that conv and the 1x1 branch read the same ``x`` and run as
+        one matrix product with the two weights stacked: ``x`` is read once, and its gradient is
+        written once instead of twice and summed.
+        """
+        one_by_one, pool = self.branches[0], self.pool_branch[0]
+        if not pool.lowpass_after_projection():
+            return one_by_one.convolve(x), pool(x)
+        weights = torch.cat([one_by_one[0].weight, pool.projection_weight()])
+        first, projected = pointwise_conv(x, weights).split(one_by_one[0].out_channels, dim=1)
+        return first, pool(x, projected)
 
 
 class ResidualInceptionBlock(nn.Module):

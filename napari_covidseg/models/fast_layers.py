@@ -1,4 +1,4 @@
-"""Drop-in layers that run CHS-Net faster on CPU: same parameters, same ``state_dict``, same numbers.
+"""Drop-in pieces that run CHS-Net faster on CPU: same parameters, same ``state_dict``, same numbers.
 
 Channels-last: CHS-Net's time goes into many cheap, memory-bound ops on wide maps (depthwise
 convolutions, a 3x3 stride-1 max pool, BatchNorm), and PyTorch's CPU kernels for these are
@@ -6,9 +6,13 @@ several times faster on channels-last (NHWC) maps than on contiguous (NCHW) ones
 CHS-Net: ``benchmarks/results/chs_net_speed.md``), so the network runs its maps channels-last.
 The layout is a stride order only: shapes and values stay as they are.
 
-:class:`PointwiseConv2d` is an ``nn.Conv2d`` subclass (parameters ``weight`` / ``bias`` as
-before) with a faster forward on channels-last maps; it computes the same sums in another order,
-so the results agree to float rounding.
+* :func:`pointwise_conv` / :class:`PointwiseConv2d`: a 1x1 convolution as ``F.linear`` on the
+  NHWC view (an ``nn.Conv2d`` subclass, parameters ``weight`` / ``bias`` as before), and the 1x1
+  convolution of a concatenation computed part by part (:meth:`PointwiseConv2d.forward_parts`).
+* :func:`cat_channels`: a concatenation along channels that stays channels-last.
+* :func:`like_layout`: a result in the layout of the input it was computed from.
+
+They compute the same sums in another order, so the results agree to float rounding.
 """
 
 from __future__ import annotations

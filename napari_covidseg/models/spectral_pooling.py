@@ -229,11 +229,25 @@ class HybridPoolBranch2d(nn.Module):
         self.keep = keep
         self.merge = PointwiseConv2d(2 * in_channels, out_channels, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1)
+    def lowpass_after_projection(self) -> bool:
+        """Whether the low-pass runs after the 1x1 conv of its part (which then has fewer channels)."""
+        return self.merge.out_channels < self.merge.in_channels // 2
+
+    def projection_weight(self) -> torch.Tensor:
+        """The 1x1 conv weight of the low-pass part (the second half of the input channels)."""
+        return self.merge.weight_parts([self.merge.in_channels // 2] * 2)[1]
+
+    def forward(self, x: torch.Tensor, projected: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``projected``: the low-pass part's 1x1 conv of ``x``, if the caller has computed it already.
+
+        (:class:`~napari_covidseg.models.chs_net.InceptionConv` computes it in one matrix product
+        with its 1x1 branch, which reads the same ``x``.)
+        """
         weight_max, weight_low = self.merge.weight_parts([x.shape[1], x.shape[1]])
-        if weight_low.shape[0] < x.shape[1]:
-            low = spectral_lowpass2d(pointwise_conv(x, weight_low), self.keep)
+        if self.lowpass_after_projection():
+            projected = pointwise_conv(x, weight_low) if projected is None else projected
+            low = spectral_lowpass2d(projected, self.keep)
         else:
             low = pointwise_conv(spectral_lowpass2d(x, self.keep), weight_low)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1)
         return pointwise_conv(pooled, weight_max).add_(low)
