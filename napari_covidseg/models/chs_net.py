@@ -62,11 +62,46 @@ Readings chosen where the paper is ambiguous (configurable through the construct
   4.26 M parameters for the cascade (2.13 M per RAIU-Net) and 30.5 GFLOPs at 256x256
   (FlopCounterMode, FFTs not counted); the per-net reading would need ``base`` of about 84.  The
   shipped variant (``base=16``) has 0.37 M parameters, 3.15 GFLOPs.  See :data:`SIZES`.
-* CPU cost: the design has many small ops (about 350 convolutions and 88 FFTs per forward pass of
-  the cascade), so on CPU its speed is bound by per-op overhead rather than by FLOPs.
+* CPU cost: the design has many cheap, memory-bound ops on wide maps (about 350 convolutions and
+  44 FFT low-pass / spectral pooling calls per forward pass of the cascade), so on CPU its speed
+  is bound by memory traffic and per-op overhead rather than by FLOPs; see below.
 * Recipe: the summary gives 256x256 slices and the loss; optimizer and schedule are not given:
   Adam, lr 1e-3, poly decay, batch 8, 100 epochs (the U-Net baseline's recipe, for comparability).
   Preprocessing: HU window [-1250, 250] scaled to [0, 1], slices resized to 256x256.
+
+CPU implementation (same function, same layers, same ``state_dict``)
+--------------------------------------------------------------------
+The readings above fix what the network computes; how it is computed was reworked for CPU speed
+(issue 13: the plain formulation ran at ~3 % of the CPU's convolution peak).  Every step computes
+the same function (float rounding aside) with the same layers, so checkpoints written before load
+and predict as before; ``tests/test_chs_net_equivalence.py`` checks outputs, gradients and
+BatchNorm statistics against a frozen copy of the plain formulation (``tests/chs_net_reference.py``).
+
+* Spectral pooling and the spectral low-pass use real FFTs with cached masks / indices instead
+  of ``fft2`` + ``fftshift`` + crop; the low-pass's backward is the low-pass itself (a symmetric
+  linear map).  See :mod:`.spectral_pooling`.
+* The feature maps are channels-last (:mod:`.fast_layers`): oneDNN's depthwise convolutions,
+  the 3x3 stride-1 max pool and BatchNorm are several times faster on them; 1x1 convolutions
+  run as ``F.linear`` on the NHWC view.
+* The four inception branches' BatchNorms and ReLUs run as one call each on the concatenation
+  (:mod:`.joint_batch_norm`; BatchNorm is per channel).
+* Hybrid pooling: the 1x1 conv of ``cat(max pool, spectral part)`` runs part by part (no
+  concatenation); in the inception branch the low-pass runs after its part's 1x1 conv, which has
+  4-8x fewer channels (both linear, and the low-pass treats every channel alike, so they
+  commute), and that 1x1 conv runs in one matrix product with the 1x1 branch (same input).
+* Tried and left out, no measurable gain: a 3x3 stride-1 max pool as 1x3 then 3x1 (exact, but
+  slower in both layouts; channels-last makes PyTorch's own 3x3 kernel ~4x faster), one depthwise
+  convolution for the 3x3 and 5x5 branches (5x5 kernels, 2 outputs per group: oneDNN runs it
+  3-5x slower than the two), block-diagonal or dense composed convolutions for the branches, and
+  a depthwise input gradient computed as a forward convolution.  The largest remaining single
+  cost is oneDNN's weight gradient of the 5x5 depthwise convolution (it falls back from its
+  depthwise kernel to a generic grouped one, ~7x slower than for 3x3).
+
+Measured (``benchmarks/chs_net_speed.py``; ``benchmarks/results/chs_net_speed.md`` says how):
+shipped variant (``base=16``), batch 4, one thread, ``OMP_WAIT_POLICY=PASSIVE``, seconds per
+sample, fastest CPU time of 5 runs, on a 2-core machine busy with other trainings:
+
+MEASURED_TABLE
 """
 
 from __future__ import annotations
@@ -78,7 +113,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .fast_layers import PointwiseConv2d, cat_channels, pointwise_conv
+from .fast_layers import DepthwiseConv2d, PointwiseConv2d, cat_channels, pointwise_conv
 from .joint_batch_norm import joint_batch_norm
 from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
@@ -100,7 +135,7 @@ class SeparableConvBN(nn.Sequential):
     def __init__(self, cin: int, cout: int, k: int, relu: bool = True):
         layers: List[nn.Module] = []
         if k > 1:
-            layers.append(nn.Conv2d(cin, cin, k, padding=k // 2, groups=cin, bias=False))
+            layers.append(DepthwiseConv2d(cin, k))
         layers += [PointwiseConv2d(cin, cout, bias=False), nn.BatchNorm2d(cout)]
         if relu:
             layers.append(nn.ReLU(inplace=True))
@@ -223,7 +258,7 @@ class RAIUNet(nn.Module):
         self.head = PointwiseConv2d(widths[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # the maps stay channels-last (see fast_layers)
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x if i == 0 else self.pools[i - 1](x))

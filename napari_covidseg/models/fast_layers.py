@@ -9,6 +9,8 @@ The layout is a stride order only: shapes and values stay as they are.
 * :func:`pointwise_conv` / :class:`PointwiseConv2d`: a 1x1 convolution as ``F.linear`` on the
   NHWC view (an ``nn.Conv2d`` subclass, parameters ``weight`` / ``bias`` as before), and the 1x1
   convolution of a concatenation computed part by part (:meth:`PointwiseConv2d.forward_parts`).
+* :class:`DepthwiseConv2d`: a depthwise convolution whose 5x5 weight gradient is computed as
+  forward convolutions (:func:`depthwise_weight_gradient`).
 * :func:`cat_channels`: a concatenation along channels that stays channels-last.
 * :func:`like_layout`: a result in the layout of the input it was computed from.
 
@@ -80,6 +82,62 @@ class PointwiseConv2d(nn.Conv2d):
     def weight_parts(self, in_channels: Sequence[int]) -> Tuple[torch.Tensor, ...]:
         """The weight split by input channels: the 1x1 convs that each part of a concatenation sees."""
         return self.weight.split(list(in_channels), dim=1)
+
+
+def depthwise_weight_gradient(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Weight gradient ``(C, 1, k, k)`` of a depthwise 'same' convolution (stride 1), from its input and output gradient.
+
+    ``gw[c, i, j]`` is the sum over images of the correlation of input channel ``c`` with its output
+    gradient at lag ``(i, j) - k // 2``: for one image that is a forward depthwise convolution of
+    the input with the gradient as the (large) kernel, which oneDNN runs with its fast depthwise
+    kernel.  Its own 5x5 depthwise weight gradient falls back to a generic grouped kernel that is
+    2-3x slower than one such convolution per image.
+    """
+    channels, padding = x.shape[1], kernel_size // 2
+    total = F.conv2d(x[:1], grad[0].unsqueeze(1), padding=padding, groups=channels)
+    for n in range(1, x.shape[0]):
+        total = total + F.conv2d(x[n:n + 1], grad[n].unsqueeze(1), padding=padding, groups=channels)
+    return total.reshape(channels, 1, kernel_size, kernel_size)
+
+
+class _DepthwiseConvFunction(torch.autograd.Function):
+    """Depthwise 'same' convolution (odd kernel, stride 1, no bias) with :func:`depthwise_weight_gradient`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        channels, kernel_size = weight.shape[0], weight.shape[-1]
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            padding = [kernel_size // 2] * 2
+            grad_input = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], padding, [1, 1], False, [0, 0], channels, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_weight = depthwise_weight_gradient(x, grad, kernel_size)
+        return grad_input, grad_weight
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise ``k x k`` convolution, stride 1, 'same' padding, no bias: an ``nn.Conv2d`` (same ``state_dict``).
+
+    On CPU, kernels larger than 3x3 take their weight gradient from :func:`depthwise_weight_gradient`
+    (for 3x3 oneDNN's own is faster); elsewhere this is ``nn.Conv2d``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        if kernel_size % 2 != 1:
+            raise ValueError(f"a 'same' depthwise convolution needs an odd kernel, not {kernel_size}")
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.kernel_size[0] <= 3:
+            return super().forward(x)
+        return _DepthwiseConvFunction.apply(x, self.weight)
 
 
 def cat_channels(parts) -> torch.Tensor:
