@@ -3,12 +3,16 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/chs_net_speed.py [--sizes 256 160] [--batch 4]
         [--repeats 3] [--threads 1] [--channels-last] [--base 16]
 
+(``--channels-last`` converts model and input first; the network runs channels-last inside
+anyway since the CPU speed-up, so it only matters for older checkouts.)
+
 Forward: ``model.eval()`` under ``torch.inference_mode()``.  Training step: ``model.train()``,
 forward, :class:`CHSNetLoss`, backward and one Adam step (``zero_grad(set_to_none=True)`` first),
-as the trainer does.  Each is warmed up once, then the median of ``--repeats`` runs is divided by
-the batch size.  Both the wall time and the process CPU time are given: with one thread the CPU
-time is the compute time, while the wall time grows with the machine's load (the script prints
-the 1-minute load average before and after).
+as the trainer does.  Each is warmed up once, then timed ``--repeats`` times; times are divided
+by the batch size.  Printed: the median wall time, the median and the fastest process CPU time.
+With one thread the CPU time is the compute time, while the wall time grows with the machine's
+load (the script prints the 1-minute load average before and after).  Results of the CPU
+speed-up: ``benchmarks/results/chs_net_speed.md``.
 
 The script imports ``napari_covidseg`` from ``sys.path``, so the same file can time another
 checkout of the package (``PYTHONPATH=/path/to/old/checkout python benchmarks/chs_net_speed.py``).
@@ -24,7 +28,7 @@ import time
 import torch
 
 
-def median_seconds(step, repeats: int) -> tuple:
+def step_seconds(step, repeats: int) -> tuple:
     """(median wall time, median CPU time, fastest CPU time) of ``step()`` over ``repeats`` runs, after a warm-up.
 
     With one thread the CPU time is the compute time; the wall time also holds the time the
@@ -41,7 +45,7 @@ def median_seconds(step, repeats: int) -> tuple:
     return statistics.median(wall), statistics.median(cpu), min(cpu)
 
 
-def time_forward(model, x, repeats: int) -> float:
+def time_forward(model, x, repeats: int) -> tuple:
     """(wall, CPU, fastest CPU) seconds per sample of an inference forward pass."""
     model.eval()
 
@@ -49,10 +53,10 @@ def time_forward(model, x, repeats: int) -> float:
         with torch.inference_mode():
             model(x)
 
-    return tuple(t / x.shape[0] for t in median_seconds(step, repeats))
+    return tuple(t / x.shape[0] for t in step_seconds(step, repeats))
 
 
-def time_train_step(model, x, target, repeats: int) -> float:
+def time_train_step(model, x, target, repeats: int) -> tuple:
     """(wall, CPU, fastest CPU) seconds per sample of forward + loss + backward + Adam step."""
     from napari_covidseg.models.chs_net import CHSNetLoss
 
@@ -66,7 +70,7 @@ def time_train_step(model, x, target, repeats: int) -> float:
         loss.backward()
         optimiser.step()
 
-    return tuple(t / x.shape[0] for t in median_seconds(step, repeats))
+    return tuple(t / x.shape[0] for t in step_seconds(step, repeats))
 
 
 def measure(size: int, batch: int, base: int, repeats: int, channels_last: bool) -> dict:
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
 
     print(f"package {os.path.dirname(napari_covidseg.__file__)}; torch {torch.__version__}, {args.threads} thread(s), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, batch {args.batch}, base {args.base}, "
-          f"{'channels_last' if args.channels_last else 'contiguous'}, median of {args.repeats}", flush=True)
+          f"{'channels_last' if args.channels_last else 'contiguous'} input, {args.repeats} timed runs", flush=True)
     load_before = os.getloadavg()[0]
     for size in args.sizes:
         row = measure(size, args.batch, args.base, args.repeats, args.channels_last)

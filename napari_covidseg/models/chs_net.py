@@ -89,19 +89,26 @@ BatchNorm statistics against a frozen copy of the plain formulation (``tests/chs
   concatenation); in the inception branch the low-pass runs after its part's 1x1 conv, which has
   4-8x fewer channels (both linear, and the low-pass treats every channel alike, so they
   commute), and that 1x1 conv runs in one matrix product with the 1x1 branch (same input).
+* The 5x5 depthwise convolutions take their weight gradient from one forward depthwise
+  convolution per image (:class:`.fast_layers.DepthwiseConv2d`); oneDNN's own falls back to a
+  generic grouped kernel for 5x5.
 * Tried and left out, no measurable gain: a 3x3 stride-1 max pool as 1x3 then 3x1 (exact, but
   slower in both layouts; channels-last makes PyTorch's own 3x3 kernel ~4x faster), one depthwise
   convolution for the 3x3 and 5x5 branches (5x5 kernels, 2 outputs per group: oneDNN runs it
   3-5x slower than the two), block-diagonal or dense composed convolutions for the branches, and
-  a depthwise input gradient computed as a forward convolution.  The largest remaining single
-  cost is oneDNN's weight gradient of the 5x5 depthwise convolution (it falls back from its
-  depthwise kernel to a generic grouped one, ~7x slower than for 3x3).
+  a depthwise input gradient computed as a forward convolution.
 
-Measured (``benchmarks/chs_net_speed.py``; ``benchmarks/results/chs_net_speed.md`` says how):
-shipped variant (``base=16``), batch 4, one thread, ``OMP_WAIT_POLICY=PASSIVE``, seconds per
-sample, fastest CPU time of 5 runs, on a 2-core machine busy with other trainings:
+Measured with ``benchmarks/chs_net_speed.py`` (``benchmarks/results/chs_net_speed.md`` has the
+details): shipped variant (``base=16``), batch 4, one thread, ``OMP_WAIT_POLICY=PASSIVE``, ms per
+sample, process CPU time, fastest of 5 runs, mean of two alternating before/after rounds, on a
+2-core machine that four other trainings kept at load 5-7 (so memory-bound code is slowed more):
 
-MEASURED_TABLE
+=========  ==============================  ==============================
+size       forward: before -> after        training step: before -> after
+=========  ==============================  ==============================
+256x256    1430 -> 392   (3.6x)            2543 -> 1074   (2.4x)
+160x160     367 -> 112   (3.3x)             854 ->  323   (2.6x)
+=========  ==============================  ==============================
 """
 
 from __future__ import annotations
