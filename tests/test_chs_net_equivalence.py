@@ -145,6 +145,7 @@ def _block_pairs():
     generator = torch.Generator().manual_seed(5)
     pairs = [
         ("inception", chs_net.InceptionConv(6, 12), reference.InceptionConv(6, 12), (6, 20, 28)),
+        ("inception, low-pass first", chs_net.InceptionConv(2, 16), reference.InceptionConv(2, 16), (2, 20, 28)),
         ("residual block", chs_net.ResidualInceptionBlock(6, 12), reference.ResidualInceptionBlock(6, 12), (6, 20, 28)),
         ("odd-size block", chs_net.ResidualInceptionBlock(5, 8), reference.ResidualInceptionBlock(5, 8), (5, 17, 23)),
         ("hybrid pool", spectral_pooling.HybridPool2d(6, 8), reference.HybridPool2d(6, 8), (6, 20, 28)),
@@ -155,8 +156,11 @@ def _block_pairs():
         yield name, new, old, torch.randn((3,) + shape, generator=generator).relu()
 
 
-def test_train_mode_blocks_match_the_reference():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_train_mode_blocks_match_the_reference(layout):
     """Train mode block by block in float32: outputs, input and parameter gradients, running statistics.
+
+    Channels-last is how the blocks run inside the network; contiguous input must work too.
 
     Block by block because a whole float32 cascade in train mode is chaotic: batch statistics of
     nearly constant channels amplify float rounding (a 1e-7 relative change of the input moves
@@ -165,6 +169,7 @@ def test_train_mode_blocks_match_the_reference():
     """
     for name, new, old, x in _block_pairs():
         new.train(), old.train()
+        x = x.contiguous(memory_format=layout)
         x_new, x_old = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_new, out_old = new(x_new), old(x_old)
         assert_close(out_new, out_old, what=f"{name} output")
@@ -188,6 +193,8 @@ def test_attention_matches_the_reference():
     old.load_state_dict(new.state_dict(), strict=True)
     x, g = torch.randn(2, 6, 16, 12).relu(), torch.randn(2, 9, 8, 6)
     assert_close(new(x, g), old(x, g), what="attention output")
+    x, g = x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    assert_close(new(x, g), old(x, g), what="attention output, channels-last")
 
 
 @pytest.mark.parametrize("size", [(37, 53), (64, 64), (96, 96)])
