@@ -62,22 +62,66 @@ Readings chosen where the paper is ambiguous (configurable through the construct
   4.26 M parameters for the cascade (2.13 M per RAIU-Net) and 30.5 GFLOPs at 256x256
   (FlopCounterMode, FFTs not counted); the per-net reading would need ``base`` of about 84.  The
   shipped variant (``base=16``) has 0.37 M parameters, 3.15 GFLOPs.  See :data:`SIZES`.
-* CPU cost: the design has many small ops (about 350 convolutions and 88 FFTs per forward pass of
-  the cascade), so on CPU its speed is bound by per-op overhead rather than by FLOPs.
+* CPU cost: the design has many cheap, memory-bound ops on wide maps (about 350 convolutions and
+  44 FFT low-pass / spectral pooling calls per forward pass of the cascade), so on CPU its speed
+  is bound by memory traffic and per-op overhead rather than by FLOPs; see below.
 * Recipe: the summary gives 256x256 slices and the loss; optimizer and schedule are not given:
   Adam, lr 1e-3, poly decay, batch 8, 100 epochs (the U-Net baseline's recipe, for comparability).
   Preprocessing: HU window [-1250, 250] scaled to [0, 1], slices resized to 256x256.
+
+CPU implementation (same function, same layers, same ``state_dict``)
+--------------------------------------------------------------------
+The readings above fix what the network computes; how it is computed was reworked for CPU speed
+(issue 13: the plain formulation ran at ~3 % of the CPU's convolution peak).  Every step computes
+the same function (float rounding aside) with the same layers, so checkpoints written before load
+and predict as before; ``tests/test_chs_net_equivalence.py`` checks outputs, gradients and
+BatchNorm statistics against a frozen copy of the plain formulation (``tests/chs_net_reference.py``).
+
+* Spectral pooling and the spectral low-pass use real FFTs with cached masks / indices instead
+  of ``fft2`` + ``fftshift`` + crop; the low-pass's backward is the low-pass itself (a symmetric
+  linear map).  See :mod:`.spectral_pooling`.
+* The feature maps are channels-last (:mod:`.fast_layers`): oneDNN's depthwise convolutions,
+  the 3x3 stride-1 max pool and BatchNorm are several times faster on them; 1x1 convolutions
+  run as ``F.linear`` on the NHWC view.
+* The four inception branches' BatchNorms and ReLUs run as one call each on the concatenation
+  (:mod:`.joint_batch_norm`; BatchNorm is per channel).
+* Hybrid pooling: the 1x1 conv of ``cat(max pool, spectral part)`` runs part by part (no
+  concatenation); in the inception branch the low-pass runs after its part's 1x1 conv, which has
+  4-8x fewer channels (both linear, and the low-pass treats every channel alike, so they
+  commute), and that 1x1 conv runs in one matrix product with the 1x1 branch (same input).
+* The 5x5 depthwise convolutions take their weight gradient from one forward depthwise
+  convolution per image (:class:`.fast_layers.DepthwiseConv2d`); oneDNN's own falls back to a
+  generic grouped kernel for 5x5.
+* Tried and left out, no measurable gain: a 3x3 stride-1 max pool as 1x3 then 3x1 (exact, but
+  slower in both layouts; channels-last makes PyTorch's own 3x3 kernel ~4x faster), one depthwise
+  convolution for the 3x3 and 5x5 branches (5x5 kernels, 2 outputs per group: oneDNN runs it
+  3-5x slower than the two), block-diagonal or dense composed convolutions for the branches, and
+  a depthwise input gradient computed as a forward convolution.
+
+Measured with ``benchmarks/chs_net_speed.py`` (``benchmarks/results/chs_net_speed.md`` has the
+details): shipped variant (``base=16``), batch 4, one thread, ``OMP_WAIT_POLICY=PASSIVE``, ms per
+sample, process CPU time, fastest of 5 runs, mean of two alternating before/after rounds, on a
+2-core machine that four other trainings kept at load 5-7 (so memory-bound code is slowed more):
+
+=========  ==============================  ==============================
+size       forward: before -> after        training step: before -> after
+=========  ==============================  ==============================
+256x256    1430 -> 392   (3.6x)            2543 -> 1074   (2.4x)
+160x160     367 -> 112   (3.3x)             854 ->  323   (2.6x)
+=========  ==============================  ==============================
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
+from .fast_layers import DepthwiseConv2d, PointwiseConv2d, cat_channels, pointwise_conv
+from .joint_batch_norm import joint_batch_norm
 from .losses import BCEDiceLoss
 from .registry import NetworkSpec, Recipe, register
 from .spectral_pooling import HybridPool2d, HybridPoolBranch2d, global_spectral_pool2d
@@ -98,15 +142,30 @@ class SeparableConvBN(nn.Sequential):
     def __init__(self, cin: int, cout: int, k: int, relu: bool = True):
         layers: List[nn.Module] = []
         if k > 1:
-            layers.append(nn.Conv2d(cin, cin, k, padding=k // 2, groups=cin, bias=False))
-        layers += [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+            layers.append(DepthwiseConv2d(cin, k))
+        layers += [PointwiseConv2d(cin, cout, bias=False), nn.BatchNorm2d(cout)]
         if relu:
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
+        self.n_convs = 2 if k > 1 else 1
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutions only (depthwise and pointwise), without BN and ReLU."""
+        for conv in list(self)[: self.n_convs]:
+            x = conv(x)
+        return x
+
+    @property
+    def norm(self) -> nn.BatchNorm2d:
+        return self[self.n_convs]
 
 
 class InceptionConv(nn.Module):
-    """Separable 1x1, 3x3, 5x5 and stride-1 hybrid pooling in parallel (each BN+ReLU), concat, 1x1 Conv-BN-ReLU."""
+    """Separable 1x1, 3x3, 5x5 and stride-1 hybrid pooling in parallel (each BN+ReLU), concat, 1x1 Conv-BN-ReLU.
+
+    The four branches' BatchNorms and ReLUs run as one call each on the concatenation (exact:
+    BatchNorm is per channel, see :mod:`.joint_batch_norm`); the layers stay one per branch.
+    """
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -114,12 +173,29 @@ class InceptionConv(nn.Module):
         self.branches = nn.ModuleList([SeparableConvBN(cin, branch, k) for k in (1, 3, 5)])
         self.pool_branch = nn.Sequential(HybridPoolBranch2d(cin, branch), nn.BatchNorm2d(branch), nn.ReLU(inplace=True))
         self.merge = nn.Sequential(
-            nn.Conv2d(4 * branch, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            PointwiseConv2d(4 * branch, cout, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [b(x) for b in self.branches] + [self.pool_branch(x)]
-        return self.merge(torch.cat(parts, dim=1))
+        first, pooled = self._one_by_one_and_pool(x)
+        convolved = cat_channels([first, self.branches[1].convolve(x), self.branches[2].convolve(x), pooled])
+        norms = [b.norm for b in self.branches] + [self.pool_branch[1]]
+        return self.merge(F.relu(joint_batch_norm(convolved, norms), inplace=True))
+
+    def _one_by_one_and_pool(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The 1x1 branch and the pooling branch, before BN.
+
+        When the pooling branch low-passes after a 1x1 conv of ``x`` (see
+        :class:`HybridPoolBranch2d`), that conv and the 1x1 branch read the same ``x`` and run as
+        one matrix product with the two weights stacked: ``x`` is read once, and its gradient is
+        written once instead of twice and summed.
+        """
+        one_by_one, pool = self.branches[0], self.pool_branch[0]
+        if not pool.lowpass_after_projection():
+            return one_by_one.convolve(x), pool(x)
+        weights = torch.cat([one_by_one[0].weight, pool.projection_weight()])
+        first, projected = pointwise_conv(x, weights).split(one_by_one[0].out_channels, dim=1)
+        return first, pool(x, projected)
 
 
 class ResidualInceptionBlock(nn.Module):
@@ -131,7 +207,7 @@ class ResidualInceptionBlock(nn.Module):
         self.shortcut = SeparableConvBN(cin, cout, 3, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        return torch.relu_(self.body(x) + self.shortcut(x))
 
 
 class SpectralSpatialDepthAttention(nn.Module):
@@ -145,8 +221,8 @@ class SpectralSpatialDepthAttention(nn.Module):
             nn.Conv2d(hidden, skip_channels, 1), nn.Sigmoid(),
         )
         self.theta = nn.Conv2d(skip_channels, hidden, 2, stride=2, bias=False)
-        self.phi = nn.Conv2d(gate_channels, hidden, 1)
-        self.psi = nn.Conv2d(hidden, 1, 1)
+        self.phi = PointwiseConv2d(gate_channels, hidden)
+        self.psi = PointwiseConv2d(hidden, 1)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         x = x * self.depth(global_spectral_pool2d(x))
@@ -186,9 +262,10 @@ class RAIUNet(nn.Module):
             self.attentions.append(SpectralSpatialDepthAttention(w_high, w_low))
             self.ups.append(nn.ConvTranspose2d(w_low, w_high, 2, stride=2))
             self.decoders.append(ResidualInceptionBlock(2 * w_high, w_high))
-        self.head = nn.Conv2d(widths[0], out_channels, 1)
+        self.head = PointwiseConv2d(widths[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)  # the maps stay channels-last (see fast_layers)
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x if i == 0 else self.pools[i - 1](x))
@@ -196,7 +273,7 @@ class RAIUNet(nn.Module):
         x = skips.pop()
         for att, up, dec in zip(self.attentions, self.ups, self.decoders):
             skip = att(skips.pop(), x)
-            x = dec(torch.cat([up(x), skip], dim=1))
+            x = dec(cat_channels([up(x), skip]))
         return self.head(x)
 
 
@@ -222,9 +299,9 @@ class CHSNet(nn.Module):
         infection = infection_raw
         if self.restrict_to_lung and not self.training:
             infection = torch.minimum(infection_raw, lung_logits)
-        return {
-            "logits": crop_to(torch.cat([lung_logits, infection], dim=1), crop),
-            "infection_raw_logits": crop_to(infection_raw, crop),
+        return {  # contiguous, whatever layout the nets ran in
+            "logits": crop_to(torch.cat([lung_logits, infection], dim=1), crop).contiguous(),
+            "infection_raw_logits": crop_to(infection_raw, crop).contiguous(),
         }
 
 

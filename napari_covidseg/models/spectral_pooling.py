@@ -29,29 +29,87 @@ Readings chosen (CHS-Net's text is short on these)
 * Global spectral pooling to ``1 x 1 x C`` keeps only the DC term of each channel's spectrum,
   which with this scaling is exactly the spatial mean; :func:`global_spectral_pool2d` computes it
   as the mean (identical value, no FFT), which the tests check against the FFT's DC term.
+
+Implementation (same numbers as the readings above, to float rounding)
+-----------------------------------------------------------------------
+The readings are stated with complex FFTs and ``fftshift``; the code computes the same outputs
+with real FFTs of the input (half the spectrum, no shifts):
+
+* Taking the real part of ``ifft(Y)`` equals ``ifft`` of the Hermitian part
+  ``(Y(f) + conj(Y(-f))) / 2`` of ``Y``, which ``irfft`` can invert from half the spectrum.
+* Low-pass: the Hermitian part of ``X * M`` is ``X * (M(f) + M(-f)) / 2``, a real, cached weight
+  table (1/2 on the unpaired edge of an even band).  The filter is then a symmetric linear map, so
+  its backward pass is the same filter applied to the gradient, and the FFTs along the rows only
+  see the columns the band keeps.
+* Spectral pooling: the kept rows and columns are read from ``rfft2`` by cached indices; only
+  the output's Nyquist row and column (even output sizes) combine two input frequencies.
+
+``tests/test_chs_net_equivalence.py`` checks all of this against a frozen copy of the
+complex-FFT code for even and odd sizes, outputs and gradients.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _centre_slice(n: int, m: int) -> slice:
-    """Indices of the ``m`` frequencies around DC in an fftshift-ed axis of length ``n``."""
-    start = n // 2 - m // 2
-    return slice(start, start + m)
+from .fast_layers import PointwiseConv2d, like_layout, pointwise_conv
 
 
-def _crop_spectrum(x: torch.Tensor, out_size: Tuple[int, int]) -> torch.Tensor:
-    """Centred (fftshift-ed) spectrum of the last two dims, cropped to ``out_size``; mean = DC."""
-    h, w = x.shape[-2:]
-    oh, ow = out_size
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="forward"), dim=(-2, -1))
-    return spectrum[..., _centre_slice(h, oh), _centre_slice(w, ow)]
+def _fft_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 for the FFTs (half precision has no CPU FFT), float64 kept as it is."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _kept_frequencies(m: int) -> List[int]:
+    """Signed frequencies of the centre crop of length ``m``, in the (unshifted) order of a length-``m`` FFT axis.
+
+    ``fftshift``, keeping the ``m`` entries centred on DC and ``ifftshift`` keep the frequencies
+    ``-(m // 2) .. m - 1 - m // 2``; output index ``r`` holds frequency ``r`` for the non-negative
+    ones and ``r - m`` for the others.  For even ``m`` the most negative one, ``-m/2``, is the
+    Nyquist frequency of the output and has no positive partner.
+    """
+    return [r if r <= m - 1 - m // 2 else r - m for r in range(m)]
+
+
+def _with_nyquist_mirrored(freqs: List[int], m: int) -> List[int]:
+    """``freqs`` with the unpaired ``-m/2`` (even ``m``) replaced by its partner ``+m/2``."""
+    return [-f if m % 2 == 0 and f == -(m // 2) else f for f in freqs]
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_rows(h: int, oh: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices into an ``h``-row spectrum for :func:`spectral_pool2d` to ``oh`` rows (cached).
+
+    ``(kept, kept with -oh/2 -> +oh/2, negated kept)``, each modulo ``h``; see :func:`spectral_pool2d`.
+    """
+    kept = _kept_frequencies(oh)
+    rows = (kept, _with_nyquist_mirrored(kept, oh), [-f for f in kept])
+    with torch.inference_mode(False):  # usable by autograd even when first built under inference mode
+        return tuple(torch.tensor([f % h for f in r], dtype=torch.long, device=device) for r in rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _lowpass_half_mask(h: int, w: int, oh: int, ow: int, device: torch.device) -> torch.Tensor:
+    """Real ``(h, ow // 2 + 1)`` weights that :func:`spectral_lowpass2d` applies to a half spectrum (cached).
+
+    The centre-crop mask ``M = My x Mx`` is not point-symmetric for even band widths (the
+    unpaired ``-m/2``), and taking the real part of the inverse FFT of ``X * M`` equals the
+    inverse FFT of ``X * (M(f) + M(-f)) / 2``: weight 1 inside the band, 1/2 on its unpaired
+    edges (and on the two corners that are the mirror image of each other), 0 outside.  Columns
+    above ``ow // 2`` are all zero and left out.
+    """
+    with torch.inference_mode(False):  # usable by autograd even when first built under inference mode
+        my, mx = torch.zeros(h), torch.zeros(w)
+        my[[f % h for f in _kept_frequencies(oh)]] = 1.0
+        mx[[f % w for f in _kept_frequencies(ow)]] = 1.0
+        mask = my[:, None] * mx[None, :]
+        mirrored = torch.roll(torch.flip(mask, (0, 1)), (1, 1), (0, 1))  # M(-f): index i -> (-i) mod n
+        return ((mask + mirrored) / 2)[:, : ow // 2 + 1].contiguous().to(device)
 
 
 def spectral_pool2d(x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -59,6 +117,12 @@ def spectral_pool2d(x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None)
 
     Keeps the mean of every channel; a map whose spectrum lies inside the kept band is resampled
     exactly (band-limited interpolation), higher frequencies are removed instead of aliased.
+
+    Computed with a real FFT (same numbers as the crop described in the module docstring): the
+    real part of the inverse FFT of the crop ``Y`` is the inverse FFT of its Hermitian part
+    ``(Y(f) + conj(Y(-f))) / 2``, which is ``(X(f) + X(f')) / 2`` with ``f'`` equal to ``f`` except
+    that an unpaired ``-o/2`` becomes ``+o/2``.  Both terms are read from the half spectrum of
+    ``rfft2``; the output's Nyquist column (even ``ow``) holds ``X(fy, -ow/2) = conj(X(-fy, ow/2))``.
     """
     h, w = x.shape[-2:]
     if out_size is None:
@@ -66,26 +130,62 @@ def spectral_pool2d(x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None)
     oh, ow = int(out_size[0]), int(out_size[1])
     if not (1 <= oh <= h and 1 <= ow <= w):
         raise ValueError(f"spectral pooling can only shrink: input {h}x{w}, asked for {oh}x{ow}")
-    cropped = _crop_spectrum(x, (oh, ow))
-    out = torch.fft.ifft2(torch.fft.ifftshift(cropped, dim=(-2, -1)), norm="forward").real
-    return out.to(x.dtype)
+    half = torch.fft.rfft2(_fft_input(x), norm="forward")[..., : ow // 2 + 1]
+    kept, mirrored, negated = _pool_rows(h, oh, x.device)
+    first = half.index_select(-2, kept)
+    if ow % 2 == 0:
+        nyquist_column = half[..., -1:].index_select(-2, negated).conj()
+        first = torch.cat([first[..., :-1], nyquist_column], dim=-1)
+    hermitian = (first + half.index_select(-2, mirrored)) * 0.5
+    return like_layout(torch.fft.irfft2(hermitian, s=(oh, ow), norm="forward").to(x.dtype), x)
+
+
+def _apply_half_mask(x: torch.Tensor, half_mask: torch.Tensor) -> torch.Tensor:
+    """``irfft2(rfft2(x) * half_mask)`` over the last two dims (``norm="forward"``), at least in float32.
+
+    Done axis by axis so that only the ``half_mask.shape[-1]`` columns that the mask keeps go
+    through the FFTs along the rows (the others are zero): the same numbers as the 2D transforms,
+    at about half the cost.
+    """
+    columns = half_mask.shape[-1]
+    spectrum = torch.fft.rfft(_fft_input(x), dim=-1, norm="forward")[..., :columns]
+    spectrum = torch.fft.fft(spectrum, dim=-2, norm="forward").mul_(half_mask)
+    spectrum = torch.fft.ifft(spectrum, dim=-2, norm="forward")
+    return like_layout(torch.fft.irfft(spectrum, n=x.shape[-1], dim=-1, norm="forward"), x)
+
+
+class _SymmetricSpectralFilter(torch.autograd.Function):
+    """``irfft2(rfft2(x) * half_mask)`` whose backward is the same filter applied to the gradient.
+
+    With a real weight that is point-symmetric in frequency (``M(f) = M(-f)``) the filter is a
+    circular convolution with a real, point-symmetric kernel, i.e. a symmetric linear map, so it is
+    its own adjoint.  This backward costs one forward; autograd's own backward of ``rfft2`` builds
+    the full complex spectrum and costs about three.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, half_mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(half_mask)
+        return _apply_half_mask(x, half_mask)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (half_mask,) = ctx.saved_tensors
+        return _apply_half_mask(grad, half_mask), None
 
 
 def spectral_lowpass2d(x: torch.Tensor, keep: float = 0.5) -> torch.Tensor:
     """Ideal low-pass filter of the last two dims keeping the central ``keep`` fraction of frequencies per axis.
 
     The stride-1 counterpart of :func:`spectral_pool2d` (same band, same size as the input).
+    Computed as ``irfft2(rfft2(x) * weights)`` with the cached weights of :func:`_lowpass_half_mask`.
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], not {keep}")
     h, w = x.shape[-2:]
     oh, ow = max(1, int(round(h * keep))), max(1, int(round(w * keep)))
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float(), norm="forward"), dim=(-2, -1))
-    mask = torch.zeros((h, w), dtype=torch.bool, device=x.device)
-    mask[_centre_slice(h, oh), _centre_slice(w, ow)] = True
-    spectrum = spectrum * mask
-    out = torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1)), norm="forward").real
-    return out.to(x.dtype)
+    half_mask = _lowpass_half_mask(h, w, oh, ow, x.device)
+    return _SymmetricSpectralFilter.apply(x, half_mask).to(x.dtype)
 
 
 def global_spectral_pool2d(x: torch.Tensor) -> torch.Tensor:
@@ -105,24 +205,49 @@ class HybridPool2d(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.merge = nn.Sequential(
-            nn.Conv2d(2 * channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+            PointwiseConv2d(2 * channels, out_channels, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.merge(torch.cat([F.max_pool2d(x, 2), spectral_pool2d(x)], dim=1))
+        merge = self.merge[0].forward_parts([F.max_pool2d(x, 2), spectral_pool2d(x)])  # = conv of the concatenation
+        return self.merge[2](self.merge[1](merge))
 
 
 class HybridPoolBranch2d(nn.Module):
     """Stride-1 hybrid pooling for the inception branch: 3x3 max pool and spectral low-pass in parallel, 1x1 conv.
 
     BatchNorm and ReLU follow in the inception block, like every other branch.
+
+    The 1x1 conv of the concatenation is computed as one 1x1 conv per part, summed.  The low-pass
+    and the 1x1 conv of its part are both linear, and the low-pass treats every channel alike, so
+    they commute: the low-pass runs after the 1x1 conv when that has fewer output than input
+    channels (in CHS-Net 4 to 8 times fewer), before it otherwise.  Same function, fewer FFTs.
     """
 
     def __init__(self, in_channels: int, out_channels: int, keep: float = 0.5):
         super().__init__()
         self.keep = keep
-        self.merge = nn.Conv2d(2 * in_channels, out_channels, 1, bias=False)
+        self.merge = PointwiseConv2d(2 * in_channels, out_channels, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def lowpass_after_projection(self) -> bool:
+        """Whether the low-pass runs after the 1x1 conv of its part (which then has fewer channels)."""
+        return self.merge.out_channels < self.merge.in_channels // 2
+
+    def projection_weight(self) -> torch.Tensor:
+        """The 1x1 conv weight of the low-pass part (the second half of the input channels)."""
+        return self.merge.weight_parts([self.merge.in_channels // 2] * 2)[1]
+
+    def forward(self, x: torch.Tensor, projected: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``projected``: the low-pass part's 1x1 conv of ``x``, if the caller has computed it already.
+
+        (:class:`~napari_covidseg.models.chs_net.InceptionConv` computes it in one matrix product
+        with its 1x1 branch, which reads the same ``x``.)
+        """
+        weight_max, weight_low = self.merge.weight_parts([x.shape[1], x.shape[1]])
+        if self.lowpass_after_projection():
+            projected = pointwise_conv(x, weight_low) if projected is None else projected
+            low = spectral_lowpass2d(projected, self.keep)
+        else:
+            low = pointwise_conv(spectral_lowpass2d(x, self.keep), weight_low)
         pooled = F.max_pool2d(x, 3, stride=1, padding=1)
-        return self.merge(torch.cat([pooled, spectral_lowpass2d(x, self.keep)], dim=1))
+        return pointwise_conv(pooled, weight_max).add_(low)
