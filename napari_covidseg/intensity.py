@@ -15,12 +15,13 @@ A network is trained in one domain (stored in its checkpoint, see
 is possible (we choose the windowing); mapping display values back into HU is not, and asking for
 it raises :class:`DomainError` with that reason.
 
-The HU -> 8-bit mapping used by the networks trained on real data is
-:data:`CT_SEG_PNG_RECIPE`, the recipe that made the largest public 8-bit set (Ma et al.'s
-COVID-19-CT-Seg as published by dstaroff): each slice resampled to 256 x 256, min-max
-normalised to 0..255, then contrast-limited adaptive histogram equalisation (OpenCV clip limit 7,
-8 x 8 tiles).  A HU CT mapped this way looks like the slices those networks learnt from.  The
-other mapping, :func:`window_to_display8`, is a plain lung window.
+Two HU -> 8-bit mappings are provided.  :data:`LUNG_WINDOW` (W 1500 / L -600 -> 0..255, the
+radiological lung window) is the one the shipped networks use: it maps the same HU to the same
+grey value whatever the slice's content or resolution.  :data:`CT_SEG_PNG_RECIPE` repeats how the
+largest public 8-bit set was made (Ma et al.'s COVID-19-CT-Seg as published by dstaroff: each slice
+resampled to 256 x 256, min-max normalised to 0..255, then CLAHE with OpenCV clip limit 7 on
+8 x 8 tiles); being adaptive, it turned the smooth parenchyma of a low-resolution CT into blotches
+a network read as infection, so it is kept only as an option (``--hu-to-display8 recipe``).
 """
 
 from __future__ import annotations
