@@ -5,8 +5,10 @@ rule: channels-last helps a network whose time goes to large convolutions that o
 in NHWC and costs one whose time goes to ops that are slower there, so it is a per-network
 setting.  Every setting gives the same masks (the outputs agree to float rounding).
 
-* ``channels_last``: the model's weights and its input in ``torch.channels_last``
-  (``channels_last_3d`` for 3D networks).
+* ``channels_last``: the network's input in ``torch.channels_last`` (``channels_last_3d`` for 3D
+  networks); the convolutions then run, and hand on their output, channels-last.  The model's own
+  parameters are left as they are (the trainer validates with this code, and a training model's
+  weights must keep their layout for resumed runs to stay bit-exact).
 * ``compile`` (opt-in, off by default; ``COVIDSEG_COMPILE=1`` turns it on): ``torch.compile`` of
   the model, compiled once per model object and process and reused for every volume (the compile
   takes tens of seconds on a CPU); 2D batches are padded to the full batch size so one compiled
@@ -67,15 +69,12 @@ def to_format(x: torch.Tensor, settings: InferenceSettings, dims: int) -> torch.
 
 
 def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSettings, dims: int) -> Callable:
-    """The model on ``device`` in eval mode and ``settings``' memory format; returns the callable
-    to run it with (the compiled model where asked for and possible, else the model).
+    """The model on ``device`` in eval mode; returns the callable to run it with (the compiled model where asked for and possible, else the model).
 
     The compiled callable is kept on the model object itself, so it lives as long as the model
     and every volume segmented with that model reuses it.
     """
     model = model.to(device).eval()
-    if settings.channels_last:
-        model = model.to(memory_format=memory_format(dims))
     if not settings.compile or model.__dict__.get(_FAILED):
         return model
     if _COMPILED not in model.__dict__:
