@@ -79,27 +79,52 @@ class Pipeline:
     shapes: List[tuple] = field(default_factory=list)
 
 
-def project_pipeline(network: str, channels_last: Optional[bool] = None, compile: bool = False) -> Pipeline:
+def describe(settings) -> str:
+    from napari_covidseg import onnx_backend
+
+    backend = "ONNX Runtime" if settings.onnx and onnx_backend.available() else "PyTorch"
+    return f"{backend}, {'channels-last' if settings.channels_last else 'contiguous'}"
+
+
+def project_pipeline(network: str, compile: bool = False, **overrides) -> Pipeline:
+    """``segment_volume`` with the shipped weights; ``overrides`` replace fields of the network's
+    inference settings (the alternatives the chosen settings are measured against)."""
+    from dataclasses import replace
+
     from napari_covidseg import inference_settings
     from napari_covidseg.checkpoint import load_shipped
     from napari_covidseg.inference import segment_volume
 
     loaded = load_shipped(network, map_location="cpu")
     prep = loaded.preprocessing
-    layout = "" if channels_last is None else (" [channels-last]" if channels_last else " [contiguous]")
+    settings = replace(inference_settings.NETWORK_SETTINGS[network], **overrides)
 
     def run(ct):
         chosen = inference_settings.NETWORK_SETTINGS[network]
-        if channels_last is not None:
-            inference_settings.NETWORK_SETTINGS[network] = inference_settings.InferenceSettings(channels_last)
+        inference_settings.NETWORK_SETTINGS[network] = settings
         try:
             return segment_volume(loaded, ct, SPACING, device="cpu", domain="hu", compile=compile)
         finally:
             inference_settings.NETWORK_SETTINGS[network] = chosen
 
     size = prep.inplane_size or prep.target_spacing
-    what = f"shipped weights, {prep.domain} domain, {'in-plane ' + str(tuple(size)) if prep.inplane_size else 'target spacing ' + str(size)}"
-    return Pipeline(network + layout + (" [compiled]" if compile else ""), "project", what, loaded.model, run)
+    what = (f"shipped weights, {prep.domain} domain, "
+            f"{'in-plane ' + str(tuple(size)) if prep.inplane_size else 'target spacing ' + str(size)}; {describe(settings)}")
+    label = f" [{describe(settings)}]" if overrides else ""
+    return Pipeline(network + label + (" [compiled]" if compile else ""), "project", what, loaded.model, run)
+
+
+def alternatives(network: str) -> List[Pipeline]:
+    """The settings not chosen: the other memory format in PyTorch, and PyTorch where ONNX Runtime is chosen."""
+    from napari_covidseg import onnx_backend
+    from napari_covidseg.inference_settings import NETWORK_SETTINGS
+
+    chosen = NETWORK_SETTINGS[network]
+    uses_onnx = chosen.onnx and onnx_backend.available()
+    out = [project_pipeline(network, channels_last=not chosen.channels_last, onnx=False)]
+    if uses_onnx:
+        out.append(project_pipeline(network, channels_last=chosen.channels_last, onnx=False))
+    return out
 
 
 def _normalised(ct: np.ndarray) -> np.ndarray:
@@ -179,35 +204,50 @@ def peer_pipelines(folder: Path) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
-def _hook(pipeline: Pipeline) -> list:
-    """Forward hooks that add each forward's (wall, CPU) seconds and input shape to the pipeline."""
+def _hook(pipeline: Pipeline) -> Callable[[], None]:
+    """Record each forward's (wall, CPU) seconds and input shape; returns the undo.  Peers: hooks on
+    their network; project pipelines: around ``inference._forward_logits``, whatever runs the
+    network (PyTorch, ONNX Runtime, a compiled graph)."""
+    from napari_covidseg import inference
+
+    def start(shape):
+        pipeline.shapes.append(tuple(shape))
+        return time.perf_counter(), time.process_time()
+
+    def stop(started):
+        pipeline.forward_times[-1][0] += time.perf_counter() - started[0]
+        pipeline.forward_times[-1][1] += time.process_time() - started[1]
+
+    if pipeline.group == "project":
+        real = inference._forward_logits
+
+        def timed(model, x, stride):
+            started = start(inference._pad_to_multiple(x, stride)[0].shape)
+            try:
+                return real(model, x, stride)
+            finally:
+                stop(started)
+
+        inference._forward_logits = timed
+        return lambda: setattr(inference, "_forward_logits", real)
     state = {}
-
-    def before(module, args):
-        state["t"] = (time.perf_counter(), time.process_time())
-        pipeline.shapes.append(tuple(args[0].shape))
-
-    def after(module, args, output):
-        wall, cpu = state.pop("t")
-        pipeline.forward_times[-1][0] += time.perf_counter() - wall
-        pipeline.forward_times[-1][1] += time.process_time() - cpu
-
-    return [pipeline.model.register_forward_pre_hook(before), pipeline.model.register_forward_hook(after)]
+    handles = [pipeline.model.register_forward_pre_hook(lambda m, args: state.update(t=start(args[0].shape))),
+               pipeline.model.register_forward_hook(lambda m, args, out: stop(state.pop("t")))]
+    return lambda: [h.remove() for h in handles]
 
 
 def run_once(pipeline: Pipeline, ct: np.ndarray) -> dict:
     """One timed call of the pipeline: whole call and its forward passes, wall and CPU seconds."""
     pipeline.forward_times.append([0.0, 0.0])
     pipeline.shapes.clear()
-    handles = _hook(pipeline)
+    undo = _hook(pipeline)
     try:
         before = load()
         wall, cpu = time.perf_counter(), time.process_time()
         pipeline.run(ct)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
-        for handle in handles:
-            handle.remove()
+        undo()
     fw_wall, fw_cpu = pipeline.forward_times[-1]
     return {"wall_s": wall, "cpu_s": cpu, "forward_wall_s": fw_wall, "forward_cpu_s": fw_cpu,
             "load": (before + load()) / 2}
@@ -565,8 +605,8 @@ def speed(args, folder: Path) -> dict:
     print(f"conv peak: {peak}", flush=True)
     peers, missing = peer_pipelines(folder)
     project = [project_pipeline(n) for n in PROJECT]
-    other_layout = [project_pipeline(n, not NETWORK_SETTINGS[n].channels_last) for n in PROJECT]
-    pipelines = project + other_layout + peers
+    others = [p for n in PROJECT for p in alternatives(n)]
+    pipelines = project + others + peers
     runs = time_pipelines(pipelines, ct, args.rounds)
     rows = []
     for pipeline in pipelines:  # its shapes are those of its last timed run
@@ -574,11 +614,11 @@ def speed(args, folder: Path) -> dict:
     layouts = []
     for network in PROJECT:
         chosen = next(r for r in rows if r["name"] == network)
-        other = next(r for r in rows if r["name"].startswith(network + " ["))
-        layouts.append({"network": network, "chosen_channels_last": NETWORK_SETTINGS[network].channels_last,
-                        "chosen_forward_s": chosen["forward_s_per_slice_cpu"], "other": other["name"],
-                        "other_forward_s": other["forward_s_per_slice_cpu"],
-                        "speedup_of_chosen": other["forward_s_per_slice_cpu"] / chosen["forward_s_per_slice_cpu"]})
+        for other in (r for r in rows if r["name"].startswith(network + " [")):
+            layouts.append({"network": network, "chosen": describe(NETWORK_SETTINGS[network]),
+                            "chosen_forward_s": chosen["forward_s_per_slice_cpu"], "other": other["name"],
+                            "other_forward_s": other["forward_s_per_slice_cpu"],
+                            "speedup_of_chosen": other["forward_s_per_slice_cpu"] / chosen["forward_s_per_slice_cpu"]})
     extra = {}
     if args.compile:
         extra["compile"] = [compiled(n, ct, args.rounds) for n in args.compile]
@@ -699,11 +739,10 @@ def _other_tables(result: dict) -> List[str]:
     lines = []
     speed = result.get("speed", {})
     if speed.get("layouts"):
-        lines += ["", "### Memory format (forward CPU s / slice)", "",
+        lines += ["", "### Inference settings: chosen against the alternatives (forward CPU s / slice)", "",
                   "| network | chosen | forward | other | forward | chosen is faster by |", "|---|---|---|---|---|---|"]
         for row in speed["layouts"]:
-            chosen = "channels-last" if row["chosen_channels_last"] else "contiguous"
-            lines.append(f"| {row['network']} | {chosen} | {row['chosen_forward_s']:.3f} | {row['other']} | "
+            lines.append(f"| {row['network']} | {row['chosen']} | {row['chosen_forward_s']:.3f} | {row['other']} | "
                          f"{row['other_forward_s']:.3f} | {row['speedup_of_chosen']:.2f}x |")
     if result.get("threads"):
         lines += ["", "### Threads on a shared CPU (U-Net base 16, batch 4, 256x256; median of child processes)", "",

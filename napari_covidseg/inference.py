@@ -30,8 +30,9 @@ Readings chosen
   ``"gaussian"`` (centre-weighted, sigma = patch / 8, as in nnU-Net; weights never reach zero so
   every voxel is covered).  The probabilities are then resampled back (trilinear) to the original
   grid.  Patches run one at a time (``batch_size`` applies to 2D slices only).
-* Per-network CPU settings (channels-last, an opt-in ``torch.compile``) come from
-  :mod:`napari_covidseg.inference_settings`; they do not change the result beyond float rounding.
+* Per-network CPU settings (channels-last weights, ONNX Runtime where installed, an opt-in
+  ``torch.compile``) come from :mod:`napari_covidseg.inference_settings`; they do not change the
+  result beyond float rounding.
 * On CUDA the forward passes run under ``torch.autocast`` (bfloat16 where the GPU supports it,
   else float16); on CPU in float32.  Everything runs under ``torch.inference_mode()``.
 * ``progress(done, total)`` is called after each batch (2D) or patch (3D); ``should_cancel()`` is
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .intensity import HU, check_domain
-from .inference_settings import InferenceSettings, prepare_model, settings_for, to_format
+from .inference_settings import InferenceSettings, prepare_model, settings_for, weights_layout
 from .models.registry import NetworkSpec
 from .preprocessing import Preprocessing, clip_to_domain, in_network_domain, normalise, zscore_stats
 from .streaming import resample_slices, resize_inplane
@@ -238,7 +239,7 @@ class _Run:
         if self.settings.compile and self.dims == 2 and n < self.batch_size:
             x = torch.cat([x, x.new_zeros((self.batch_size - n,) + tuple(x.shape[1:]))])  # one compiled shape
         with _autocast(self.device, self.amp):
-            logits = _forward_logits(self.model, to_format(x, self.settings, self.dims), self.stride)
+            logits = _forward_logits(self.model, x, self.stride)
         return torch.sigmoid(logits[:n].float())
 
     def in_domain(self, slices: np.ndarray) -> np.ndarray:
@@ -290,7 +291,7 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
                int(batch_size), amp, progress, should_cancel)
     _check_cancel(should_cancel)
     output = _Output(ct.shape, threshold, keep)
-    with torch.inference_mode():
+    with weights_layout(model, settings, dims), torch.inference_mode():
         if dims == 2:
             _predict_2d(run, ct, output)
         else:

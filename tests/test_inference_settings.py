@@ -93,3 +93,52 @@ def test_openmp_wait_policy(preset, torch_first, expected):
     code = ("import torch\n" if torch_first else "") + "import os, napari_covidseg; print(os.environ.get('OMP_WAIT_POLICY'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == str(expected)
+
+
+# --- ONNX Runtime (optional) -------------------------------------------------------------------
+def test_onnx_runtime_gives_the_pytorch_result_and_follows_weight_changes(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    loaded = _loaded("unet", base=4, depth=2)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=False))
+    expected = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=True))
+    got = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    runner = loaded.model.__dict__["_covidseg_onnx"]
+    assert runner.sessions and not runner.failed
+    np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-4)
+    with torch.no_grad():  # a training step changes the weights: the next prediction is exported anew
+        list(loaded.model.parameters())[-1].add_(1.0)  # the output bias
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=False))
+    changed = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=True))
+    again = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    np.testing.assert_allclose(again.probabilities, changed.probabilities, atol=1e-4)
+    assert np.abs(changed.probabilities - expected.probabilities).max() > 1e-3
+
+
+def test_onnx_export_failure_falls_back_to_pytorch_with_one_warning(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    loaded = _loaded("unet", base=4, depth=2)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=False))
+    expected = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fft_rfft2' to ONNX is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=True))
+    with pytest.warns(RuntimeWarning, match="ONNX Runtime is not used for this network.*fft_rfft2"):
+        got = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu")
+    np.testing.assert_array_equal(got.lung, expected.lung)
+    assert loaded.model.__dict__["_covidseg_onnx"].failed
+
+
+def test_onnx_is_not_used_without_onnx_runtime_or_off_the_cpu(monkeypatch):
+    from napari_covidseg import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "available", lambda: False)
+    assert not settings_for("qchc_unet3d", torch.device("cpu")).onnx
+    monkeypatch.setattr(onnx_backend, "available", lambda: True)
+    assert settings_for("qchc_unet3d", torch.device("cpu"), compile=False).onnx
+    assert not settings_for("qchc_unet3d", torch.device("cuda"), compile=False).onnx
+    assert not settings_for("qchc_unet3d", torch.device("cpu"), compile=True).onnx
