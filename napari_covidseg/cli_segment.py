@@ -8,13 +8,19 @@ The CT is anything :func:`napari_covidseg.io.loader.load_any` reads (NIfTI, NRRD
 DICOM folder / .zip / .dcm file with ``--series`` where it holds several CT series, 8-bit slices).
 Writes ``<case>_<network>_lung<ext>`` and ``<case>_<network>_infection<ext>`` (uint8 0/1) with
 the CT's own geometry, and with ``--probabilities`` also ``..._lung_prob<ext>`` and
-``..._infection_prob<ext>`` (float32 in [0, 1]).  ``<ext>`` is the CT's format where it holds
+``..._infection_prob<ext>`` (float32 in [0, 1]; held as float16 while the CT is segmented unless
+``--probability-dtype float32``).  ``<ext>`` is the CT's format where it holds
 labels (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) and ``.nii.gz`` otherwise (DICOM, slices);
 ``<case>`` is the CT's name without its suffix, plus ``_series<S>`` when ``--series`` is given.  Existing files are never replaced unless
 ``--overwrite`` is given; this is checked before the (long) inference starts.
 
 :func:`add_parser` adds the sub-command to ``covidseg``'s argument parser and :func:`run` runs
 it, returning the exit status (0 success, 2 user error as for every covidseg command, 130 interrupted).
+
+Memory: the CT stays in the dtype it was stored in (int16 for a usual CT), the network sees a
+batch of slices (2D) or one band of patches (3D) at a time, and the masks are thresholded as they
+come (see :mod:`napari_covidseg.inference`), so the run needs little more than the CT and its two
+uint8 masks; the probability maps, when asked for, add 4 bytes per voxel (float16, 2 channels).
 """
 
 from __future__ import annotations
@@ -53,9 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint file (.pt) from `python -m training train`; its network is checked against --network")
     parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--out-dir", "-o", required=True, help="folder for the output masks (created if missing)")
-    parser.add_argument("--probabilities", action="store_true", help="also write the probability maps (float32)")
+    parser.add_argument("--probabilities", action="store_true", help="also write the probability maps (float32 files)")
+    parser.add_argument("--probability-dtype", choices=("float16", "float32"), default="float16",
+                        help="precision the probability maps are held in while the CT is segmented (default float16: "
+                        "half the memory; the masks are thresholded from float32 either way)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a voxel is foreground (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=4, help="slices per forward pass for 2D networks (default 4)")
+    parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="patch size of 3D networks (default: the network's training patch); smaller patches "
+                        "need less memory and give slightly different results near patch borders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
 
@@ -144,6 +156,8 @@ def _run(args) -> int:
         raise InputError(f"--threshold must be between 0 and 1, not {args.threshold}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.patch_size is not None and min(args.patch_size) < 1:
+        raise InputError(f"--patch-size must be three positive integers, not {' '.join(map(str, args.patch_size))}")
     device = resolve_device(args.device)  # fail early on a bad device choice
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -164,14 +178,16 @@ def _run(args) -> int:
         raise InputError(f"{ct_path} looks like a mask (it holds only a few integer labels), not a CT in HU")
     geometry = volume.geometry
     loaded.preprocessing.check_can_read(volume.domain, f"`{loaded.network}` ({loaded.path})")
-    ct = np.asarray(volume.data, dtype=np.float32)
+    ct = np.asarray(volume.data)  # as stored (int16 for most CT): no float copy of the whole CT
     spacing = geometry.spacing
     where = f"at {tuple(round(s, 3) for s in spacing)} mm" if volume.spacing_known else "(voxel size unknown)"
     say(f"segmenting {ct_path.name} {ct.shape} (z, y, x) {where}, {DOMAIN_TITLES[volume.domain]}, "
         f"with `{loaded.network}` on {device}")
     started = time.monotonic()
     result = segment_volume(loaded, ct, spacing, threshold=args.threshold, device=device, domain=volume.domain,
-                            batch_size=args.batch_size, progress=_progress_printer(args.quiet))
+                            batch_size=args.batch_size, progress=_progress_printer(args.quiet),
+                            probabilities=args.probabilities, probability_dtype=args.probability_dtype,
+                            patch_size=args.patch_size)
     say(f"done in {time.monotonic() - started:.1f} s")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,8 +195,9 @@ def _run(args) -> int:
     if args.probabilities:
         arrays["lung_prob"] = result.probabilities[0]
         arrays["infection_prob"] = result.probabilities[1]
-    for key, path in outputs.items():
-        save_any(path, arrays[key], geometry, overwrite=args.overwrite)
+    for key, path in outputs.items():  # float16 maps are written as float32 (readable everywhere), one at a time
+        array = arrays[key] if arrays[key].dtype != np.float16 else arrays[key].astype(np.float32)
+        save_any(path, array, geometry, overwrite=args.overwrite)
         say(f"wrote {path}")
     if not args.quiet:
         lung, infection = int(result.lung.sum()), int(result.infection.sum())

@@ -2,24 +2,37 @@
 
 Readings chosen
 ---------------
-* Normalisation is computed **once per volume** (the clip window and, for ``"zscore"``, the mean
-  and standard deviation of the whole clipped CT), never per slice or per patch: a patch that
-  holds only air or only mediastinum would otherwise be stretched to unit variance and look like
-  lung.  Training on patches sees slightly different statistics; that is the usual MIScnn reading.
-* 2D networks run slice by slice in batches of ``batch_size`` slices; only one batch is on the
-  device at a time.  If ``preprocessing.inplane_size`` is set each slice is resized (bilinear) to
-  it and the probabilities are resized back (bilinear) to the slice size; slices are padded
-  (reflect) to a multiple of the network's ``stride`` and the output is cropped back.
-* 3D networks: the volume is resampled (trilinear, ``torch.nn.functional.interpolate``) to
-  ``preprocessing.target_spacing`` when it is set, cut into overlapping patches of ``patch_size``
-  (default: the recipe's ``input_size`` clipped to the volume; a volume smaller than the patch is
-  padded to the network's stride), with step ``patch * (1 - overlap)`` (half-patch overlap by
-  default, as in the QC-HC paper) and the last patch of each axis flush with the far border.
-  Sigmoid probabilities of overlapping patches are averaged, with ``weighting="uniform"`` (plain
-  mean, the paper's reading, default) or ``"gaussian"`` (centre-weighted, sigma = patch / 8, as in
-  nnU-Net; weights never reach zero so every voxel is covered).  The probabilities are then
-  resampled back (trilinear) to the original grid.  Patches run one at a time (``batch_size``
-  applies to 2D slices only): a 160x160x80 patch of a full-width 3D U-Net already needs a few GB.
+* Normalisation uses statistics of the **whole volume** (the clip window and, for ``"zscore"``,
+  the mean and standard deviation of the whole clipped image in the network's domain), never of a
+  slice or a patch: a patch that holds only air or only mediastinum would otherwise be stretched
+  to unit variance and look like lung.  For 3D networks the statistics are those of the volume
+  resampled to the network's grid (what the network sees), for 2D networks those of the image in
+  the network's domain.  Training on patches sees slightly different statistics; that is the
+  usual MIScnn reading.
+* Memory stays bounded: the CT is never copied whole as float.  2D networks read, map into their
+  domain, normalise, predict and threshold a batch of ``batch_size`` slices at a time; 3D networks
+  build the network-grid volume a few slices at a time (:mod:`napari_covidseg.streaming`), keep
+  the overlap-averaging sums only for the band of slices the current row of patches covers, and
+  resample each finished band back to the CT's grid and threshold it at once.  Probabilities are
+  kept only when asked for (``float16`` unless ``float32`` is asked for; the masks are always
+  thresholded from the float32 values, so they do not depend on it).
+* 2D networks run slice by slice in batches; only one batch is on the device at a time.  If
+  ``preprocessing.inplane_size`` is set each slice is resized (bilinear) to it and the
+  probabilities are resized back (bilinear) to the slice size; slices are padded (reflect) to a
+  multiple of the network's ``stride`` and the output is cropped back.
+* 3D networks: the volume is resampled (trilinear) to ``preprocessing.target_spacing`` when it is
+  set (to ``inplane_size`` in-plane, z kept, for a network trained on 8-bit images), cut into
+  overlapping patches of ``patch_size`` (default: the recipe's ``input_size`` clipped to the
+  volume; a volume smaller than the patch is padded to the network's stride), with step
+  ``patch * (1 - overlap)`` (half-patch overlap by default, as in the QC-HC paper) and the last
+  patch of each axis flush with the far border.  Sigmoid probabilities of overlapping patches are
+  averaged, with ``weighting="uniform"`` (plain mean, the paper's reading, default) or
+  ``"gaussian"`` (centre-weighted, sigma = patch / 8, as in nnU-Net; weights never reach zero so
+  every voxel is covered).  The probabilities are then resampled back (trilinear) to the original
+  grid.  Patches run one at a time (``batch_size`` applies to 2D slices only).
+* Per-network CPU settings (channels-last weights, ONNX Runtime where installed, an opt-in
+  ``torch.compile``) come from :mod:`napari_covidseg.inference_settings`; they do not change the
+  result beyond float rounding.
 * On CUDA the forward passes run under ``torch.autocast`` (bfloat16 where the GPU supports it,
   else float16); on CPU in float32.  Everything runs under ``torch.inference_mode()``.
 * ``progress(done, total)`` is called after each batch (2D) or patch (3D); ``should_cancel()`` is
@@ -34,7 +47,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,8 +56,10 @@ import torch.nn.functional as F
 
 from .errors import CancelledError, InputError
 from .intensity import HU, check_domain
+from .inference_settings import InferenceSettings, prepare_model, settings_for, weights_layout
 from .models.registry import NetworkSpec
-from .preprocessing import Preprocessing, preprocess
+from .preprocessing import Preprocessing, clip_to_domain, in_network_domain, normalise, zscore_stats
+from .streaming import resample_slices, resize_inplane
 
 DeviceLike = Union[str, torch.device, None]
 ProgressFn = Optional[Callable[[int, int], None]]
@@ -108,7 +123,7 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tupl
     return F.pad(x, pads, mode=mode), crop
 
 
-def _forward_logits(model: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
+def _forward_logits(model: Callable, x: torch.Tensor, stride: int) -> torch.Tensor:
     x, crop = _pad_to_multiple(x, stride)
     out = model(x)
     logits = out["logits"] if isinstance(out, dict) else out
@@ -173,34 +188,96 @@ def _check_cancel(should_cancel: CancelFn) -> None:
         raise CancelledError("segmentation cancelled")
 
 
+PROBABILITY_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def _probability_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(PROBABILITY_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    if dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise InputError(f"probabilities are kept as float16 or float32, not {dtype}")
+    return dtype
+
+
+class _Output:
+    """Where the probabilities go, a few slices at a time: masks thresholded at once (from the
+    float32 values) and/or the probabilities kept in ``keep`` (float16 or float32)."""
+
+    def __init__(self, shape: Tuple[int, ...], threshold: Optional[float], keep) -> None:
+        self.threshold = None if threshold is None else float(threshold)
+        self.masks = np.zeros((2,) + tuple(shape), np.uint8) if threshold is not None else None
+        self.probabilities = None if keep is None else np.empty((2,) + tuple(shape), _probability_dtype(keep))
+
+    def put(self, start: int, prob: torch.Tensor) -> None:
+        """``prob``: (n, 2, y, x) float32 on the CPU for slices ``start .. start + n``."""
+        channels_first = prob.transpose(0, 1)
+        where = (slice(None), slice(start, start + prob.shape[0]))
+        if self.masks is not None:
+            self.masks[where] = (channels_first > self.threshold).numpy()
+        if self.probabilities is not None:
+            self.probabilities[where] = channels_first.numpy()
+
+
+@dataclass
+class _Run:
+    """One prediction's model, preprocessing and controls (what every step below needs)."""
+
+    model: Callable
+    dims: int
+    stride: int
+    preprocessing: Preprocessing
+    domain: str
+    device: torch.device
+    settings: InferenceSettings
+    batch_size: int
+    amp: bool
+    progress: ProgressFn
+    should_cancel: CancelFn
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid probabilities (float32) of a (B, 1, ...) input batch."""
+        n = x.shape[0]
+        if self.settings.compile and self.dims == 2 and n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n,) + tuple(x.shape[1:]))])  # one compiled shape
+        with _autocast(self.device, self.amp):
+            logits = _forward_logits(self.model, x, self.stride)
+        return torch.sigmoid(logits[:n].float())
+
+    def in_domain(self, slices: np.ndarray) -> np.ndarray:
+        """A few CT slices brought into the network's domain (mapped to 8-bit where needed)."""
+        _check_cancel(self.should_cancel)
+        return in_network_domain(slices, self.preprocessing, self.domain)
+
+    def chunks(self, ct: np.ndarray, step: int) -> Iterator[np.ndarray]:
+        """``ct`` in the network's domain, ``step`` slices at a time."""
+        return (self.in_domain(ct[s:s + step]) for s in range(0, ct.shape[0], step))
+
+
 # ------------------------------------------------------------------------------------------------
 # prediction
 # ------------------------------------------------------------------------------------------------
-def predict_volume(
-    model: nn.Module,
-    spec_or_dims: Union[NetworkSpec, int],
-    ct_hu: np.ndarray,
-    spacing: Sequence[float],
-    preprocessing: Preprocessing,
-    device: DeviceLike = "auto",
-    batch_size: int = 4,
-    progress: ProgressFn = None,
-    should_cancel: CancelFn = None,
-    patch_size: Optional[Sequence[int]] = None,
-    overlap: float = 0.5,
-    weighting: str = "uniform",
-    amp: bool = True,
-    domain: str = HU,
-) -> np.ndarray:
-    """Sigmoid probabilities ``(2, z, y, x)`` float32 (lung, infection) for a CT.
+def predict_volume(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_hu: np.ndarray,
+                   spacing: Sequence[float], preprocessing: Preprocessing, dtype=np.float32, **kwargs) -> np.ndarray:
+    """Sigmoid probabilities ``(2, z, y, x)`` of ``dtype`` (float32 by default) for a CT.
 
     ``ct_hu`` is display-ordered (z, y, x) with ``spacing`` (z, y, x) mm, in intensity ``domain``
-    (``"hu"`` or ``"display8"``; brought into the network's own by the checkpoint's preprocessing).
-    The model is moved to ``device`` and put in eval mode.  See the module docstring for how 2D
-    and 3D networks run.
+    (``"hu"`` or ``"display8"``; brought into the network's own by the checkpoint's
+    preprocessing).  ``kwargs`` are those of :func:`run_prediction`.
     """
+    return run_prediction(model, spec_or_dims, ct_hu, spacing, preprocessing, keep=dtype, **kwargs).probabilities
+
+
+def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_hu: np.ndarray, spacing: Sequence[float],
+                   preprocessing: Preprocessing, threshold: Optional[float] = None, keep=None, device: DeviceLike = "auto",
+                   batch_size: int = 4, progress: ProgressFn = None, should_cancel: CancelFn = None,
+                   patch_size: Optional[Sequence[int]] = None, overlap: float = 0.5, weighting: str = "uniform",
+                   amp: bool = True, domain: str = HU, compile: Optional[bool] = None) -> _Output:
+    """Predict a CT into masks thresholded at ``threshold`` (if given) and/or probabilities kept
+    as ``keep`` (float16 / float32, if given).  The model is moved to ``device`` and put in eval
+    mode; ``compile`` (default: the ``COVIDSEG_COMPILE`` environment variable) runs it through
+    ``torch.compile``.  See the module docstring for how 2D and 3D networks run."""
     ct, spacing = _check_input(ct_hu, spacing)
     check_domain(domain)
+    preprocessing.check_can_read(domain)
     dims, stride, default_patch = _spec_parts(spec_or_dims)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, not {batch_size}")
@@ -209,94 +286,110 @@ def predict_volume(
     if weighting not in ("uniform", "gaussian"):
         raise InputError(f"unknown weighting {weighting!r}; use 'uniform' or 'gaussian'")
     dev = resolve_device(device)
-    model = model.to(dev).eval()
+    settings = settings_for(getattr(spec_or_dims, "name", None), dev, compile)
+    run = _Run(prepare_model(model, dev, settings, dims), dims, stride, preprocessing, domain, dev, settings,
+               int(batch_size), amp, progress, should_cancel)
     _check_cancel(should_cancel)
-    # normalisation statistics of the whole volume (see module docstring); an 8-bit network's
-    # HU mapping may change the in-plane size: spacing follows, predictions go back to ct's grid
-    volume = preprocess(ct, preprocessing, domain)
-    spacing = (spacing[0],) + tuple(s * n / m for s, n, m in zip(spacing[1:], ct.shape[1:], volume.shape[1:]))
-    if dims == 2:
-        return _predict_2d(model, volume, stride, preprocessing, dev, batch_size, progress, should_cancel, amp,
-                           out_hw=ct.shape[1:])
-    return _predict_3d(model, volume, spacing, stride, preprocessing, dev, patch_size or default_patch, overlap,
-                       weighting, progress, should_cancel, amp, out_shape=ct.shape)
+    output = _Output(ct.shape, threshold, keep)
+    with weights_layout(model, settings, dims), torch.inference_mode():
+        if dims == 2:
+            _predict_2d(run, ct, output)
+        else:
+            _predict_3d(run, ct, spacing, patch_size or default_patch, overlap, weighting, output)
+    return output
 
 
-def _predict_2d(model, volume, stride, preprocessing, dev, batch_size, progress, should_cancel, amp,
-                out_hw=None) -> np.ndarray:
-    z, h, w = volume.shape
-    out_h, out_w = (int(v) for v in (out_hw or (h, w)))
-    probabilities = np.empty((2, z, out_h, out_w), dtype=np.float32)
-    total = math.ceil(z / batch_size)
-    resize = tuple(int(v) for v in preprocessing.inplane_size) if preprocessing.inplane_size else None
-    if resize == (h, w):
-        resize = None
-    back = None if (resize or (h, w)) == (out_h, out_w) else (out_h, out_w)
-    with torch.inference_mode():
-        for k, start in enumerate(range(0, z, batch_size)):
-            _check_cancel(should_cancel)
-            stop = min(start + batch_size, z)
-            x = torch.from_numpy(np.ascontiguousarray(volume[start:stop]))[:, None].to(dev)
-            if resize is not None:
-                x = F.interpolate(x, size=resize, mode="bilinear", align_corners=False)
-            with _autocast(dev, amp):
-                logits = _forward_logits(model, x, stride)
-            prob = torch.sigmoid(logits.float())
-            if back is not None:
-                prob = F.interpolate(prob, size=back, mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
-            probabilities[:, start:stop] = prob.permute(1, 0, 2, 3).cpu().numpy()
-            _call(progress, k + 1, total)
-    return probabilities
+def _predict_2d(run: _Run, ct: np.ndarray, output: _Output) -> None:
+    """Batch by batch: into the network's domain, normalised, resized, predicted, resized back."""
+    prep, step = run.preprocessing, run.batch_size
+    stats = zscore_stats(run.chunks(ct, step), prep) if prep.normalisation == "zscore" else None
+    resize = tuple(int(v) for v in prep.inplane_size) if prep.inplane_size else None
+    total = math.ceil(ct.shape[0] / step)
+    for k, (start, slices) in enumerate(zip(range(0, ct.shape[0], step), run.chunks(ct, step))):
+        x = torch.from_numpy(np.ascontiguousarray(normalise(slices, prep, stats)))[:, None].to(run.device)
+        if resize is not None:
+            x = resize_inplane(x, resize)
+        prob = resize_inplane(run.probabilities(x), ct.shape[1:]).clamp_(0.0, 1.0)
+        output.put(start, prob.cpu())
+        _call(run.progress, k + 1, total)
 
 
-def _resample(x: np.ndarray, size: Tuple[int, int, int]) -> np.ndarray:
-    """Trilinear resampling of a (C, z, y, x) or (z, y, x) float array to ``size``."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    squeeze = t.ndim == 3
-    t = t[None, None] if squeeze else t[None]
-    out = F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0]
-    return (out[0] if squeeze else out).numpy()
+def _network_grid(run: _Run, shape: Tuple[int, int, int], spacing: Tuple[float, ...]) -> Tuple[int, int, int]:
+    """The (z, y, x) size a 3D network sees: the CT mapped into its domain (an 8-bit mapping may
+    change the in-plane size; the spacing follows), then resized to ``inplane_size`` (z kept) or
+    resampled to ``target_spacing``."""
+    prep = run.preprocessing
+    mapped = prep.mapping.output_shape(shape) if prep.domain != run.domain else tuple(shape)
+    spacing = (spacing[0],) + tuple(s * n / m for s, n, m in zip(spacing[1:], shape[1:], mapped[1:]))
+    if prep.inplane_size is not None:  # 8-bit networks: slices resized, z kept (spacing unknown)
+        return (int(mapped[0]),) + tuple(int(v) for v in prep.inplane_size)
+    if prep.target_spacing is not None:
+        return tuple(max(1, int(round(n * s / float(t)))) for n, s, t in zip(mapped, spacing, prep.target_spacing))
+    return tuple(int(n) for n in mapped)
 
 
-def _predict_3d(model, volume, spacing, stride, preprocessing, dev, patch_size, overlap, weighting,
-                progress, should_cancel, amp, out_shape=None) -> np.ndarray:
-    original_shape = tuple(out_shape or volume.shape)
-    if preprocessing.inplane_size is not None:  # 8-bit networks: slices resized, z kept (spacing unknown)
-        size = (volume.shape[0],) + tuple(int(v) for v in preprocessing.inplane_size)
-        if size != volume.shape:
-            volume = _resample(volume, size)
-    elif preprocessing.target_spacing is not None:
-        target = tuple(float(s) for s in preprocessing.target_spacing)
-        new_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(volume.shape, spacing, target))
-        if new_shape != volume.shape:
-            volume = _resample(volume, new_shape)
-    shape = volume.shape
+def _network_volume(run: _Run, ct: np.ndarray, grid: Tuple[int, int, int], step: int = 8) -> torch.Tensor:
+    """The normalised float32 volume on the network's grid, built ``step`` CT slices at a time
+    (clipped to the network's range, then resampled; statistics of the resampled volume)."""
+    prep = run.preprocessing
+    volume = torch.empty(grid, dtype=torch.float32)
+    chunks = (torch.from_numpy(clip_to_domain(part, prep))[:, None] for part in run.chunks(ct, step))
+    for start, part in resample_slices(chunks, ct.shape[0], grid):
+        volume[start:start + part.shape[0]] = part[:, 0]
+    parts = range(0, grid[0], step)  # statistics and normalisation a few slices at a time, in place
+    stats = zscore_stats((volume[s:s + step].numpy() for s in parts), prep) if prep.normalisation == "zscore" else None
+    for start in parts:
+        volume[start:start + step] = normalise(volume[start:start + step], prep, stats)
+    return volume
+
+
+def _predict_3d(run: _Run, ct: np.ndarray, spacing, patch_size, overlap: float, weighting: str, output: _Output) -> None:
+    grid = _network_grid(run, ct.shape, spacing)
+    volume = _network_volume(run, ct, grid)
+    bands = _sliding_window(run, volume, patch_size, overlap, weighting)
+    for start, part in resample_slices(bands, grid[0], ct.shape):
+        output.put(start, part.clamp_(0.0, 1.0))
+
+
+def _sliding_window(run: _Run, volume: torch.Tensor, patch_size, overlap: float, weighting: str) -> Iterator[torch.Tensor]:
+    """Overlap-averaged probabilities (n, 2, y, x) of consecutive slices of ``volume``, each band
+    yielded as soon as no later patch reaches it (the sums are kept for one row of patches only)."""
+    shape = tuple(volume.shape)
     patch_size = tuple(int(p) for p in patch_size)
     if len(patch_size) != 3 or min(patch_size) < 1:
         raise InputError(f"a 3D patch size must be three positive integers (D, H, W), not {patch_size}")
     patch = tuple(min(p, n) for p, n in zip(patch_size, shape))
     steps = tuple(max(1, int(p * (1.0 - overlap))) for p in patch)
     starts = [_starts(n, p, s) for n, p, s in zip(shape, patch, steps)]
-    windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     weight = _gaussian_weights(patch) if weighting == "gaussian" else torch.ones(patch)
-    accumulated = torch.zeros((2,) + tuple(shape), dtype=torch.float32)
-    weight_sum = torch.zeros(tuple(shape), dtype=torch.float32)
-    source = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-    with torch.inference_mode():
-        for k, (a, b, c) in enumerate(windows):
-            _check_cancel(should_cancel)
-            region = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-            x = source[region][None, None].to(dev)
-            with _autocast(dev, amp):
-                logits = _forward_logits(model, x, stride)
-            prob = torch.sigmoid(logits.float())[0].cpu()
-            accumulated[(slice(None),) + region] += prob * weight
-            weight_sum[region] += weight
-            _call(progress, k + 1, len(windows))
-    probabilities = (accumulated / weight_sum).numpy()
-    if probabilities.shape[1:] != tuple(original_shape):
-        probabilities = np.clip(_resample(probabilities, original_shape), 0.0, 1.0)
-    return probabilities.astype(np.float32, copy=False)
+    sums, weights, low = torch.zeros((0, 2) + shape[1:]), torch.zeros((0,) + shape[1:]), 0
+    counter = {"done": 0, "total": len(starts[0]) * len(starts[1]) * len(starts[2])}
+    for a in starts[0]:
+        if a > low:  # slices above a are final: no later patch starts above a
+            yield from _averages(sums[:a - low], weights[:a - low])
+            sums, weights, low = sums[a - low:], weights[a - low:], a
+        grow = a + patch[0] - low - sums.shape[0]
+        if grow > 0:
+            sums = torch.cat([sums, sums.new_zeros((grow, 2) + shape[1:])])
+            weights = torch.cat([weights, weights.new_zeros((grow,) + shape[1:])])
+        for b in starts[1]:
+            for c in starts[2]:
+                _check_cancel(run.should_cancel)
+                region = (slice(b, b + patch[1]), slice(c, c + patch[2]))
+                prob = run.probabilities(volume[(slice(a, a + patch[0]),) + region][None, None].to(run.device))
+                band = (slice(a - low, a - low + patch[0]), slice(None)) + region
+                sums[band] += prob[0].cpu().transpose(0, 1) * weight[:, None]
+                weights[band[:1] + region] += weight
+                counter["done"] += 1
+                _call(run.progress, counter["done"], counter["total"])
+    yield from _averages(sums, weights)
+
+
+def _averages(sums: torch.Tensor, weights: torch.Tensor, step: int = 8) -> Iterator[torch.Tensor]:
+    """The averaged probabilities of a finished band, a few slices at a time (small temporaries
+    downstream, which the allocator reuses instead of growing the heap)."""
+    for start in range(0, sums.shape[0], step):
+        yield sums[start:start + step] / weights[start:start + step, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,27 +397,31 @@ def _predict_3d(model, volume, spacing, stride, preprocessing, dev, patch_size, 
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class SegmentationResult:
-    """Binary masks (uint8, 0/1) and the probabilities they were thresholded from."""
+    """Binary masks (uint8, 0/1) and, where asked for, the probabilities they were thresholded from."""
 
     lung: np.ndarray
     infection: np.ndarray
-    probabilities: np.ndarray  # (2, z, y, x) float32: lung, infection
+    probabilities: Optional[np.ndarray]  # (2, z, y, x) float16 / float32 (lung, infection), or None
     network: str = ""
     threshold: float = 0.5
 
 
 def segment_volume(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshold: float = 0.5,
-                   device: DeviceLike = "auto", **kwargs) -> SegmentationResult:
+                   device: DeviceLike = "auto", probabilities: bool = False, probability_dtype="float16",
+                   **kwargs) -> SegmentationResult:
     """Segment a CT with a :class:`~napari_covidseg.checkpoint.LoadedModel`.
 
     A voxel belongs to a mask when its probability is above ``threshold``.  The infection mask is
-    not restricted to the lung mask (see the module docstring).  ``kwargs`` go to
-    :func:`predict_volume` (``batch_size``, ``progress``, ``should_cancel``, ``patch_size``,
-    ``overlap``, ``weighting``, ``amp``).
+    not restricted to the lung mask (see the module docstring).  The probabilities are kept only
+    with ``probabilities=True``, as ``probability_dtype`` (``"float16"``, half the memory, or
+    ``"float32"``); the masks are thresholded from float32 either way.  ``kwargs`` go to
+    :func:`run_prediction` (``batch_size``, ``progress``, ``should_cancel``, ``patch_size``,
+    ``overlap``, ``weighting``, ``amp``, ``domain``, ``compile``).
     """
     if not 0.0 < float(threshold) < 1.0:
         raise InputError(f"threshold must be between 0 and 1 (exclusive), not {threshold}")
-    probabilities = predict_volume(loaded.model, loaded.spec, ct_hu, spacing, loaded.preprocessing, device=device, **kwargs)
-    masks = (probabilities > float(threshold)).astype(np.uint8)
-    return SegmentationResult(lung=masks[0], infection=masks[1], probabilities=probabilities,
+    keep = _probability_dtype(probability_dtype) if probabilities else None
+    output = run_prediction(loaded.model, loaded.spec, ct_hu, spacing, loaded.preprocessing, threshold=float(threshold),
+                            keep=keep, device=device, **kwargs)
+    return SegmentationResult(lung=output.masks[0], infection=output.masks[1], probabilities=output.probabilities,
                               network=loaded.network, threshold=float(threshold))

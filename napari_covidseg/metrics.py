@@ -24,9 +24,14 @@ error instead:
 
 HD95 follows medpy's ``hd95``: surface voxels are the mask minus its erosion (face connectivity,
 voxels on the image border count as surface); the distances from every surface voxel of one
-mask to the nearest surface voxel of the other, in mm (Euclidean distance transform with the
-voxel spacing), are pooled in both directions and their 95th percentile is taken (numpy's
-linear interpolation).  The distance transform runs on the bounding box of the two masks only.
+mask to the nearest surface voxel of the other, in mm (Euclidean, with the voxel spacing), are
+pooled in both directions and their 95th percentile is taken (numpy's linear interpolation).
+The nearest surface voxels are found with a k-d tree on the surface points (as MONAI does), not
+a dense distance transform of the bounding box: the work grows with the surface, not the volume,
+and the distances are the same exact Euclidean ones.  A voxel on both surfaces is 0 mm away.
+
+The ratios come from one set of confusion counts (:func:`ratios_from_counts`), so a caller that
+needs several ratios counts the voxels once.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from .errors import InputError
 
@@ -49,7 +54,9 @@ __all__ = [
     "hd95",
     "mae",
     "all_metrics",
+    "ratios_from_counts",
     "per_slice_dice",
+    "per_slice_counts",
     "per_slice_metrics",
     "METRIC_KEYS",
 ]
@@ -144,13 +151,42 @@ def _spacing_for(ndim: int, spacing: Optional[Sequence[float]]) -> Tuple[float, 
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """Foreground voxels with at least one face neighbour in the background (or the image border)."""
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+    """Foreground voxels with at least one face neighbour in the background (or the image border):
+    ``mask`` minus its erosion with face connectivity and a background border (as
+    ``ndimage.binary_erosion(mask, border_value=0)``, with shifted views: several times faster)."""
+    inner = mask.copy()
+    for axis in range(mask.ndim):
+        def cut(part):
+            index = [slice(None)] * mask.ndim
+            index[axis] = part
+            return tuple(index)
+
+        inner[cut(slice(0, -1))] &= mask[cut(slice(1, None))]
+        inner[cut(slice(1, None))] &= mask[cut(slice(0, -1))]
+        inner[cut(0)] = False
+        inner[cut(-1)] = False
+    return mask & ~inner
+
+
+def _points(surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """(n, ndim) coordinates in mm of a boolean array's set voxels, in C order."""
+    index = np.unravel_index(np.flatnonzero(surface), surface.shape)
+    return np.stack(index, axis=1) * np.asarray(spacing, dtype=np.float64)
+
+
+def _nearest(from_surface: np.ndarray, to_surface: np.ndarray, tree, spacing) -> np.ndarray:
+    """Distance in mm of each voxel of ``from_surface`` (C order) to the nearest of ``tree``'s
+    points; 0 without a query for voxels on both surfaces."""
+    out = np.zeros(int(np.count_nonzero(from_surface)), dtype=np.float64)
+    only_here = (from_surface & ~to_surface)[from_surface]
+    if only_here.any():
+        out[only_here] = tree.query(_points(from_surface & ~to_surface, spacing), workers=-1)[0]
+    return out
 
 
 def surface_distances(pred, gt, spacing: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Distances in mm (pred surface -> nearest gt surface, gt surface -> nearest pred surface).
+    """Distances in mm (pred surface -> nearest gt surface, gt surface -> nearest pred surface),
+    each in the C order of its surface voxels.
 
     Both masks must be non-empty.  Only the bounding box of the two masks (one voxel of margin
     where the image allows, so erosion sees the same neighbours) is processed.
@@ -170,9 +206,9 @@ def surface_distances(pred, gt, spacing: Optional[Sequence[float]] = None) -> Tu
     # Voxels on the image border are surface (as in medpy); a crop border that is not an image
     # border always has a background margin voxel, so the erosion is the same as uncropped.
     sp_surface, sg_surface = _surface(p_box), _surface(g_box)
-    dist_to_g = ndimage.distance_transform_edt(~sg_surface, sampling=sp)
-    dist_to_p = ndimage.distance_transform_edt(~sp_surface, sampling=sp)
-    return dist_to_g[sp_surface], dist_to_p[sg_surface]
+    to_g = cKDTree(_points(sg_surface, sp), balanced_tree=False, compact_nodes=False)  # faster to build, as fast
+    to_p = cKDTree(_points(sp_surface, sp), balanced_tree=False, compact_nodes=False)
+    return _nearest(sp_surface, sg_surface, to_g, sp), _nearest(sg_surface, sp_surface, to_p, sp)
 
 
 def hd95(pred, gt, spacing: Optional[Sequence[float]] = None) -> float:
@@ -227,6 +263,19 @@ def infnet_mean_dice(prob, gt, n_thresholds: int = 256) -> float:
     return float(np.mean(scores))
 
 
+def ratios_from_counts(tp: int, fp: int, fn: int, tn: int) -> Dict[str, float]:
+    """Dice, IoU, sensitivity, specificity, precision and F1 of one set of confusion counts
+    (the module's empty-mask conventions)."""
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": _ratio(tp, tp + fp + fn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "precision": _ratio(tp, tp + fp),
+        "f_measure": _ratio(2 * tp, 2 * tp + fn + fp),
+    }
+
+
 def all_metrics(pred, gt, spacing: Optional[Sequence[float]] = None, prob=None, with_hd95: bool = True) -> Dict[str, float]:
     """Every metric of :data:`METRIC_KEYS` in one dict (plain floats).
 
@@ -236,35 +285,29 @@ def all_metrics(pred, gt, spacing: Optional[Sequence[float]] = None, prob=None, 
     (``hd95_mm`` is then NaN) for callers that need the ratios fast.
     """
     p, g = _masks(pred, gt)
-    tp, fp, fn, tn = confusion(p, g)
-    b2 = 1.0
-    out = {
-        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
-        "iou": _ratio(tp, tp + fp + fn),
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "precision": _ratio(tp, tp + fp),
-        "f_measure": _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp),
-        "hd95_mm": hd95(p, g, spacing) if with_hd95 else float("nan"),
-        "mae": mae(p if prob is None else prob, g),
-    }
+    out = ratios_from_counts(*confusion(p, g))
+    out["hd95_mm"] = hd95(p, g, spacing) if with_hd95 else float("nan")
+    out["mae"] = mae(p if prob is None else prob, g)
     return out
 
 
-def _per_slice_counts(pred, gt):
+def per_slice_counts(pred, gt) -> np.ndarray:
+    """(slices, 4) int64: TP, FP, FN, TN of each slice along axis 0 (one pass, slice by slice)."""
     p, g = _masks(pred, gt)
     if p.ndim < 2:
         raise InputError(f"Per-slice metrics need at least 2D masks, got shape {p.shape}.")
-    n = p.shape[0]
-    p2 = p.reshape(n, -1)
-    g2 = g.reshape(n, -1)
-    tp = np.count_nonzero(p2 & g2, axis=1).astype(np.float64)
-    n_pred = np.count_nonzero(p2, axis=1).astype(np.float64)
-    n_gt = np.count_nonzero(g2, axis=1).astype(np.float64)
-    fp = n_pred - tp
-    fn = n_gt - tp
-    tn = p2.shape[1] - tp - fp - fn
-    return tp, fp, fn, tn
+    counts = np.empty((p.shape[0], 4), dtype=np.int64)
+    size = int(np.prod(p.shape[1:]))
+    for z in range(p.shape[0]):
+        tp = np.count_nonzero(p[z] & g[z])
+        n_pred, n_gt = np.count_nonzero(p[z]), np.count_nonzero(g[z])
+        counts[z] = tp, n_pred - tp, n_gt - tp, size - n_pred - n_gt + tp
+    return counts
+
+
+def _per_slice_counts(pred, gt, counts: Optional[np.ndarray] = None):
+    counts = per_slice_counts(pred, gt) if counts is None else np.asarray(counts)
+    return tuple(counts[:, k].astype(np.float64) for k in range(4))
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -273,26 +316,28 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def per_slice_dice(pred, gt) -> np.ndarray:
+def per_slice_dice(pred, gt, counts: Optional[np.ndarray] = None) -> np.ndarray:
     """Dice of each slice along axis 0; NaN on slices where both masks are empty.
 
     NaN (not 1.0) because an empty slice says nothing about the segmentation: averaging or
-    ranking slices should skip it (``np.nanmean``).
+    ranking slices should skip it (``np.nanmean``).  ``counts`` from :func:`per_slice_counts`
+    (of these masks) saves counting again.
     """
-    tp, fp, fn, _ = _per_slice_counts(pred, gt)
+    tp, fp, fn, _ = _per_slice_counts(pred, gt, counts)
     den = 2 * tp + fp + fn
     out = _safe_div(2 * tp, den)
     out[den == 0] = np.nan
     return out
 
 
-def per_slice_metrics(pred, gt) -> Dict[str, np.ndarray]:
+def per_slice_metrics(pred, gt, counts: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Dice, IoU, sensitivity, specificity, precision per slice (axis 0) plus voxel counts.
 
     Ratio metrics are NaN on slices where both masks are empty (see :func:`per_slice_dice`);
     elsewhere they follow the module's conventions.  ``gt_voxels`` and ``pred_voxels`` are ints.
+    ``counts`` as for :func:`per_slice_dice`.
     """
-    tp, fp, fn, tn = _per_slice_counts(pred, gt)
+    tp, fp, fn, tn = _per_slice_counts(pred, gt, counts)
     both_empty = (tp + fp + fn) == 0
     out = {
         "dice": _safe_div(2 * tp, 2 * tp + fp + fn),

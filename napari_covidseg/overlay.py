@@ -16,7 +16,8 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,13 +44,9 @@ METRIC_COLUMNS = (
     ("precision", "Precision"),
     ("hd95_mm", "HD95 (mm)"),
 )
-_RATIO_METRICS = {
-    "dice": metrics.dice,
-    "iou": metrics.iou,
-    "sensitivity": metrics.sensitivity,
-    "specificity": metrics.specificity,
-    "precision": metrics.precision,
-}
+_RATIO_KEYS = tuple(key for key, _ in METRIC_COLUMNS if key != "hd95_mm")
+#: overlay value of each (prediction + 2 x ground truth) code: 0 none, 1 only predicted, 2 only true, 3 both
+_CODE_TO_OVERLAY = np.array([BACKGROUND, FALSE_POSITIVE, FALSE_NEGATIVE, TRUE_POSITIVE], dtype=np.uint8)
 
 
 def overlay_color_dict() -> Dict[Optional[int], tuple]:
@@ -69,21 +66,66 @@ def check_same_shape(pred: np.ndarray, gt: np.ndarray, pred_name: str = "predict
         )
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A prediction against its ground truth, counted once: the overlay and the confusion counts
+    of every slice (axis 0), from which every ratio of the slices and the volume follows."""
+
+    overlay: np.ndarray  # uint8: TRUE_POSITIVE / FALSE_NEGATIVE / FALSE_POSITIVE / BACKGROUND
+    counts: np.ndarray  # (slices, 4) int64: TP, FP, FN, TN per slice
+
+    def volume_counts(self) -> Tuple[int, int, int, int]:
+        return tuple(int(v) for v in self.counts.sum(axis=0))
+
+    def slice_dice(self) -> np.ndarray:
+        return metrics.per_slice_dice(None, None, counts=self.counts)
+
+    def both_present(self) -> bool:
+        """Both masks hold foreground somewhere (HD95 is defined)."""
+        tp, fp, fn, _ = self.volume_counts()
+        return tp + fp > 0 and tp + fn > 0
+
+    def volume_metrics(self) -> Dict[str, float]:
+        """The ratio metrics of the volume (NaN where both masks are empty, as :func:`region_metrics`)."""
+        return _ratios(self.volume_counts())
+
+
+def compare_masks(pred: np.ndarray, gt: np.ndarray) -> Comparison:
+    """Overlay and per-slice confusion counts in one pass over the slices (any non-zero voxel is
+    foreground; a 2D pair is one slice)."""
+    check_same_shape(pred, gt)
+    p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
+    if p.ndim < 3:
+        p, g = p[None], g[None]
+    overlay = np.empty(p.shape, dtype=np.uint8)
+    counts = np.empty((p.shape[0], 4), dtype=np.int64)
+    size = int(np.prod(p.shape[1:]))
+    for z in range(p.shape[0]):
+        pz, gz = p[z].view(np.uint8), g[z].view(np.uint8)
+        code = (gz << 1) | pz
+        np.take(_CODE_TO_OVERLAY, code, out=overlay[z])
+        tp, n_pred, n_gt = np.count_nonzero(code == 3), np.count_nonzero(pz), np.count_nonzero(gz)
+        counts[z] = tp, n_pred - tp, n_gt - tp, size - n_pred - n_gt + tp
+    return Comparison(overlay.reshape(np.shape(pred)), counts)
+
+
 def overlay_labels(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """uint8 array: 1 where both are foreground, 2 where only ``gt`` is, 3 where only ``pred`` is."""
-    check_same_shape(pred, gt)
-    p = np.asarray(pred) != 0
-    g = np.asarray(gt) != 0
-    out = np.zeros(p.shape, dtype=np.uint8)
-    out[p & g] = TRUE_POSITIVE
-    out[g & ~p] = FALSE_NEGATIVE
-    out[p & ~g] = FALSE_POSITIVE
-    return out
+    return compare_masks(pred, gt).overlay
 
 
 def _finite_or_nan(value) -> float:
     value = float(value)
     return value if math.isfinite(value) else float("nan")
+
+
+def _ratios(counts: Tuple[int, int, int, int]) -> Dict[str, float]:
+    """The table's ratio metrics of one set of counts; NaN for all when both masks are empty."""
+    tp, fp, fn, _ = counts
+    if tp + fp + fn == 0:
+        return {k: float("nan") for k in _RATIO_KEYS}
+    ratios = metrics.ratios_from_counts(*counts)
+    return {k: ratios[k] for k in _RATIO_KEYS}
 
 
 def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], with_hd95: bool = True) -> Dict[str, float]:
@@ -92,16 +134,15 @@ def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], w
     ``pred`` and ``gt`` are a slice (2D, spacing (y, x)) or a volume (3D, spacing (z, y, x)).
     When both are empty nothing can be measured and every value is NaN (shown as "n/a"), so an
     empty slice never looks like a perfect or a failed one.  HD95 is NaN when either is empty.
+    The voxels are counted once for all the ratios.
     """
     check_same_shape(pred, gt)
     p = np.asarray(pred) != 0
     g = np.asarray(gt) != 0
-    keys = [k for k, _ in METRIC_COLUMNS if with_hd95 or k != "hd95_mm"]
-    if not p.any() and not g.any():
-        return {k: float("nan") for k in keys}
-    values = {k: float(fn(p, g)) for k, fn in _RATIO_METRICS.items()}
+    values = _ratios(metrics.confusion(p, g))
     if with_hd95:
-        values["hd95_mm"] = _finite_or_nan(metrics.hd95(p, g, tuple(spacing))) if (p.any() and g.any()) else float("nan")
+        both = bool(p.any()) and bool(g.any())
+        values["hd95_mm"] = _finite_or_nan(metrics.hd95(p, g, tuple(spacing))) if both else float("nan")
     return values
 
 

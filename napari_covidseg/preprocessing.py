@@ -18,7 +18,7 @@ and unit variance (``"zscore"``, per volume or per patch, as QC-HC's MIScnn pipe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -115,23 +115,66 @@ def in_network_domain(image: np.ndarray, spec: Preprocessing, domain: str = HU) 
     return mapped[0] if image.ndim == 2 else mapped
 
 
-def normalise(x: Array, spec: Preprocessing) -> Array:
-    """Network input of values already in the network's domain; float32 of the same type and shape."""
+def domain_range(spec: Preprocessing) -> Tuple[float, float, float]:
+    """(low, high, std floor) of the values the network reads: the HU window, or 0..255 in 8-bit."""
     if spec.domain == DISPLAY8:
-        lo, hi, floor = 0.0, 255.0, 1.0 / 255.0
-    else:
-        lo, hi, floor = spec.hu_min, spec.hu_max, 1.0
+        return 0.0, 255.0, 1.0 / 255.0
+    return float(spec.hu_min), float(spec.hu_max), 1.0
+
+
+def clip_to_domain(x, spec: Preprocessing) -> np.ndarray:
+    """``x`` (already in the network's domain) as float32, clipped to :func:`domain_range`."""
+    lo, hi, _ = domain_range(spec)
+    return np.clip(np.asarray(x, dtype=np.float32), lo, hi)
+
+
+def zscore_stats(chunks: Iterable, spec: Preprocessing) -> Tuple[float, float]:
+    """(mean, std) of the clipped values of a volume given as chunks of slices (``"zscore"``).
+
+    The chunks together are the whole volume, so the statistics are those of the volume (float64
+    accumulation, chunks combined exactly, population std floored as :func:`normalise` does);
+    a volume never needs to be in memory as float32 at once to be normalised.
+    """
+    n, mean, m2 = 0, 0.0, 0.0
+    for chunk in chunks:
+        values = clip_to_domain(chunk, spec).astype(np.float64)
+        if spec.domain == DISPLAY8:
+            values /= 255.0
+        k = values.size
+        if k == 0:
+            continue
+        chunk_mean = float(values.mean())
+        chunk_m2 = float(np.square(values - chunk_mean).sum())
+        delta = chunk_mean - mean
+        total = n + k
+        mean += delta * k / total
+        m2 += chunk_m2 + delta * delta * n * k / total
+        n = total
+    floor = domain_range(spec)[2]
+    return mean, max(float(np.sqrt(m2 / n)) if n else 0.0, floor)
+
+
+def normalise(x: Array, spec: Preprocessing, stats: Optional[Tuple[float, float]] = None) -> Array:
+    """Network input of values already in the network's domain; float32 of the same type and shape.
+
+    ``stats`` = (mean, std) from :func:`zscore_stats` normalises a part of a volume (a batch of
+    slices) with the statistics of the whole; without it ``"zscore"`` uses ``x``'s own.
+    """
+    lo, hi, floor = domain_range(spec)
     if isinstance(x, torch.Tensor):
         x = x.float().clamp(lo, hi)
         if spec.normalisation == "minmax":
             return (x - lo) / (hi - lo)
         x = x / 255.0 if spec.domain == DISPLAY8 else x
+        if stats is not None:
+            return (x - stats[0]) / stats[1]
         return (x - x.mean()) / x.std().clamp_min(floor)
-    x = np.clip(np.asarray(x, dtype=np.float32), lo, hi)
+    x = clip_to_domain(x, spec)
     if spec.normalisation == "minmax":
         return (x - np.float32(lo)) / np.float32(hi - lo)
     x = x / np.float32(255.0) if spec.domain == DISPLAY8 else x
-    return ((x - x.mean()) / max(float(x.std()), floor)).astype(np.float32)
+    mean, std = stats if stats is not None else (x.mean(), max(float(x.std()), floor))
+    return ((x - np.float32(mean)) / np.float32(std)).astype(np.float32)
 
 
 def preprocess(image: Array, spec: Preprocessing, domain: str = HU) -> Array:

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from napari_covidseg.checkpoint import LoadedModel
 from napari_covidseg.errors import CancelledError, InputError
-from napari_covidseg.inference import _gaussian_weights, _starts, predict_volume, resolve_device, segment_volume
+from napari_covidseg.inference import _forward_logits, _gaussian_weights, _starts, predict_volume, resolve_device, segment_volume
 from napari_covidseg.models import get_network
 from napari_covidseg.preprocessing import Preprocessing
 
@@ -262,13 +263,62 @@ def test_segment_volume_thresholds_probabilities():
     spec = get_network("unet")
     loaded = LoadedModel(model=Pointwise(2), spec=spec, network="unet", network_kwargs={}, preprocessing=MINMAX)
     ct = _ct((3, 16, 16))
-    result = segment_volume(loaded, ct, (1, 1, 1), threshold=0.4, device="cpu")
+    result = segment_volume(loaded, ct, (1, 1, 1), threshold=0.4, device="cpu", probabilities=True,
+                            probability_dtype="float32")
     assert result.lung.dtype == np.uint8 and result.infection.shape == (3, 16, 16)
+    assert result.probabilities.dtype == np.float32
     np.testing.assert_array_equal(result.lung, (result.probabilities[0] > 0.4).astype(np.uint8))
     np.testing.assert_array_equal(result.infection, (result.probabilities[1] > 0.4).astype(np.uint8))
     assert 0 < result.lung.sum() < result.lung.size and result.network == "unet"
     with pytest.raises(InputError, match="threshold"):
         segment_volume(loaded, ct, (1, 1, 1), threshold=1.5, device="cpu")
+
+
+@pytest.mark.parametrize("network", ["unet", "qchc_unet3d"])
+def test_probabilities_only_when_asked_float16_by_default_and_masks_unchanged(network):
+    spec = get_network(network)
+    loaded = LoadedModel(model=Pointwise(spec.dims), spec=spec, network=network, network_kwargs={}, preprocessing=MINMAX)
+    ct = _ct((9, 24, 20))
+    kwargs = dict(threshold=0.45, device="cpu", patch_size=(4, 16, 16))
+    plain = segment_volume(loaded, ct, (1, 1, 1), **kwargs)
+    half = segment_volume(loaded, ct, (1, 1, 1), probabilities=True, **kwargs)
+    full = segment_volume(loaded, ct, (1, 1, 1), probabilities=True, probability_dtype="float32", **kwargs)
+    assert plain.probabilities is None
+    assert half.probabilities.dtype == np.float16 and full.probabilities.dtype == np.float32
+    np.testing.assert_allclose(half.probabilities, full.probabilities, atol=1e-3)
+    for result in (half, full):  # masks come from the float32 values whatever is kept
+        np.testing.assert_array_equal(result.lung, plain.lung)
+        np.testing.assert_array_equal(result.infection, plain.infection)
+    np.testing.assert_array_equal(plain.lung, (full.probabilities[0] > 0.45).astype(np.uint8))
+    with pytest.raises(InputError, match="float16 or float32"):
+        segment_volume(loaded, ct, (1, 1, 1), probabilities=True, probability_dtype="float64", **kwargs)
+
+
+def test_3d_bands_and_resampling_equal_the_whole_volume_computation():
+    """The banded sliding window and the streamed resampling give what whole-volume trilinear
+    resampling and one accumulator for the whole volume give."""
+    model = Conv3x3x3()
+    ct = _ct((23, 30, 26), seed=3)
+    prep = Preprocessing(hu_min=-1250, hu_max=250, normalisation="zscore", target_spacing=(1.6, 1.3, 1.1))
+    got = predict_volume(model, 3, ct, (1.0, 1.0, 1.0), prep, device="cpu", patch_size=(6, 12, 12), overlap=0.5,
+                         weighting="gaussian")
+    grid = tuple(int(round(n / t)) for n, t in zip(ct.shape, (1.6, 1.3, 1.1)))
+    clipped = torch.from_numpy(np.clip(ct, -1250, 250))[None, None]
+    small = F.interpolate(clipped, size=grid, mode="trilinear", align_corners=False)[0, 0]
+    small = (small - small.mean()) / small.std(unbiased=False)
+    patch, steps = (6, 12, 12), (3, 6, 6)
+    sums, weights = torch.zeros((2,) + grid), torch.zeros(grid)
+    w = _gaussian_weights(patch)
+    with torch.no_grad():
+        for a in _starts(grid[0], 6, 3):
+            for b in _starts(grid[1], 12, 6):
+                for c in _starts(grid[2], 12, 6):
+                    region = (slice(a, a + 6), slice(b, b + 12), slice(c, c + 12))
+                    prob = torch.sigmoid(_forward_logits(model, small[region][None, None], 16))[0]
+                    sums[(slice(None),) + region] += prob * w
+                    weights[region] += w
+    expected = F.interpolate((sums / weights)[None], size=ct.shape, mode="trilinear", align_corners=False)[0]
+    np.testing.assert_allclose(got, expected.clamp(0, 1).numpy(), atol=1e-5)
 
 
 def test_gaussian_weights_positive_and_centred():

@@ -222,3 +222,50 @@ def test_speed_on_full_size_volume():
     # generous bounds: the CI machine is shared (figures measured alone: ~0.1 s and ~1 s)
     assert ratios_s < 1.0, ratios_s
     assert hd_s < 6.0, hd_s
+
+
+# --- the k-d tree HD95 gives the distance-transform values ---------------------------------------
+def _edt_surface_distances(pred, gt, spacing):
+    """The former implementation: surfaces by binary erosion, distances by a dense EDT."""
+    structure = ndimage.generate_binary_structure(pred.ndim, 1)
+    sp_ = pred & ~ndimage.binary_erosion(pred, structure=structure, border_value=0)
+    sg_ = gt & ~ndimage.binary_erosion(gt, structure=structure, border_value=0)
+    return (ndimage.distance_transform_edt(~sg_, sampling=spacing)[sp_],
+            ndimage.distance_transform_edt(~sp_, sampling=spacing)[sg_])
+
+
+@pytest.mark.parametrize("shape,spacing", [((60, 70), (0.7, 1.3)), ((24, 48, 40), (2.5, 0.8, 0.8)),
+                                           ((16, 30, 30), (1.0, 1.0, 1.0))])
+def test_kd_tree_distances_equal_the_distance_transform(shape, spacing):
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        pred = _random_mask(rng, shape, rng.uniform(0.1, 0.5))
+        gt = pred.copy() if rng.random() < 0.3 else _random_mask(rng, shape, rng.uniform(0.1, 0.5))
+        gt[tuple(rng.integers(0, s) for s in shape)] ^= True  # shared surfaces plus a change
+        structure = ndimage.generate_binary_structure(pred.ndim, 1)
+        assert np.array_equal(metrics._surface(pred), pred & ~ndimage.binary_erosion(pred, structure, border_value=0))
+        got = metrics.surface_distances(pred, gt, spacing)
+        expected = _edt_surface_distances(pred, gt, spacing)
+        for a, b in zip(got, expected):  # same voxels in the same order, same distances
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert metrics.hd95(pred, gt, spacing) == pytest.approx(
+            float(np.percentile(np.concatenate(expected), 95)), rel=1e-12, abs=1e-12)
+
+
+def test_ratios_come_from_one_count(monkeypatch):
+    from napari_covidseg.overlay import compare_masks, region_metrics
+
+    rng = np.random.default_rng(3)
+    pred, gt = _random_mask(rng, (6, 20, 20), 0.3), _random_mask(rng, (6, 20, 20), 0.3)
+    expected = {"dice": metrics.dice(pred, gt), "iou": metrics.iou(pred, gt), "sensitivity": metrics.sensitivity(pred, gt),
+                "specificity": metrics.specificity(pred, gt), "precision": metrics.precision(pred, gt)}
+    calls = []
+    real = metrics.confusion
+    monkeypatch.setattr(metrics, "confusion", lambda p, g: calls.append(1) or real(p, g))
+    values = region_metrics(pred, gt, (1.0, 1.0, 1.0), with_hd95=False)
+    assert len(calls) == 1 and values == pytest.approx(expected)
+    comparison = compare_masks(pred, gt)
+    assert comparison.volume_counts() == real(pred, gt)
+    np.testing.assert_array_equal(comparison.counts, np.array([real(pred[z], gt[z]) for z in range(6)]))
+    np.testing.assert_allclose(comparison.slice_dice(), metrics.per_slice_dice(pred, gt), equal_nan=True)
+    assert comparison.volume_metrics() == pytest.approx(values)

@@ -133,7 +133,7 @@ def test_ct_closed_while_segmenting_drops_the_result(make_napari_viewer, qtbot, 
     import time
 
     viewer, ct, widget = _setup(make_napari_viewer, tiny_phantom, tiny_unet_checkpoints["random"])
-    real = inference.predict_volume
+    real = inference.run_prediction
     started = []
 
     def slow(*args, progress=None, **kwargs):
@@ -144,7 +144,7 @@ def test_ct_closed_while_segmenting_drops_the_result(make_napari_viewer, qtbot, 
 
         return real(*args, progress=tick, batch_size=1, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_volume", slow)
+    monkeypatch.setattr(inference, "run_prediction", slow)
     qtbot.mouseClick(widget.run_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: len(started) >= 2, timeout=20000)
     viewer.layers.remove(ct)

@@ -148,7 +148,7 @@ def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks
     viewer, ct, lung_gt, inf_gt, widget = _setup(make_napari_viewer, tiny_phantom, two_networks)
     from napari_covidseg import inference
 
-    real_predict = inference.predict_volume
+    real_predict = inference.run_prediction
     calls = []
 
     def slow_predict(*args, progress=None, should_cancel=None, **kwargs):
@@ -159,7 +159,7 @@ def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks
 
         return real_predict(*args, progress=slow, should_cancel=should_cancel, batch_size=1, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_volume", slow_predict)
+    monkeypatch.setattr(inference, "run_prediction", slow_predict)
     n_layers = len(viewer.layers)
     qtbot.mouseClick(widget.run_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: len(calls) >= 2, timeout=20000)
@@ -169,7 +169,7 @@ def test_cancel_and_errors(make_napari_viewer, qtbot, tiny_phantom, two_networks
     assert len(viewer.layers) == n_layers and not viewer.canvas.grid.enabled
     assert "cancelled" in widget.runner.status_label.text().lower()
     assert widget.table.columnCount() == 0 and messages == []
-    monkeypatch.setattr(inference, "predict_volume", real_predict)
+    monkeypatch.setattr(inference, "run_prediction", real_predict)
 
     # "Add checkpoint...": a checkpoint lands in its own network's row, ticked and selected
     widget.set_networks([])

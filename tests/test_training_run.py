@@ -144,3 +144,37 @@ def test_step_records_show_progress_within_an_epoch(tmp_path, monkeypatch):
     assert [r["step"] for r in steps] == [1, 2, 3] and {r["steps"] for r in steps} == {3}
     assert all(r["epoch"] == 1 and r["train_loss"] > 0 for r in steps)
     assert [r["event"] for r in records].index("epoch") > [r["event"] for r in records].index("step")
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path, monkeypatch):
+    """val_every = 2 over 5 epochs: validation after epochs 2, 4 and 5 (the last) only; best.pt is
+    written at validated epochs only, and is the best of them."""
+    from training import trainer
+    from training.config import build_config
+
+    calls = []
+    real_validate = trainer.validate
+    scores = iter([0.2, 0.6, 0.4])  # the Dice each validation reports: best at epoch 4
+
+    def counting_validate(*args, **kwargs):
+        summary, _, val_loss, by_source = real_validate(*args, **kwargs)
+        calls.append(1)
+        return summary, next(scores), val_loss, by_source
+
+    saved = []
+    real_save = trainer.Trainer._save
+    monkeypatch.setattr(trainer, "validate", counting_validate)
+    monkeypatch.setattr(trainer.Trainer, "_save", lambda self, path, epoch, *a, **k: saved.append((Path(path).name, epoch))
+                        or real_save(self, path, epoch, *a, **k))
+    cfg = build_config(None, network="unet", data="phantom", phantom_cases=2, phantom_shape=[4, 32, 32], out=str(tmp_path),
+                       epochs=5, batch_size=2, input_size=[32, 32], samples_per_epoch=2, network_kwargs={"base": 4},
+                       val_every=2)
+    assert trainer.run_training(cfg)[0] == 0
+    epochs = [r for r in _records(tmp_path) if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5] and len(calls) == 3
+    assert [r["epoch"] for r in epochs if "val" in r] == [2, 4, 5]
+    assert [r["val_dice_mean"] for r in epochs if "val" in r] == [0.2, 0.6, 0.4]
+    assert [epoch for name, epoch in saved if name == "best.pt"] == [2, 4]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["metrics"]["epoch"] == 4 and best["metrics"]["val_dice_mean"] == 0.6
+    assert _records(tmp_path)[-1]["best_val_dice_mean"] == 0.6

@@ -42,7 +42,8 @@ def select_cases(cases: List[Case], split_path: Optional[str], subset: str) -> L
 def evaluate_cases(loaded, cases: List[Case], device="auto", threshold: float = 0.5, progress=None) -> List[dict]:
     rows = []
     for k, case in enumerate(cases):
-        result = segment_volume(loaded, case.ct, case.spacing, threshold=threshold, device=device, domain=case.domain)
+        result = segment_volume(loaded, case.ct, case.spacing, threshold=threshold, device=device, domain=case.domain,
+                                probabilities=True, probability_dtype="float32")
         for c, name in enumerate(CLASS_NAMES):
             gt = case.lung if c == 0 else case.infection
             if gt is None:

@@ -557,22 +557,31 @@ class Trainer:
         self.log.record("step", epoch=epoch + 1, epochs=int(self.cfg.epochs), step=steps, steps=self.steps_per_epoch,
                         train_loss=state["loss"] / max(1, state["samples"]))
 
+    def _validation_due(self, epoch: int) -> bool:
+        """Validate every ``val_every`` epochs (epochs val_every, 2 val_every, ... counted from 1) and
+        always after the last one, so a run ends with a validated ``best.pt``."""
+        every = max(1, int(self.cfg.val_every or 1))
+        return (epoch + 1) % every == 0 or epoch + 1 == int(self.cfg.epochs)
+
     def _finish_epoch(self, epoch: int, done: dict, last: Path, best: Path) -> None:
-        """Validate, step the schedule, write best.pt (if improved), last.pt, then the log record."""
+        """Validate (when due), step the schedule, write best.pt (if improved), last.pt, then the log
+        record.  Between validations the record has no ``val`` fields, the plateau schedule waits for
+        the next validation and ``best.pt`` is not touched: it is chosen at validated epochs only."""
         cfg = self.cfg
         epochs = int(cfg.epochs)
         train_loss = distributed.mean_value(done["loss"] / max(1, done["samples"]), self.dist, self.device)
         record = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss}
-        if self.is_main:
+        validated = self._validation_due(epoch)
+        if self.is_main and validated:
             summary, dice_mean, val_loss, by_source = validate(self.model, self.spec, self.prep, self.val_cases,
                                                                self.device, cfg)
             record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean, val_by_source=by_source)
         dice_mean = distributed.broadcast_object(record.get("val_dice_mean"), self.dist)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if cfg.schedule == "plateau":
-            self.scheduler.step(dice_mean if dice_mean is not None and math.isfinite(dice_mean) else 0.0)
-        else:
+        if cfg.schedule != "plateau":
             self.scheduler.step()
+        elif validated:
+            self.scheduler.step(dice_mean if dice_mean is not None and math.isfinite(dice_mean) else 0.0)
         seconds = done["seconds"]
         self.wall_seconds += seconds
         improved = dice_mean is not None and math.isfinite(dice_mean) and dice_mean > self.best
@@ -583,12 +592,13 @@ class Trainer:
         record.update(lr=lr, seconds=seconds, throughput=done["samples"] * self.dist.world_size / max(seconds, 1e-9),
                       device=str(self.device.type))
         metrics = {"val": record.get("val"), "val_dice_mean": dice_mean, "epoch": epoch + 1}
-        if improved or not best.exists():  # best first: a kill before last.pt redoes this epoch, never loses a best
+        if improved or (validated and not best.exists()):  # best first: a kill before last.pt redoes this epoch
             self._save(best, epoch + 1, {**metrics, "best": True})
         self._save(last, epoch + 1, metrics, record=record)
         self.log.record("epoch", **record)
         val = record.get("val") or {}
-        self.log.line(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} val dice "
+        self.log.line(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} "
+                      + ("val dice " if validated else "(not validated) ")
                       + " ".join(f"{k} {v['dice']:.3f}" for k, v in val.items() if "dice" in v)
                       + "".join(f" ({k} false positives in healthy cases {v['false_positive_pct']:.2f}% of lung)"
                                 for k, v in val.items() if "false_positive_pct" in v)

@@ -9,13 +9,14 @@ the CSV export.  The formulas live in :mod:`napari_covidseg.metrics` and :mod:`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict
 
 import numpy as np
 
 from .. import metrics
 from ..errors import CancelledError
-from ..overlay import iter_per_slice_metrics, overlay_labels, region_metrics
+from ..overlay import compare_masks, iter_per_slice_metrics
 
 
 def format_metric(key: str, value) -> str:
@@ -28,22 +29,33 @@ def format_metric(key: str, value) -> str:
     return f"{value:.1f}" if key == "hd95_mm" else f"{value:.3f}"
 
 
-def volume_comparison_fast(p: np.ndarray, g: np.ndarray, spacing):
-    """(overlay, per-slice Dice, volume ratio metrics) of two boolean masks."""
-    overlay = overlay_labels(p, g)
-    slice_dice = np.asarray(metrics.per_slice_dice(p, g), dtype=float)
-    return overlay, slice_dice, region_metrics(p, g, spacing, with_hd95=False)
+@dataclass(frozen=True)
+class VolumeResult:
+    """What the widget shows of a whole-volume comparison, all computed off the GUI thread."""
+
+    overlay: np.ndarray
+    slice_dice: np.ndarray
+    ratios: Dict[str, float]
+    both_present: bool  # both masks hold foreground: HD95 is defined (and on its way)
+
+
+def volume_comparison_fast(p: np.ndarray, g: np.ndarray, spacing=None) -> VolumeResult:
+    """Overlay, per-slice Dice and volume ratio metrics of two masks, from one count of the voxels."""
+    comparison = compare_masks(p, g)
+    return VolumeResult(comparison.overlay, np.asarray(comparison.slice_dice(), dtype=float),
+                        comparison.volume_metrics(), comparison.both_present())
 
 
 def volume_comparison(pred: np.ndarray, gt: np.ndarray, spacing):
-    """Generator for a worker: yields the fast results, then returns the volume HD95 (mm).
+    """Generator for a worker: yields the :class:`VolumeResult`, then returns the volume HD95 (mm).
 
     Takes the layers' arrays as they are (no copy in the GUI thread); a brush stroke landing
     while this runs makes the result stale, and the widget then runs it again.
     """
     p, g = np.asarray(pred) != 0, np.asarray(gt) != 0
-    yield volume_comparison_fast(p, g, spacing)
-    return float(metrics.hd95(p, g, spacing)) if (p.any() and g.any()) else float("nan")
+    fast = volume_comparison_fast(p, g, spacing)
+    yield fast
+    return float(metrics.hd95(p, g, spacing)) if fast.both_present else float("nan")
 
 
 def comparison_report(p: np.ndarray, g: np.ndarray, spacing, volume_metrics: Dict):

@@ -8,8 +8,12 @@ and "Next" / "Previous" walk the slices from the lowest Dice up, which is where 
 look first.  Outlines, hiding the compared masks and the overlay switch keep the CT's texture
 readable (:mod:`compare_display`); keys on the canvas: N / Shift-N next / previous worst slice,
 Shift-O overlay on/off, Shift-C outlines on/off.  Everything follows the data: changing the slice updates the slice column, painting into
-either layer updates everything after a short pause (debounced so the brush stays fluid), and
-the whole-volume HD95, the one slow number, is computed in a worker thread.
+either layer updates everything after a short pause (debounced so the brush stays fluid).
+
+The GUI thread only ever works on one slice: Compare and every edit start one worker that counts
+the whole volume once (overlay, per-slice and volume counts, :func:`..overlay.compare_masks`) and
+then computes the volume HD95; the GUI thread redoes the edited slice at once and shows the
+worker's results as they arrive (a result made stale by a newer edit is dropped).
 """
 
 from __future__ import annotations
@@ -34,15 +38,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import metrics
 from ..errors import CovidsegError
 from ..overlay import (
     METRIC_COLUMNS,
     OVERLAY_NAMES,
     OVERLAY_RGB,
     check_same_shape,
+    compare_masks,
     overlay_color_dict,
-    overlay_labels,
     rank_worst_slices,
     region_metrics,
     write_comparison_csv,
@@ -276,7 +279,10 @@ class CompareWidget(QWidget):
         else:
             if layer is not None:
                 self.viewer.layers.remove(layer)
+            active = self.viewer.layers.selection.active
             layer = add_labels_like(self.viewer, overlay, name, self.pred_layer, opacity=OVERLAY_OPACITY)
+            if active is not None and active in self.viewer.layers:  # adding selects it: the brush stays where it was
+                self.viewer.layers.selection.active = active
         self._apply_overlay_colours(layer)
         layer.editable = False  # an overlay edited by hand would no longer mean anything
         if layer is not self.overlay_layer:
@@ -308,21 +314,17 @@ class CompareWidget(QWidget):
             return None
         return pred, gt
 
-    def _masks(self):
-        """Foreground of the prediction and ground truth, or None (after a notification)."""
-        layers = self._layer_arrays()
-        return None if layers is None else (layers[0] != 0, layers[1] != 0)
-
     def recompute(self):
-        """Recompute the overlay, per-slice Dice and volume metrics now (HD95 in a worker)."""
-        masks = self._masks()
-        if masks is None:
+        """Recompute the overlay, per-slice Dice and volume metrics (all in a worker: the table
+        says "computing..." until they arrive)."""
+        layers = self._layer_arrays()
+        if layers is None:
             return
-        p, g = masks
         self._generation += 1
-        self._apply_volume(self._generation, volume_comparison_fast(p, g, self._spacing()))
-        if p.any() and g.any():
-            self._start_hd95(p, g, self._spacing(), self._generation)
+        self.volume_metrics = {"hd95_mm": None}
+        self._show_volume_column()
+        self.status.setText("Comparing...")
+        self._start_volume_worker(*layers)
         self._set_result_buttons(True)
 
     def _after_edit(self):
@@ -338,12 +340,12 @@ class CompareWidget(QWidget):
         pred, gt = layers
         self._generation += 1
         z = self.current_slice()
-        pz, gz = pred[z] != 0, gt[z] != 0  # only this slice in the GUI thread: milliseconds
+        edited = compare_masks(pred[z], gt[z])  # only this slice in the GUI thread: milliseconds
         if self.overlay_layer is not None and self.overlay_layer.data.shape == pred.shape:
-            self.overlay_layer.data[z] = overlay_labels(pz, gz)
+            self.overlay_layer.data[z] = edited.overlay
             self.overlay_layer.refresh()
         if len(self.slice_dice) == pred.shape[0]:
-            self.slice_dice[z] = float(metrics.per_slice_dice(pz[None], gz[None])[0])
+            self.slice_dice[z] = float(edited.slice_dice()[0])
             self.ranking = rank_worst_slices(self.slice_dice)
             self.plot.show_dice(self.slice_dice, z)
         self.update_slice_metrics()
@@ -376,16 +378,14 @@ class CompareWidget(QWidget):
                 self._start_volume_worker(*layers)
 
     def _apply_volume(self, generation: int, fast):
-        """Show a volume result (overlay, per-slice Dice, volume ratios) unless it is stale."""
+        """Show a :class:`VolumeResult` (overlay, per-slice Dice, volume ratios) unless it is stale."""
         if generation != self._generation or self.pred_layer is None:
             return
-        overlay, slice_dice, ratios = fast
-        self._ensure_overlay(overlay)
-        self.slice_dice = np.asarray(slice_dice, dtype=float)
+        self._ensure_overlay(fast.overlay)
+        self.slice_dice = np.asarray(fast.slice_dice, dtype=float)
         self.ranking = rank_worst_slices(self.slice_dice)
-        self.volume_metrics = dict(ratios)
-        both = bool(np.isin(overlay, (1, 2)).any() and np.isin(overlay, (1, 3)).any())
-        self.volume_metrics["hd95_mm"] = None if both else float("nan")
+        self.volume_metrics = dict(fast.ratios)
+        self.volume_metrics["hd95_mm"] = None if fast.both_present else float("nan")
         self.update_slice_metrics()
         self.plot.show_dice(self.slice_dice, self.current_slice())
         self._show_volume_column()
@@ -393,15 +393,6 @@ class CompareWidget(QWidget):
             f"{self.pred_layer.name} vs {self.gt_layer.name}: {len(self.ranking)} slices hold foreground; "
             f"volume Dice {format_metric('dice', self.volume_metrics['dice'])}."
         )
-
-    def _start_hd95(self, p, g, spacing, generation):
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(metrics.hd95, p, g, spacing)
-        worker.returned.connect(lambda value, gen=generation: self._hd95_done(gen, value))
-        worker.errored.connect(lambda error, gen=generation: self._hd95_failed(gen, error))
-        self._hd95_worker = worker
-        worker.start()
 
     def _hd95_done(self, generation: int, value):
         if generation != self._generation:
@@ -506,10 +497,10 @@ class CompareWidget(QWidget):
     def _report_inputs(self):
         if self.pred_layer is None or self.gt_layer is None:
             raise CovidsegError("Press Compare first: there are no metrics to export yet.")
-        masks = self._masks()
-        if masks is None:
+        layers = self._layer_arrays()  # the worker finds the foreground (any non-zero voxel)
+        if layers is None:
             raise CovidsegError("The compared layers no longer have the same shape: press Compare again.")
-        return masks[0], masks[1], self._spacing(), dict(self.volume_metrics)
+        return layers[0], layers[1], self._spacing(), dict(self.volume_metrics)
 
     def export_csv(self, path, overwrite: bool = False) -> Path:
         """Write per-slice metrics (with per-slice HD95) and the volume summary to ``path``.

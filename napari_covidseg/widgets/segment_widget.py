@@ -90,6 +90,7 @@ class RunRequest:
     domain: str = HU
     spacing_known: bool = True
     cleanup: PostProcessing = PostProcessing()
+    probabilities: bool = False  # keep the probability maps (float16) for layers
 
 
 @dataclass
@@ -111,7 +112,8 @@ def run_segmentation(request: RunRequest, progress=None, should_cancel=None) -> 
     device = resolve_device(request.device)
     loaded = load_checkpoint(request.weights_path, expected_network=request.network, map_location="cpu")
     result = segment_volume(loaded, request.ct, request.spacing, threshold=request.threshold, device=device,
-                            progress=progress, should_cancel=should_cancel, domain=request.domain)
+                            progress=progress, should_cancel=should_cancel, domain=request.domain,
+                            probabilities=request.probabilities)
     findings = check_and_clean(result, request)
     return RunOutcome(request=request, result=result, device_used=describe_device(device),
                       seconds=time.perf_counter() - t0, n_slices=int(request.ct.shape[0]), findings=tuple(findings))
@@ -301,7 +303,8 @@ class SegmentWidget(QWidget):
         self._ct_layer = layer
         return RunRequest(ct=ct, spacing=layer_spacing(layer), network=self.network, weights_path=path,
                           device=device, threshold=float(self.threshold_spin.value()), domain=domain,
-                          spacing_known=layer_spacing_known(layer), cleanup=self.cleanup_options())
+                          spacing_known=layer_spacing_known(layer), cleanup=self.cleanup_options(),
+                          probabilities=self.probability_check.isChecked())
 
     def run(self):
         if self.runner.is_running():
@@ -384,7 +387,7 @@ class SegmentWidget(QWidget):
                                                  "threshold": outcome.request.threshold, "class": cls}
             watch_edits(layer)
             layers.append(layer)
-        if self.probability_check.isChecked():
+        if result.probabilities is not None:
             for channel, cls in enumerate(("lung", "infection")):
                 add_image_like(self.viewer, result.probabilities[channel], probability_layer_name(network, cls), ref,
                                colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.6,

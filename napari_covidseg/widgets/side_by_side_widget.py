@@ -128,7 +128,7 @@ def run_networks(jobs: List[Job], ct: np.ndarray, spacing, cls: str, gt: Optiona
                 progress(int(1000 * (k + min(done, total) / max(total, 1)) / n), 1000)
 
         seg = segment_volume(loaded, ct, spacing, threshold=threshold, device=dev, progress=part,
-                             should_cancel=should_cancel, domain=domain)
+                             should_cancel=should_cancel, domain=domain, probabilities=gt is not None)
         seconds = time.perf_counter() - t0
         mask = seg.lung if channel == 0 else seg.infection
         metrics = None

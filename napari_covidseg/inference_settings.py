@@ -1,0 +1,143 @@
+"""How each network runs at inference on the CPU: memory format, an opt-in compiled path, threads.
+
+Chosen by measurement (``python -m benchmarks.speed``, ``benchmarks/results/speed.md``), not by
+rule: channels-last helps a network whose time goes to large convolutions that oneDNN runs faster
+in NHWC and costs one whose time goes to ops that are slower there, so it is a per-network
+setting.  Every setting gives the same masks (the outputs agree to float rounding).
+
+* ``channels_last``: the network's weights in ``torch.channels_last`` (``channels_last_3d`` for
+  3D networks) while it predicts, so its convolutions run, and hand on their output, channels-last
+  (a one-channel input is the same in both layouts, so converting the input alone does nothing).
+  The parameters are put back as they were afterwards (:func:`weights_layout`): the trainer
+  validates with this code, and a training model's weights keep their layout for resumed runs to
+  stay bit-exact.
+* ``onnx``: run the network in ONNX Runtime (:mod:`napari_covidseg.onnx_backend`) where it is
+  installed (``pip install napari-covidseg[onnx]``; not a dependency), on the CPU only; an export
+  that fails or disagrees with PyTorch falls back to PyTorch with one warning.
+* ``compile`` (opt-in, off by default; ``COVIDSEG_COMPILE=1`` turns it on): ``torch.compile`` of
+  the model, compiled once per model object and process and reused for every volume (the compile
+  takes tens of seconds on a CPU); 2D batches are padded to the full batch size so one compiled
+  graph serves every batch.  Where compiling is not possible (no C++ compiler, an op the compiler
+  does not support) the model runs uncompiled and one warning says why.
+* threads: ``napari_covidseg`` sets ``OMP_WAIT_POLICY=PASSIVE`` when it is imported before
+  PyTorch and the variable is not set (see ``napari_covidseg/__init__.py``): OpenMP's default
+  spinning waits make a 2-thread forward several times slower when other processes share the
+  cores, passive waits do not (measured in the benchmark).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from . import onnx_backend
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    channels_last: bool = False
+    compile: bool = False
+    onnx: bool = False
+
+
+#: per-network choices, measured on a shared 2-core CPU (benchmarks/results/speed.md); ONNX for
+#: the networks it exports correctly and speeds up (ms_unet and chs_net do not export: FFT, pooling)
+NETWORK_SETTINGS = {
+    "unet": InferenceSettings(channels_last=False, onnx=True),
+    "ms_unet": InferenceSettings(channels_last=True),
+    "msa_cpp_unet": InferenceSettings(channels_last=True, onnx=True),
+    "chs_net": InferenceSettings(channels_last=True),
+    "qchc_unet3d": InferenceSettings(channels_last=False, onnx=True),
+}
+
+
+def compile_requested() -> bool:
+    return os.environ.get("COVIDSEG_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def settings_for(network: Optional[str], device: torch.device, compile: Optional[bool] = None) -> InferenceSettings:
+    """The settings of ``network`` (defaults for an unknown one) on ``device``; ``compile``
+    overrides the ``COVIDSEG_COMPILE`` environment variable.  ONNX Runtime is used on the CPU only,
+    where it is installed, and not together with ``torch.compile``."""
+    chosen = NETWORK_SETTINGS.get(network or "", InferenceSettings())
+    want_compile = compile_requested() if compile is None else bool(compile)
+    onnx = chosen.onnx and not want_compile and device.type == "cpu" and onnx_backend.available()
+    return replace(chosen, compile=want_compile, onnx=onnx)
+
+
+def memory_format(dims: int) -> torch.memory_format:
+    return torch.channels_last if dims == 2 else torch.channels_last_3d
+
+
+def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSettings, dims: int) -> Callable:
+    """The model on ``device`` in eval mode; returns the callable to run it with (the compiled model where asked for and possible, else the model).
+
+    The compiled callable is kept on the model object itself, so it lives as long as the model
+    and every volume segmented with that model reuses it.
+    """
+    model = model.to(device).eval()
+    if settings.onnx:
+        if _ONNX not in model.__dict__:
+            object.__setattr__(model, _ONNX, onnx_backend.OnnxRunner(model))
+        return model.__dict__[_ONNX]
+    if not settings.compile or model.__dict__.get(_FAILED):
+        return model
+    if _COMPILED not in model.__dict__:
+        object.__setattr__(model, _COMPILED, _with_fallback(model))  # not a submodule: no state_dict entry
+    return model.__dict__[_COMPILED]
+
+
+_COMPILED, _FAILED, _ONNX = "_covidseg_compiled", "_covidseg_compile_failed", "_covidseg_onnx"
+
+
+@contextmanager
+def weights_layout(model: nn.Module, settings: InferenceSettings, dims: int):
+    """Within the block, ``model``'s convolution weights are channels-last when ``settings`` ask
+    for it (and PyTorch runs the model); afterwards every parameter is its original tensor again."""
+    if not settings.channels_last or settings.onnx:
+        yield
+        return
+    layout, originals = memory_format(dims), []
+    with torch.no_grad():
+        for tensor in model.parameters():
+            if tensor.dim() == dims + 2:
+                originals.append((tensor, tensor.data))
+                tensor.data = tensor.data.contiguous(memory_format=layout)
+    try:
+        yield
+    finally:
+        for tensor, data in originals:
+            tensor.data = data
+
+
+def _with_fallback(model: nn.Module) -> Callable:
+    """``torch.compile(model)``, falling back to ``model`` for good at its first failure."""
+    try:
+        compiled = torch.compile(model, dynamic=False)
+    except Exception as exc:  # torch.compile itself refuses (e.g. an unsupported Python)
+        return _give_up(model, exc)
+
+    def run(x):
+        if model.__dict__.get(_FAILED):
+            return model(x)
+        try:
+            return compiled(x)
+        except Exception as exc:  # compilation happens at the first call: a missing compiler, an unsupported op
+            return _give_up(model, exc)(x)
+
+    return run
+
+
+def _give_up(model: nn.Module, exc: BaseException) -> nn.Module:
+    object.__setattr__(model, _FAILED, True)
+    model.__dict__.pop(_COMPILED, None)
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    warnings.warn(f"torch.compile is not possible here ({type(exc).__name__}: {first_line[:200]}); "
+                  "running the network uncompiled", RuntimeWarning, stacklevel=3)
+    return model

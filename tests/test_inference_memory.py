@@ -1,0 +1,69 @@
+"""Bounded memory: ``covidseg segment`` on a large int16 CT needs little more than the CT and its
+masks (issue 13: under 1.5x the CT's float32 size), measured as the peak resident memory of a
+process of its own (``tests/memory_probe.py``), which the machine's load does not change."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_covidseg.checkpoint import save_checkpoint
+from napari_covidseg.models import get_network
+from napari_covidseg.preprocessing import Preprocessing
+
+PROBE = Path(__file__).with_name("memory_probe.py")
+#: two CTs that differ only in their number of slices: what the run adds per CT voxel is the
+#: difference of their peaks over the difference of their sizes (constants such as the network's
+#: own working memory for one batch or patch cancel out)
+SMALL, LARGE = (100, 256, 256), (300, 256, 256)
+#: small networks: the test measures the pipeline's arrays, not a network's activations
+NETWORKS = {
+    "unet": ({"base": 4, "depth": 2}, Preprocessing(hu_min=-1250, hu_max=250, normalisation="minmax")),
+    "qchc_unet3d": ({"base": 2}, Preprocessing(hu_min=-1250, hu_max=250, normalisation="zscore",
+                                               target_spacing=(1.0, 1.0, 1.0))),
+}
+
+
+def write_ct(path: Path, shape) -> Path:
+    rng = np.random.default_rng(0)
+    file_array = rng.integers(-1024, 400, size=shape[::-1], dtype=np.int16)  # (x, y, z) on disk
+    nib.save(nib.Nifti1Image(file_array, np.diag([0.8, 0.8, 1.0, 1.0])), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("memory")
+    return write_ct(folder / "small.nii", SMALL), write_ct(folder / "large.nii", LARGE)
+
+
+def probe(ct, checkpoint, out_dir, extra=()):
+    """The memory probe's JSON for ``covidseg segment`` of ``ct`` in a new process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(PROBE), str(ct), str(checkpoint), str(out_dir), "--", *extra],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_segment_memory_per_ct_voxel_is_bounded(cts, network, tmp_path):
+    kwargs, prep = NETWORKS[network]
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / f"{network}.pt", get_network(network).create(**kwargs), network, kwargs, prep)
+    extra = ["--batch-size", "4", "--patch-size", "16", "32", "32"]  # a small network's working memory: noise
+    small, large = (probe(ct, checkpoint, tmp_path / ct.stem, extra) for ct in cts)
+    per_voxel = (large["added_mb"] - small["added_mb"]) * 2**20 / (np.prod(LARGE) - np.prod(SMALL))
+    # issue 13: under 1.5x the CT's float32 size (6 bytes per voxel); the CT itself (int16) and
+    # its two uint8 masks are 4 of them, the pipeline adds the rest
+    print(f"{network}: {per_voxel:.2f} bytes per CT voxel", small, large)
+    assert per_voxel < 6.0, (small, large, per_voxel)
+    masks = sorted(p.name for p in (tmp_path / "large").iterdir())
+    assert masks == [f"large_{network}_infection.nii", f"large_{network}_lung.nii"]
+    assert nib.load(str(tmp_path / "large" / masks[1])).shape == LARGE[::-1]

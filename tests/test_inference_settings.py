@@ -1,0 +1,144 @@
+"""Per-network CPU settings: same results in every memory format, an opt-in compiled path that
+falls back cleanly, and the OpenMP wait policy the package sets."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from napari_covidseg import inference_settings
+from napari_covidseg.checkpoint import LoadedModel
+from napari_covidseg.inference import segment_volume
+from napari_covidseg.inference_settings import InferenceSettings, prepare_model, settings_for
+from napari_covidseg.models import get_network
+from napari_covidseg.preprocessing import Preprocessing
+
+PREP = Preprocessing(hu_min=-1250, hu_max=250, normalisation="minmax", inplane_size=(32, 32))
+
+
+def _loaded(network, **kwargs):
+    torch.manual_seed(0)
+    spec = get_network(network)
+    return LoadedModel(model=spec.create(**kwargs).eval(), spec=spec, network=network, network_kwargs=kwargs,
+                       preprocessing=PREP)
+
+
+def _ct():
+    return np.random.default_rng(0).uniform(-1100, 200, size=(6, 40, 36)).astype(np.float32)
+
+
+def _layouts(model):
+    return [(p.is_contiguous(), p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last))
+            for p in model.parameters()]
+
+
+@pytest.mark.parametrize("network,kwargs", [("unet", {"base": 4, "depth": 2}), ("ms_unet", {"base": 4, "mid": 8}),
+                                            ("msa_cpp_unet", {"base": 4}), ("chs_net", {"base": 4})])
+def test_memory_format_does_not_change_the_result(network, kwargs, monkeypatch):
+    loaded = _loaded(network, **kwargs)
+    layouts = _layouts(loaded.model)
+    results = {}
+    for channels_last in (False, True):
+        monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, network, InferenceSettings(channels_last=channels_last))
+        results[channels_last] = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True,
+                                                probability_dtype="float32")
+    np.testing.assert_allclose(results[True].probabilities, results[False].probabilities, atol=1e-4)
+    assert _layouts(loaded.model) == layouts  # the caller's model is left as it was
+
+
+def test_every_network_has_a_measured_setting():
+    from napari_covidseg.models import network_names
+
+    assert set(inference_settings.NETWORK_SETTINGS) == set(network_names())
+    assert settings_for("unet", torch.device("cpu"), compile=True).compile
+    assert not settings_for("unet", torch.device("cpu"), compile=False).compile
+
+
+def test_compile_falls_back_to_the_plain_model_with_one_warning(monkeypatch):
+    loaded = _loaded("unet", base=4, depth=2)
+    expected = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", compile=False)
+
+    def broken(*args, **kwargs):
+        def run(x):
+            raise RuntimeError("no C++ compiler\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile is not possible here.*no C\\+\\+ compiler"):
+        got = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", compile=True)
+    np.testing.assert_array_equal(got.lung, expected.lung)
+    assert prepare_model(loaded.model, torch.device("cpu"), InferenceSettings(compile=True), 2) is loaded.model
+    assert "_covidseg_compiled" not in loaded.model.__dict__ and "_covidseg_compiled" not in dict(loaded.model.named_modules())
+
+
+def test_compiled_callable_is_kept_with_the_model_and_reused(monkeypatch):
+    model = _loaded("unet", base=4, depth=2).model
+    made = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: made.append(m) or m)
+    first = prepare_model(model, torch.device("cpu"), InferenceSettings(compile=True), 2)
+    second = prepare_model(model, torch.device("cpu"), InferenceSettings(compile=True), 2)
+    assert first is second and made == [model]
+    assert set(model.state_dict()) == set(get_network("unet").create(base=4, depth=2).state_dict())
+
+
+@pytest.mark.parametrize("preset,torch_first,expected", [(None, False, "PASSIVE"), ("ACTIVE", False, "ACTIVE"),
+                                                         (None, True, None)])
+def test_openmp_wait_policy(preset, torch_first, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import torch\n" if torch_first else "") + "import os, napari_covidseg; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == str(expected)
+
+
+# --- ONNX Runtime (optional) -------------------------------------------------------------------
+def test_onnx_runtime_gives_the_pytorch_result_and_follows_weight_changes(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    loaded = _loaded("unet", base=4, depth=2)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=False))
+    expected = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=True))
+    got = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    runner = loaded.model.__dict__["_covidseg_onnx"]
+    assert runner.sessions and not runner.failed
+    np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-4)
+    with torch.no_grad():  # a training step changes the weights: the next prediction is exported anew
+        list(loaded.model.parameters())[-1].add_(1.0)  # the output bias
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=False))
+    changed = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=True))
+    again = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    np.testing.assert_allclose(again.probabilities, changed.probabilities, atol=1e-4)
+    assert np.abs(changed.probabilities - expected.probabilities).max() > 1e-3
+
+
+def test_onnx_export_failure_falls_back_to_pytorch_with_one_warning(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    loaded = _loaded("unet", base=4, depth=2)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=False))
+    expected = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fft_rfft2' to ONNX is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "unet", InferenceSettings(onnx=True))
+    with pytest.warns(RuntimeWarning, match="ONNX Runtime is not used for this network.*fft_rfft2"):
+        got = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu")
+    np.testing.assert_array_equal(got.lung, expected.lung)
+    assert loaded.model.__dict__["_covidseg_onnx"].failed
+
+
+def test_onnx_is_not_used_without_onnx_runtime_or_off_the_cpu(monkeypatch):
+    from napari_covidseg import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "available", lambda: False)
+    assert not settings_for("qchc_unet3d", torch.device("cpu")).onnx
+    monkeypatch.setattr(onnx_backend, "available", lambda: True)
+    assert settings_for("qchc_unet3d", torch.device("cpu"), compile=False).onnx
+    assert not settings_for("qchc_unet3d", torch.device("cuda"), compile=False).onnx
+    assert not settings_for("qchc_unet3d", torch.device("cpu"), compile=True).onnx
