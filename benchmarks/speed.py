@@ -365,16 +365,15 @@ def thread_policies(rounds: int, repeats: int = 3) -> list:
 # ------------------------------------------------------------------------------------------------
 # memory (a child process per pipeline and CT)
 # ------------------------------------------------------------------------------------------------
-def resident_mb() -> float:
+def resident_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM), in MB."""
     with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) / 1024.0 for line in fh if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) / 1024.0 for line in fh if line.startswith(field + ":"))
 
 
 def memory_child(name: str, ct_path: str, out_dir: str) -> None:
     """Child: the resident memory ``name`` adds segmenting ``ct_path`` (read from the file, masks
     written for the project's pipelines, as ``covidseg segment`` does)."""
-    import resource
-
     from napari_covidseg import cli_segment
     from napari_covidseg.io.loader import load_any
 
@@ -386,7 +385,9 @@ def memory_child(name: str, ct_path: str, out_dir: str) -> None:
             cli_segment.main([ct_path, "--network", name, "--device", "cpu", "--out-dir", out_dir, "--quiet", "--overwrite"])
         else:
             pipeline.run(np.asarray(load_any(ct_path).data))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        # VmHWM belongs to this process's own address space; getrusage's ru_maxrss is not usable
+        # here: Linux carries it over fork and exec, so a child reports its parent's peak
+        peak = resident_mb("VmHWM")
     print(json.dumps({"baseline_mb": baseline, "peak_mb": peak, "added_mb": peak - baseline,
                       "seconds": time.perf_counter() - started}))
 
@@ -647,6 +648,8 @@ def parse(argv):
     parser.add_argument("--compile", nargs="*", default=[], help="networks to time with torch.compile (slow to compile)")
     parser.add_argument("--onnx", nargs="*", default=[], help="networks to time in ONNX Runtime")
     parser.add_argument("--out", default=str(RESULTS / "speed"), help="results path without suffix")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the sections of the existing results that this run skips (e.g. redo only --skip-speed ...)")
     parser.add_argument("--thread-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -661,7 +664,9 @@ def main(argv=None) -> int:
         memory_child(*args.memory_child)
         return 0
     torch.set_num_threads(args.threads)
-    result = {"machine": machine(), "load_start": os.getloadavg(), "shipped": shipped_weights()}
+    out = Path(args.out)
+    result = json.loads(out.with_suffix(".json").read_text()) if args.update else {}
+    result.update({"machine": machine(), "load_start": os.getloadavg(), "shipped": shipped_weights()})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if not args.skip_speed:
@@ -674,7 +679,6 @@ def main(argv=None) -> int:
         if not args.skip_gui:
             result["gui"] = gui_metrics(3)
     result["load_end"] = os.getloadavg()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(to_markdown(result))
