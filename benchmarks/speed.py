@@ -648,6 +648,7 @@ def parse(argv):
     parser.add_argument("--compile", nargs="*", default=[], help="networks to time with torch.compile (slow to compile)")
     parser.add_argument("--onnx", nargs="*", default=[], help="networks to time in ONNX Runtime")
     parser.add_argument("--out", default=str(RESULTS / "speed"), help="results path without suffix")
+    parser.add_argument("--memory-for", nargs="+", metavar="PIPELINE", help="measure the memory of these pipelines only")
     parser.add_argument("--update", action="store_true",
                         help="keep the sections of the existing results that this run skips (e.g. redo only --skip-speed ...)")
     parser.add_argument("--thread-child", type=int, help=argparse.SUPPRESS)
@@ -674,8 +675,10 @@ def main(argv=None) -> int:
         if not args.skip_threads:
             result["threads"] = thread_policies(args.rounds)
         if not args.skip_memory:
-            names = list(PROJECT) + [p.name for p in peer_pipelines(folder)[0]]
-            result["memory"] = memory(names, args.memory_slices, folder)
+            names = args.memory_for or list(PROJECT) + [p.name for p in peer_pipelines(folder)[0]]
+            fresh = {row["name"]: row for row in memory(names, args.memory_slices, folder)}
+            kept = [fresh.pop(row["name"], row) for row in result.get("memory", [])]  # --update: replaced in place
+            result["memory"] = kept + list(fresh.values())
         if not args.skip_gui:
             result["gui"] = gui_metrics(3)
     result["load_end"] = os.getloadavg()
