@@ -215,10 +215,13 @@ def model_card(name: str, r: dict) -> List[str]:
              f"- Data: {data}; split: {(t.get('split') or {}).get('method', '?')}; {t.get('n_train', '?')} training and "
              f"{t.get('n_val', '?')} validation cases ({', '.join(f'{k}: {v}' for k, v in (t.get('domains') or {}).items())}).",
              f"- Reads: {Preprocessing.from_dict(r.get('preprocessing') or {}).describe_domains()}." if r.get("preprocessing") else "",
+             f"- HU -> 8-bit mapping: the run began with the COVID-19-CT-Seg PNG recipe (min-max + CLAHE) and continued "
+             f"with the lung window after epoch {t['hu_mapping_switched_after_epoch']}."
+             if t.get("hu_mapping_switched_after_epoch") else "",
              f"- Recipe: {recipe.get('optimizer', '?')}, lr {recipe.get('lr', '?')}, {recipe.get('schedule', '?')} schedule, "
              f"batch {recipe.get('batch_size', '?')}, input {recipe.get('input_size', '?')}"
              + (f", random {recipe['crop_size']} crops" if recipe.get("crop_size") else "")
-             + f"; {t.get('epochs_done', '?')} epochs (best validation epoch) of {t.get('epochs_planned', '?')}, "
+             + f"; {t.get('epochs_done', '?')} epochs (the exported checkpoint) of {t.get('epochs_planned', '?')} planned, "
              f"{t.get('wall_minutes', '?')} min on {t.get('device', '?')} ({t.get('cpu_threads') or '?'} thread(s)).",
              f"- Changed from the paper for the 2-core CPU: {json.dumps(t.get('deviations_from_paper') or {})}; "
              f"shipped width {json.dumps(spec.shipped_kwargs)}; augmentation {', '.join(recipe.get('augmentation') or [])}.",
