@@ -115,7 +115,7 @@ def mapping_switch_epoch(run: Path):
 def export_source(network: str, run: Path):
     """best.pt, unless it predates the switch to ``HU_MAPPING`` (then last.pt, which maps HU as shipped)."""
     best = load_checkpoint(run / "best.pt", expected_network=network)
-    if best.preprocessing.hu_to_display8 == HU_TO_DISPLAY8[HU_MAPPING]:
+    if best.preprocessing.hu_to_display8 == HU_TO_DISPLAY8[HU_MAPPING].to_dict():
         return best
     return load_checkpoint(run / "last.pt", expected_network=network)
 
