@@ -19,8 +19,10 @@ it, returning the exit status (0 success, 2 user error as for every covidseg com
 
 Memory: the CT stays in the dtype it was stored in (int16 for a usual CT), the network sees a
 batch of slices (2D) or one band of patches (3D) at a time, and the masks are thresholded as they
-come (see :mod:`napari_covidseg.inference`), so the run needs little more than the CT and its two
-uint8 masks; the probability maps, when asked for, add 4 bytes per voxel (float16, 2 channels).
+come and are held bit-packed (see :mod:`napari_covidseg.inference`), so the run needs little more
+than the CT; the probability maps, when asked for, add 4 bytes per voxel (float16, 2 channels).
+The CT is let go before the masks are written, and they are unpacked one at a time (a writer
+holds one uint8 mask and its copy in the file's voxel order), so writing needs no more than that.
 """
 
 from __future__ import annotations
@@ -145,8 +147,8 @@ def run(args) -> int:
 def _run(args) -> int:
     import numpy as np
 
-    from .inference import resolve_device, segment_volume
-    from .io.loader import load_any, save_any
+    from .inference import resolve_device, segment_masks
+    from .io.loader import load_any
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     ct_path = Path(args.ct)
@@ -184,30 +186,46 @@ def _run(args) -> int:
     say(f"segmenting {ct_path.name} {ct.shape} (z, y, x) {where}, {DOMAIN_TITLES[volume.domain]}, "
         f"with `{loaded.network}` on {device}")
     started = time.monotonic()
-    result = segment_volume(loaded, ct, spacing, threshold=args.threshold, device=device, domain=volume.domain,
-                            batch_size=args.batch_size, progress=_progress_printer(args.quiet),
-                            probabilities=args.probabilities, probability_dtype=args.probability_dtype,
-                            patch_size=args.patch_size)
+    output = segment_masks(loaded, ct, spacing, threshold=args.threshold, device=device, domain=volume.domain,
+                           batch_size=args.batch_size, progress=_progress_printer(args.quiet),
+                           probabilities=args.probabilities, probability_dtype=args.probability_dtype,
+                           patch_size=args.patch_size, packed=True)
     say(f"done in {time.monotonic() - started:.1f} s")
+    spacing_known = volume.spacing_known
+    del ct, volume  # the CT is not needed any more: its memory is free for writing the masks
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {"lung": result.lung, "infection": result.infection}
-    if args.probabilities:
-        arrays["lung_prob"] = result.probabilities[0]
-        arrays["infection_prob"] = result.probabilities[1]
-    for key, path in outputs.items():  # float16 maps are written as float32 (readable everywhere), one at a time
-        array = arrays[key] if arrays[key].dtype != np.float16 else arrays[key].astype(np.float32)
-        save_any(path, array, geometry, overwrite=args.overwrite)
-        say(f"wrote {path}")
+    counts = _write_outputs(outputs, output, geometry, args.overwrite, say)
     if not args.quiet:
-        lung, infection = int(result.lung.sum()), int(result.infection.sum())
+        lung, infection = counts["lung"], counts["infection"]
         share = f" ({100.0 * infection / lung:.1f}% of lung)" if lung > 0 else ""
-        if volume.spacing_known:
+        if spacing_known:
             voxel_ml = geometry.voxel_volume_ml
             say(f"lung {lung * voxel_ml:.1f} mL, infection {infection * voxel_ml:.1f} mL{share}")
         else:
             say(f"lung {lung} voxels, infection {infection} voxels{share} (the file's voxel size is a placeholder: no mL)")
     return 0
+
+
+def _write_outputs(outputs: dict, output, geometry, overwrite: bool, say) -> dict:
+    """Write each mask (unpacked one at a time) and probability map; returns the masks' voxel counts."""
+    import numpy as np
+
+    from .io.loader import save_any
+
+    counts = {}
+    for key, path in outputs.items():  # float16 maps are written as float32 (readable everywhere), one at a time
+        channel = 1 if key.startswith("infection") else 0
+        if key.endswith("_prob"):
+            array = output.probabilities[channel]
+            array = array if array.dtype != np.float16 else array.astype(np.float32)
+        else:
+            array = output.mask(channel)
+            counts[key] = int(array.sum())
+        save_any(path, array, geometry, overwrite=overwrite)
+        del array
+        say(f"wrote {path}")
+    return counts
 
 
 def main(argv: Optional[List[str]] = None) -> int:

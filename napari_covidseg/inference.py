@@ -200,21 +200,35 @@ def _probability_dtype(dtype) -> np.dtype:
 
 class _Output:
     """Where the probabilities go, a few slices at a time: masks thresholded at once (from the
-    float32 values) and/or the probabilities kept in ``keep`` (float16 or float32)."""
+    float32 values) and/or the probabilities kept in ``keep`` (float16 or float32).
 
-    def __init__(self, shape: Tuple[int, ...], threshold: Optional[float], keep) -> None:
+    With ``packed`` the masks are held 8 voxels to a byte (``np.packbits`` along x, an eighth of
+    the memory) and :meth:`mask` unpacks one channel when it is needed, so a caller that writes
+    the masks one at a time after letting the CT go never holds the CT and two uint8 masks at once.
+    """
+
+    def __init__(self, shape: Tuple[int, ...], threshold: Optional[float], keep, packed: bool = False) -> None:
+        self.shape, self.packed = tuple(int(n) for n in shape), bool(packed)
         self.threshold = None if threshold is None else float(threshold)
-        self.masks = np.zeros((2,) + tuple(shape), np.uint8) if threshold is not None else None
-        self.probabilities = None if keep is None else np.empty((2,) + tuple(shape), _probability_dtype(keep))
+        held = self.shape[:-1] + ((self.shape[-1] + 7) // 8,) if self.packed else self.shape
+        self.masks = np.zeros((2,) + held, np.uint8) if threshold is not None else None
+        self.probabilities = None if keep is None else np.empty((2,) + self.shape, _probability_dtype(keep))
 
     def put(self, start: int, prob: torch.Tensor) -> None:
         """``prob``: (n, 2, y, x) float32 on the CPU for slices ``start .. start + n``."""
         channels_first = prob.transpose(0, 1)
         where = (slice(None), slice(start, start + prob.shape[0]))
         if self.masks is not None:
-            self.masks[where] = (channels_first > self.threshold).numpy()
+            above = (channels_first > self.threshold).numpy()
+            self.masks[where] = np.packbits(above, axis=-1) if self.packed else above
         if self.probabilities is not None:
             self.probabilities[where] = channels_first.numpy()
+
+    def mask(self, channel: int) -> np.ndarray:
+        """The uint8 (0/1) mask of ``channel`` (0 lung, 1 infection), (z, y, x)."""
+        if not self.packed:
+            return self.masks[channel]
+        return np.unpackbits(self.masks[channel], axis=-1, count=self.shape[-1])
 
 
 @dataclass
@@ -270,10 +284,10 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
                    preprocessing: Preprocessing, threshold: Optional[float] = None, keep=None, device: DeviceLike = "auto",
                    batch_size: int = 4, progress: ProgressFn = None, should_cancel: CancelFn = None,
                    patch_size: Optional[Sequence[int]] = None, overlap: float = 0.5, weighting: str = "uniform",
-                   amp: bool = True, domain: str = HU, compile: Optional[bool] = None) -> _Output:
-    """Predict a CT into masks thresholded at ``threshold`` (if given) and/or probabilities kept
-    as ``keep`` (float16 / float32, if given).  The model is moved to ``device`` and put in eval
-    mode; ``compile`` (default: the ``COVIDSEG_COMPILE`` environment variable) runs it through
+                   amp: bool = True, domain: str = HU, compile: Optional[bool] = None, packed: bool = False) -> _Output:
+    """Predict a CT into masks thresholded at ``threshold`` (if given; bit-packed with ``packed``,
+    read them with ``.mask(channel)``) and/or probabilities kept as ``keep`` (float16 / float32, if
+    given).  The model is moved to ``device`` and put in eval mode; ``compile`` (default: the ``COVIDSEG_COMPILE`` environment variable) runs it through
     ``torch.compile``.  See the module docstring for how 2D and 3D networks run."""
     ct, spacing = _check_input(ct_hu, spacing)
     check_domain(domain)
@@ -290,7 +304,7 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
     run = _Run(prepare_model(model, dev, settings, dims), dims, stride, preprocessing, domain, dev, settings,
                int(batch_size), amp, progress, should_cancel)
     _check_cancel(should_cancel)
-    output = _Output(ct.shape, threshold, keep)
+    output = _Output(ct.shape, threshold, keep, packed)
     with weights_layout(model, settings, dims), torch.inference_mode():
         if dims == 2:
             _predict_2d(run, ct, output)
@@ -418,10 +432,19 @@ def segment_volume(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshol
     :func:`run_prediction` (``batch_size``, ``progress``, ``should_cancel``, ``patch_size``,
     ``overlap``, ``weighting``, ``amp``, ``domain``, ``compile``).
     """
+    output = segment_masks(loaded, ct_hu, spacing, threshold, device, probabilities, probability_dtype, **kwargs)
+    return SegmentationResult(lung=output.mask(0), infection=output.mask(1), probabilities=output.probabilities,
+                              network=loaded.network, threshold=float(threshold))
+
+
+def segment_masks(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshold: float = 0.5,
+                  device: DeviceLike = "auto", probabilities: bool = False, probability_dtype="float16",
+                  packed: bool = False, **kwargs) -> _Output:
+    """:func:`segment_volume`'s prediction, as the output it was gathered in: ``.mask(0)`` (lung) and
+    ``.mask(1)`` (infection) give the uint8 masks, ``.probabilities`` the kept probabilities.  With
+    ``packed`` the masks are held bit-packed (an eighth of the memory) until ``.mask`` unpacks one."""
     if not 0.0 < float(threshold) < 1.0:
         raise InputError(f"threshold must be between 0 and 1 (exclusive), not {threshold}")
     keep = _probability_dtype(probability_dtype) if probabilities else None
-    output = run_prediction(loaded.model, loaded.spec, ct_hu, spacing, loaded.preprocessing, threshold=float(threshold),
-                            keep=keep, device=device, **kwargs)
-    return SegmentationResult(lung=output.masks[0], infection=output.masks[1], probabilities=output.probabilities,
-                              network=loaded.network, threshold=float(threshold))
+    return run_prediction(loaded.model, loaded.spec, ct_hu, spacing, loaded.preprocessing, threshold=float(threshold),
+                          keep=keep, device=device, packed=packed, **kwargs)
