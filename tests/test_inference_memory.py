@@ -67,3 +67,18 @@ def test_segment_memory_per_ct_voxel_is_bounded(cts, network, tmp_path):
     masks = sorted(p.name for p in (tmp_path / "large").iterdir())
     assert masks == [f"large_{network}_infection.nii", f"large_{network}_lung.nii"]
     assert nib.load(str(tmp_path / "large" / masks[1])).shape == LARGE[::-1]
+
+
+def test_packed_masks_are_the_masks():
+    """``covidseg segment`` holds its masks bit-packed (an eighth of the memory): unpacked they are
+    exactly the uint8 masks, also where x is not a multiple of 8."""
+    from napari_covidseg.inference import _Output
+
+    prob = torch.rand((7, 2, 5, 13), generator=torch.Generator().manual_seed(0))
+    plain, packed = _Output((9, 5, 13), 0.5, None), _Output((9, 5, 13), 0.5, None, packed=True)
+    for output in (plain, packed):
+        output.put(2, prob)
+    assert packed.masks.nbytes * 6 < plain.masks.nbytes
+    for channel in (0, 1):
+        assert packed.mask(channel).dtype == np.uint8
+        np.testing.assert_array_equal(packed.mask(channel), plain.mask(channel))
