@@ -221,7 +221,8 @@ def model_card(name: str, r: dict) -> List[str]:
              f"- Recipe: {recipe.get('optimizer', '?')}, lr {recipe.get('lr', '?')}, {recipe.get('schedule', '?')} schedule, "
              f"batch {recipe.get('batch_size', '?')}, input {recipe.get('input_size', '?')}"
              + (f", random {recipe['crop_size']} crops" if recipe.get("crop_size") else "")
-             + f"; {t.get('epochs_done', '?')} epochs (the exported checkpoint) of {t.get('epochs_planned', '?')} planned, "
+             + f"; {t.get('epochs_trained', '?')} epochs trained, the exported checkpoint is epoch {t.get('epochs_done', '?')} "
+             f"(best validation mean Dice), "
              f"{t.get('wall_minutes', '?')} min on {t.get('device', '?')} ({t.get('cpu_threads') or '?'} thread(s)).",
              f"- Changed from the paper for the 2-core CPU: {json.dumps(t.get('deviations_from_paper') or {})}; "
              f"shipped width {json.dumps(spec.shipped_kwargs)}; augmentation {', '.join(recipe.get('augmentation') or [])}.",

@@ -128,7 +128,10 @@ def export(network: str, run: Path) -> Path:
     training = dict(raw.get("training") or {})
     training["hu_mapping_switched_after_epoch"] = mapping_switch_epoch(run)
     training["wall_minutes"] = run_wall_minutes(run)
-    training["epochs_planned"] = (raw.get("extra") or {}).get("config", {}).get("epochs")
+    # the run's plan as it ended (config.json) and how far it went, not the exported checkpoint's own
+    training["epochs_planned"] = json.loads((run / "config.json").read_text()).get("epochs")
+    training["epochs_trained"] = sum(1 for line in (run / "metrics.jsonl").read_text().splitlines()
+                                     if json.loads(line).get("event") == "epoch")
     training["deviations_from_paper"] = dict(CPU_BUDGET.get(network, {}))
     training["data_choices"] = {"augmentation": AUGMENT_2D if get_network(network).dims == 2 else "recipe", **DATA_CHOICES}
     path = WEIGHTS_DIR / f"{network}.pt"
