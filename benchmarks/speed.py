@@ -779,10 +779,11 @@ def to_markdown(result: dict) -> str:
              f"`python -m benchmarks.speed` on {m['date']}: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
              f"{m['threads']} PyTorch thread(s). Load average {result['load_start'][0]:.1f} at the start, "
              f"{result['load_end'][0]:.1f} at the end.", "",
-             "**The machine was shared** (other long trainings ran on its cores): wall times include waiting for a "
-             "core; the CPU times (one thread) are the better measure, and still somewhat slower than on an idle "
-             "machine (shared caches and memory bandwidth). Peak memory is resident memory and does not depend on "
-             "the load.", "", "Shipped weights at the time of the run: " + "; ".join(
+             ("**The machine was shared** (the load average was above its core count): wall times include "
+              "waiting for a core; the CPU times (one thread) are the better measure, and still somewhat slower than "
+              "on an idle machine (shared caches and memory bandwidth). " if max(result["load_start"][0], result["load_end"][0])
+              > m["cores"] else "Other work ran at times on the machine: the CPU times (one thread) are the measure. ")
+             + "Peak memory is resident memory and does not depend on the load.", "", "Shipped weights at the time of the run: " + "; ".join(
                  f"{k}: {v['domain']}, " + (f"in-plane {tuple(v['inplane_size'])}" if v["inplane_size"] else
                                             f"spacing {tuple(v['target_spacing'] or ())}")
                  for k, v in result["shipped"].items()) + "."]
