@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precision the probability maps are held in while the CT is segmented (default float16: "
                         "half the memory; the masks are thresholded from float32 either way)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a voxel is foreground (default 0.5)")
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per forward pass for 2D networks (default 4)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="slices per forward pass for 2D networks (default: 1 on the CPU, where larger batches need "
+                        "more memory and are no faster, 4 on a GPU)")
     parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="patch size of 3D networks (default: the network's training patch); smaller patches "
                         "need less memory and give slightly different results near patch borders")
@@ -156,7 +158,7 @@ def _run(args) -> int:
         raise InputError(f"CT file {ct_path} does not exist")
     if not 0.0 < args.threshold < 1.0:
         raise InputError(f"--threshold must be between 0 and 1, not {args.threshold}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.patch_size is not None and min(args.patch_size) < 1:
         raise InputError(f"--patch-size must be three positive integers, not {' '.join(map(str, args.patch_size))}")

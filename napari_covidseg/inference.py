@@ -16,7 +16,10 @@ Readings chosen
   resample each finished band back to the CT's grid and threshold it at once.  Probabilities are
   kept only when asked for (``float16`` unless ``float32`` is asked for; the masks are always
   thresholded from the float32 values, so they do not depend on it).
-* 2D networks run slice by slice in batches; only one batch is on the device at a time.  If
+* 2D networks run slice by slice in batches; only one batch is on the device at a time.  The
+  batch size, unless given, is the network's setting (one slice on the CPU, where the forward's
+  working memory is most of what a run adds and larger batches are no faster; four on a GPU;
+  :mod:`napari_covidseg.inference_settings`); a slice's output does not depend on it.  If
   ``preprocessing.inplane_size`` is set each slice is resized (bilinear) to it and the
   probabilities are resized back (bilinear) to the slice size; slices are padded (reflect) to a
   multiple of the network's ``stride`` and the output is cropped back.
@@ -282,18 +285,19 @@ def predict_volume(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
 
 def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_hu: np.ndarray, spacing: Sequence[float],
                    preprocessing: Preprocessing, threshold: Optional[float] = None, keep=None, device: DeviceLike = "auto",
-                   batch_size: int = 4, progress: ProgressFn = None, should_cancel: CancelFn = None,
+                   batch_size: Optional[int] = None, progress: ProgressFn = None, should_cancel: CancelFn = None,
                    patch_size: Optional[Sequence[int]] = None, overlap: float = 0.5, weighting: str = "uniform",
                    amp: bool = True, domain: str = HU, compile: Optional[bool] = None, packed: bool = False) -> _Output:
     """Predict a CT into masks thresholded at ``threshold`` (if given; bit-packed with ``packed``,
     read them with ``.mask(channel)``) and/or probabilities kept as ``keep`` (float16 / float32, if
     given).  The model is moved to ``device`` and put in eval mode; ``compile`` (default: the ``COVIDSEG_COMPILE`` environment variable) runs it through
-    ``torch.compile``.  See the module docstring for how 2D and 3D networks run."""
+    ``torch.compile``.  ``batch_size`` (2D slices per forward pass) defaults to the network's
+    setting for ``device``.  See the module docstring for how 2D and 3D networks run."""
     ct, spacing = _check_input(ct_hu, spacing)
     check_domain(domain)
     preprocessing.check_can_read(domain)
     dims, stride, default_patch = _spec_parts(spec_or_dims)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError(f"batch size must be at least 1, not {batch_size}")
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"overlap must be in [0, 1), not {overlap}")
@@ -302,7 +306,7 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
     dev = resolve_device(device)
     settings = settings_for(getattr(spec_or_dims, "name", None), dev, compile)
     run = _Run(prepare_model(model, dev, settings, dims), dims, stride, preprocessing, domain, dev, settings,
-               int(batch_size), amp, progress, should_cancel)
+               int(batch_size or settings.batch_size), amp, progress, should_cancel)
     _check_cancel(should_cancel)
     output = _Output(ct.shape, threshold, keep, packed)
     with weights_layout(model, settings, dims), torch.inference_mode():

@@ -19,6 +19,12 @@ setting.  Every setting gives the same masks (the outputs agree to float roundin
   takes tens of seconds on a CPU); 2D batches are padded to the full batch size so one compiled
   graph serves every batch.  Where compiling is not possible (no C++ compiler, an op the compiler
   does not support) the model runs uncompiled and one warning says why.
+* ``batch_size``: slices per forward pass of a 2D network on the CPU when the caller does not
+  choose one.  One slice at a time on the CPU: the forward's working memory (the largest part of
+  the memory a run adds) grows with the batch, and larger batches are no faster there (measured,
+  512 x 512 slices read at 256 x 256, 2 threads: ms_unet 0.14 s/slice at 1, 0.16 at 4; chs_net
+  0.29 / 0.36; msa_cpp_unet 0.15 / 0.22; unet 0.09 / 0.12), with the same masks (a slice's output
+  does not depend on its batch).  On a GPU :data:`GPU_BATCH_SIZE` slices, where batches pay off.
 * threads: ``napari_covidseg`` sets ``OMP_WAIT_POLICY=PASSIVE`` when it is imported before
   PyTorch and the variable is not set (see ``napari_covidseg/__init__.py``): OpenMP's default
   spinning waits make a 2-thread forward several times slower when other processes share the
@@ -44,6 +50,11 @@ class InferenceSettings:
     channels_last: bool = False
     compile: bool = False
     onnx: bool = False
+    batch_size: int = 1
+
+
+#: slices per forward pass of a 2D network on a GPU when the caller does not choose
+GPU_BATCH_SIZE = 4
 
 
 #: per-network choices, measured on a shared 2-core CPU (benchmarks/results/speed.md); ONNX for
@@ -64,11 +75,13 @@ def compile_requested() -> bool:
 def settings_for(network: Optional[str], device: torch.device, compile: Optional[bool] = None) -> InferenceSettings:
     """The settings of ``network`` (defaults for an unknown one) on ``device``; ``compile``
     overrides the ``COVIDSEG_COMPILE`` environment variable.  ONNX Runtime is used on the CPU only,
-    where it is installed, and not together with ``torch.compile``."""
+    where it is installed, and not together with ``torch.compile``; ``batch_size`` is the CPU's
+    on the CPU and :data:`GPU_BATCH_SIZE` elsewhere."""
     chosen = NETWORK_SETTINGS.get(network or "", InferenceSettings())
     want_compile = compile_requested() if compile is None else bool(compile)
     onnx = chosen.onnx and not want_compile and device.type == "cpu" and onnx_backend.available()
-    return replace(chosen, compile=want_compile, onnx=onnx)
+    batch_size = chosen.batch_size if device.type == "cpu" else GPU_BATCH_SIZE
+    return replace(chosen, compile=want_compile, onnx=onnx, batch_size=batch_size)
 
 
 def memory_format(dims: int) -> torch.memory_format:

@@ -57,6 +57,21 @@ def test_every_network_has_a_measured_setting():
     assert not settings_for("unet", torch.device("cpu"), compile=False).compile
 
 
+def test_default_batch_size_is_one_slice_on_the_cpu_and_a_few_on_a_gpu(monkeypatch):
+    for network in ("unet", "ms_unet", "msa_cpp_unet", "chs_net"):
+        assert settings_for(network, torch.device("cpu")).batch_size == 1
+        assert settings_for(network, torch.device("cuda")).batch_size == inference_settings.GPU_BATCH_SIZE
+    loaded = _loaded("unet", base=4, depth=2)
+    sizes = []
+    monkeypatch.setattr("napari_covidseg.inference.resize_inplane", lambda x, size: sizes.append(x.shape[0]) or
+                        torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False))
+    segment_volume(loaded, _ct(), (1, 1, 1), device="cpu")
+    assert set(sizes) == {1}  # six slices, one per forward pass
+    sizes.clear()
+    segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", batch_size=4)
+    assert sizes[0] == 4  # a caller's choice wins
+
+
 def test_compile_falls_back_to_the_plain_model_with_one_warning(monkeypatch):
     loaded = _loaded("unet", base=4, depth=2)
     expected = segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", compile=False)
