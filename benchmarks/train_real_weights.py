@@ -34,6 +34,7 @@ from napari_covidseg.checkpoint import WEIGHTS_DIR, load_checkpoint, save_checkp
 from napari_covidseg.models.registry import get_network, network_names
 
 from training.config import build_config
+from training.metrics_log import MetricsLog
 from training.trainer import HU_TO_DISPLAY8, run_training
 
 from .real_data_split import INFNET, SPLIT_PATH
@@ -93,21 +94,15 @@ def run_config(network: str, full: bool = False, device: str = "auto", threads: 
     return build_config(None, **values)
 
 
-def run_wall_minutes(run: Path) -> float:
-    """Total training time of a run (every epoch of every resumed invocation) from metrics.jsonl."""
-    seconds = 0.0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") == "epoch":
-            seconds += float(record.get("seconds") or 0.0)
-    return round(seconds / 60.0, 1)
+def wall_minutes(epoch_records) -> float:
+    """Total training time of a run (every epoch of every resumed invocation)."""
+    return round(sum(float(r.get("seconds") or 0.0) for r in epoch_records) / 60.0, 1)
 
 
-def mapping_switch_epoch(run: Path):
+def mapping_switch_epoch(start_records):
     """The epoch after which the run resumed with the current ``HU_MAPPING`` (None: it used it from the start)."""
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") == "start" and (record.get("config") or {}).get("hu_to_display8") == HU_MAPPING:
+    for record in start_records:
+        if (record.get("config") or {}).get("hu_to_display8") == HU_MAPPING:
             return record.get("resumed_from_epoch") or None
     return None
 
@@ -126,12 +121,13 @@ def export(network: str, run: Path) -> Path:
     loaded = export_source(network, run)
     raw = loaded.raw
     training = dict(raw.get("training") or {})
-    training["hu_mapping_switched_after_epoch"] = mapping_switch_epoch(run)
-    training["wall_minutes"] = run_wall_minutes(run)
+    log = MetricsLog(run)
+    epochs = log.records("epoch")
+    training["hu_mapping_switched_after_epoch"] = mapping_switch_epoch(log.records("start"))
+    training["wall_minutes"] = wall_minutes(epochs)
     # the run's plan as it ended (config.json) and how far it went, not the exported checkpoint's own
     training["epochs_planned"] = json.loads((run / "config.json").read_text()).get("epochs")
-    training["epochs_trained"] = sum(1 for line in (run / "metrics.jsonl").read_text().splitlines()
-                                     if json.loads(line).get("event") == "epoch")
+    training["epochs_trained"] = len(epochs)
     training["deviations_from_paper"] = dict(CPU_BUDGET.get(network, {}))
     training["data_choices"] = {"augmentation": AUGMENT_2D if get_network(network).dims == 2 else "recipe", **DATA_CHOICES}
     path = WEIGHTS_DIR / f"{network}.pt"
