@@ -449,6 +449,16 @@ def path_field(mode: str = "d", placeholder: str = "", tooltip: str = "", filter
     return field.native, edit
 
 
+def push_button(text: str, tip: str = "", on_click=None) -> QPushButton:
+    """A push button with its tooltip and what a click does (the form every widget repeats)."""
+    button = QPushButton(text)
+    if tip:
+        button.setToolTip(tip)
+    if on_click is not None:
+        button.clicked.connect(on_click)
+    return button
+
+
 def form_layout(rows) -> "QFormLayout":
     """A form of ``(label, widget or layout)`` rows whose fields take the width they are given."""
     from qtpy.QtWidgets import QFormLayout

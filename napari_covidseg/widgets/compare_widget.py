@@ -50,7 +50,15 @@ from ..overlay import (
     region_metrics,
     write_comparison_csv,
 )
-from .common import TaskRunner, add_labels_like, form_layout, labels_layers, layer_spacing_known, notify_error
+from .common import (
+    TaskRunner,
+    add_labels_like,
+    form_layout,
+    labels_layers,
+    layer_spacing_known,
+    notify_error,
+    push_button,
+)
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
 from .compare_compute import (  # noqa: F401 (part of this module's API)
     comparison_report,
@@ -95,9 +103,7 @@ class CompareWidget(QWidget):
 
         self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
         self.gt_combo = LayerCombo(napari_viewer, labels_layers, prefer=reference_score())
-        self.compare_button = QPushButton("Compare")
-        self.compare_button.setToolTip("Add the overlay layer and compute the metrics")
-        self.compare_button.clicked.connect(self.compare)
+        self.compare_button = push_button("Compare", "Add the overlay layer and compute the metrics", self.compare)
 
         # one wrapping line of coloured squares and words, so the legend never widens the dock
         self.legend = QLabel("&nbsp;&nbsp; ".join(
@@ -109,19 +115,15 @@ class CompareWidget(QWidget):
         self.table = self._make_table()
         self.plot = SliceDicePlot(on_click=self.go_to_slice)
 
-        self.worst_button = QPushButton("Worst slice")
-        self.worst_button.setToolTip("Go to the slice with the lowest Dice")
-        self.worst_button.clicked.connect(self.go_to_worst)
-        self.next_worst_button = QPushButton("Next \u25b6")
-        self.next_worst_button.setToolTip("Go to the slice with the next lowest Dice (cycles; key N)")
-        self.next_worst_button.clicked.connect(self.go_to_next_worst)
+        self.worst_button = push_button("Worst slice", "Go to the slice with the lowest Dice", self.go_to_worst)
+        self.next_worst_button = push_button("Next \u25b6", "Go to the slice with the next lowest Dice (cycles; key N)",
+                                             self.go_to_next_worst)
         self.previous_worst_button = QPushButton("\u25c0 Previous")
         self.previous_worst_button.setToolTip("Back to the slice with the next higher Dice in the worst-first order "
                                               "(key Shift-N)")
         self.previous_worst_button.clicked.connect(self.go_to_previous_worst)
-        self.export_button = QPushButton("Export CSV...")
-        self.export_button.setToolTip("Per-slice metrics and the volume summary as a CSV file")
-        self.export_button.clicked.connect(self.export_csv_dialog)
+        self.export_button = push_button("Export CSV...", "Per-slice metrics and the volume summary as a CSV file",
+                                         self.export_csv_dialog)
 
         self.runner = TaskRunner(self, unit="slices")
         self.runner.setVisible(False)  # shown only while an export runs

@@ -38,7 +38,16 @@ from ..errors import CancelledError, CovidsegError, InputError
 from ..intensity import HU
 from ..quantify import MIN_LESION_ML, quantify
 from ._review import EditWatcher, LayerCombo, ask_overwrite
-from .common import TaskRunner, form_layout, image_layers, labels_layers, layer_domain, layer_spacing_known, notify_error
+from .common import (
+    TaskRunner,
+    form_layout,
+    image_layers,
+    labels_layers,
+    layer_domain,
+    layer_spacing_known,
+    notify_error,
+    push_button,
+)
 from .quantify_table import ROWS, severity_text, table_rows, write_quantify_csv, write_quantify_json  # noqa: F401
 from .save_defaults import class_mask_score
 
@@ -73,8 +82,7 @@ class QuantifyWidget(QWidget):
                                         "still count in the volumes). Where the voxel size is a placeholder, "
                                         "1 mL means 1000 voxels.")
         self.min_lesion_spin.valueChanged.connect(lambda *_: self.result is not None and self._auto_update())
-        self.compute_button = QPushButton("Compute")
-        self.compute_button.clicked.connect(self.compute)
+        self.compute_button = push_button("Compute", on_click=self.compute)
         self.auto_check = QCheckBox("Update when the masks are edited")
         self.auto_check.setChecked(True)
         self.severity_label = QLabel("")
@@ -82,10 +90,8 @@ class QuantifyWidget(QWidget):
         self.severity_label.setStyleSheet("font-weight: bold; font-size: 14px;")
         self.severity_label.setVisible(False)
         self.table = self._make_table()
-        self.csv_button = QPushButton("Export CSV...")
-        self.csv_button.clicked.connect(lambda: self.export_dialog("csv"))
-        self.json_button = QPushButton("Export JSON...")
-        self.json_button.clicked.connect(lambda: self.export_dialog("json"))
+        self.csv_button = push_button("Export CSV...", on_click=lambda: self.export_dialog("csv"))
+        self.json_button = push_button("Export JSON...", on_click=lambda: self.export_dialog("json"))
         self.report_button = QPushButton("Case report (PNG + CSV)...")
         self.report_button.setToolTip("Key slices with the masks, this table, and the network that made them "
                                       "with its model card: the picture to attach to a study")

@@ -34,7 +34,16 @@ from ..errors import CovidsegError, DataFolderError, InputError
 from ..io.geometry import GEOMETRY_KEY, Geometry
 from ..training_folder import add_case, case_exists, list_cases, suggest_case_id, validate_case_id
 from ._review import LayerCombo, ask_overwrite, free_path
-from .common import TaskRunner, error_text, form_layout, image_layers, labels_layers, notify_error, path_field
+from .common import (
+    TaskRunner,
+    error_text,
+    form_layout,
+    image_layers,
+    labels_layers,
+    notify_error,
+    path_field,
+    push_button,
+)
 from .edits import mark_computed, watch_edits
 from .save_defaults import case_of, class_mask_score, default_folder, default_name, mask_score
 
@@ -119,9 +128,8 @@ class SaveWidget(QWidget):
         self.save_button.setToolTip("Write the mask with the CT's affine and header, in the CT's format where it "
                                     "holds labels (NIfTI, NRRD, MHA), else NIfTI")
         self.save_button.clicked.connect(self.save_dialog)
-        self.revert_button = QPushButton("Revert edits")
-        self.revert_button.setToolTip("Put back the mask as it was when it appeared in the viewer")
-        self.revert_button.clicked.connect(self.revert)
+        self.revert_button = push_button("Revert edits", "Put back the mask as it was when it appeared in the viewer",
+                                         self.revert)
         buttons = QHBoxLayout()
         buttons.addWidget(self.save_button)
         buttons.addWidget(self.revert_button)
@@ -158,9 +166,8 @@ class SaveWidget(QWidget):
         self.lung_combo = LayerCombo(self.viewer, labels_layers, allow_none=True, prefer=class_mask_score("lung"))
         self.infection_combo = LayerCombo(self.viewer, labels_layers, allow_none=True,
                                           prefer=class_mask_score("infection"))
-        self.add_button = QPushButton("Add to training folder")
-        self.add_button.setToolTip("Write images/<case>, lung/<case>, infection/<case> (.nii.gz)")
-        self.add_button.clicked.connect(self.add_to_training_folder)
+        self.add_button = push_button("Add to training folder", "Write images/<case>, lung/<case>, infection/<case> (.nii.gz)",
+                                      self.add_to_training_folder)
         box = QGroupBox("Add to training folder")
         column = QVBoxLayout(box)
         column.addLayout(form_layout([("Folder", folder_field), ("Case id", self.case_edit),

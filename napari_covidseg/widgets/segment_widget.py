@@ -29,7 +29,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QLabel,
-    QPushButton,
     QVBoxLayout,
     QWidget,
 )
@@ -38,15 +37,15 @@ from ..errors import InputError
 from ..intensity import HU
 from ..models.registry import get_network, network_names
 from .common import (
+    DeviceCombo,
     INFECTION_COLOR,
     LUNG_COLOR,
-    MASK_OPACITY,
     LayerComboBox,
+    MASK_OPACITY,
     TaskRunner,
     add_image_like,
     add_labels_like,
     check_weights_read,
-    DeviceCombo,
     compact_combo,
     form_layout,
     format_seconds,
@@ -57,6 +56,7 @@ from .common import (
     notify_error,
     notify_info,
     notify_warning,
+    push_button,
     volume_of,
 )
 from .edits import EDITED_KEY, is_edited, watch_edits  # noqa: F401 (EDITED_KEY: part of this module's API)
@@ -194,9 +194,7 @@ class SegmentWidget(QWidget):
         self.threshold_spin.setToolTip("A voxel belongs to a mask when its probability is above this")
         self.probability_check = QCheckBox("Add probability maps")
         self.probability_check.setToolTip("Also add the lung and infection probabilities (0..1) as image layers")
-        self.run_button = QPushButton("Run")
-        self.run_button.setToolTip("Segment the CT with the chosen network")
-        self.run_button.clicked.connect(self.run)
+        self.run_button = push_button("Run", "Segment the CT with the chosen network", self.run)
         self.runner = TaskRunner(unit="steps")
         self.runner.succeeded.connect(self._on_success)
         self.runner.finished.connect(self._update_buttons)

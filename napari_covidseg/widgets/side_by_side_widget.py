@@ -35,7 +35,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -45,13 +44,13 @@ from qtpy.QtWidgets import (
 from ..errors import CancelledError, InputError
 from ..models.registry import get_network, network_names
 from .common import (
+    DeviceCombo,
     INFECTION_COLOR,
     LUNG_COLOR,
     LayerComboBox,
     TaskRunner,
     add_labels_like,
     check_weights_read,
-    DeviceCombo,
     form_layout,
     format_seconds,
     image_layers,
@@ -60,6 +59,7 @@ from .common import (
     layer_spacing,
     layer_spacing_known,
     notify_error,
+    push_button,
     short_title,
     volume_of,
 )
@@ -208,19 +208,16 @@ class SideBySideWidget(QWidget):
 
         networks_box = self._networks_box()
 
-        self.run_button = QPushButton("Run selected networks")
-        self.run_button.clicked.connect(self.run)
+        self.run_button = push_button("Run selected networks", on_click=self.run)
         self.runner = TaskRunner(unit="%")
         self.runner.succeeded.connect(self._on_success)
         self.runner.started.connect(self._update_buttons)
         self.runner.finished.connect(self._update_buttons)
 
         self.table = self._make_table()
-        self.export_button = QPushButton("Export CSV...")
-        self.export_button.clicked.connect(self._export_clicked)
-        self.clear_button = QPushButton("Leave grid mode")
-        self.clear_button.setToolTip("Remove the side-by-side layers and restore the viewer as it was")
-        self.clear_button.clicked.connect(self.clear)
+        self.export_button = push_button("Export CSV...", on_click=self._export_clicked)
+        self.clear_button = push_button("Leave grid mode", "Remove the side-by-side layers and restore the viewer as it was",
+                                        self.clear)
 
         form = form_layout([("CT:", self.ct_combo), ("Compare:", self.class_combo),
                             ("Infection GT:", self.infection_gt_combo), ("Lung GT:", self.lung_gt_combo),
@@ -256,9 +253,8 @@ class SideBySideWidget(QWidget):
             grid.addWidget(weights, row, 1)
         grid.setColumnStretch(1, 1)
         self.set_networks(default_networks(self.network_weights))
-        self.add_checkpoint_button = QPushButton("Add checkpoint...")
-        self.add_checkpoint_button.setToolTip("Use a checkpoint file (.pt); it is selected in its network's row")
-        self.add_checkpoint_button.clicked.connect(self._browse_checkpoint)
+        self.add_checkpoint_button = push_button("Add checkpoint...", "Use a checkpoint file (.pt); it is selected in its network's row",
+                                                 self._browse_checkpoint)
         grid.addWidget(self.add_checkpoint_button, len(self.network_checks), 1, Qt.AlignRight)
         return networks_box
 

@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 from ..errors import InputError
 from ..models import get_network, network_names
 from ..training_run import PHANTOM, TrainingRequest
-from .common import DeviceCombo, compact_combo, path_field
+from .common import DeviceCombo, compact_combo, path_field, push_button
 
 #: "Quick CPU fine-tune": from the shipped weights, the small network, a few short epochs
 QUICK_EPOCHS = 3
@@ -53,8 +53,7 @@ def parse_extra_args(text: str) -> List[str]:
 
 
 def small_button(text: str, tip: str) -> QPushButton:
-    button = QPushButton(text)
-    button.setToolTip(tip)
+    button = push_button(text, tip)
     button.setMaximumWidth(button.fontMetrics().horizontalAdvance(text) + 24)
     return button
 
@@ -149,9 +148,8 @@ class TrainingForm(QWidget):
         self.recipe_label.setWordWrap(True)
         self.recipe_label.setStyleSheet("color: gray;")
         form.addRow("", self.recipe_label)
-        reset = QPushButton("Paper's recipe")
-        reset.setToolTip("Reset epochs, batch, learning rate and input size to the network's paper")
-        reset.clicked.connect(self.network_changed)
+        reset = push_button("Paper's recipe", "Reset epochs, batch, learning rate and input size to the network's paper",
+                            self.network_changed)
         self.quick_button = QPushButton("Quick CPU fine-tune")
         self.quick_button.setToolTip(f"From the shipped weights, the small network, {QUICK_EPOCHS} epochs of "
                                      f"{QUICK_STEPS_PER_EPOCH} steps on the CPU: minutes, not hours")

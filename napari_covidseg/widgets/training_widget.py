@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from qtpy.QtCore import QProcess, Qt, QTimer
-from qtpy.QtWidgets import QApplication, QHBoxLayout, QLabel, QPushButton, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QApplication, QHBoxLayout, QLabel, QTabWidget, QVBoxLayout, QWidget
 
 from ..errors import CovidsegError, InputError
 from ..training_run import METRICS_FILE, PHANTOM, MetricsTail, TrainingRequest, plain_failure_message
-from .common import notify_error, scrolled
+from .common import notify_error, push_button, scrolled
 from .training_data_check import DataCheck, environment, summarise_data_report  # noqa: F401 (API)
 from .training_form import TrainingForm, default_out_dir, parse_extra_args  # noqa: F401 (API)
 from .training_progress import TrainingProgress, per_class_dice
@@ -85,15 +85,12 @@ class TrainingWidget(QWidget):
         self.shutdown(timeout_ms=20_000)
 
     def _build_run_controls(self, layout: QVBoxLayout):
-        self.start_button = QPushButton("Start")
-        self.start_button.setToolTip("Check the data, then start a new training run with these settings")
-        self.start_button.clicked.connect(lambda: self.start())
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop after the current step; last.pt is written so the run can be resumed")
-        self.stop_button.clicked.connect(self.stop)
-        self.resume_button = QPushButton("Resume")
-        self.resume_button.setToolTip("Continue the run in the output folder from its last.pt")
-        self.resume_button.clicked.connect(self.resume)
+        self.start_button = push_button("Start", "Check the data, then start a new training run with these settings",
+                                        lambda: self.start())
+        self.stop_button = push_button("Stop", "Stop after the current step; last.pt is written so the run can be resumed",
+                                       self.stop)
+        self.resume_button = push_button("Resume", "Continue the run in the output folder from its last.pt",
+                                         self.resume)
         row = QHBoxLayout()
         for b in (self.start_button, self.stop_button, self.resume_button):
             row.addWidget(b)

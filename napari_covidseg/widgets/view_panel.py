@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .common import notify_error
+from .common import notify_error, push_button
 from .reading_aids import VIEWS, reading_aids
 from .window_widget import WindowWidget
 
@@ -37,15 +37,12 @@ class ViewPanel(QWidget):
 
         open_box = QGroupBox("Open")
         row = QHBoxLayout(open_box)
-        self.open_file_button = QPushButton("CT or mask...")
-        self.open_file_button.setToolTip("NIfTI, NRRD/MHA, a DICOM file or .zip, 8-bit slices")
-        self.open_file_button.clicked.connect(self.open_file_dialog)
-        self.open_folder_button = QPushButton("Folder...")
-        self.open_folder_button.setToolTip("A DICOM series folder, or a folder of numbered 8-bit slices")
-        self.open_folder_button.clicked.connect(self.open_folder_dialog)
-        self.sample_button = QPushButton("Phantom")
-        self.sample_button.setToolTip("The synthetic chest CT phantom with its lung and infection masks")
-        self.sample_button.clicked.connect(self.open_sample)
+        self.open_file_button = push_button("CT or mask...", "NIfTI, NRRD/MHA, a DICOM file or .zip, 8-bit slices",
+                                            self.open_file_dialog)
+        self.open_folder_button = push_button("Folder...", "A DICOM series folder, or a folder of numbered 8-bit slices",
+                                              self.open_folder_dialog)
+        self.sample_button = push_button("Phantom", "The synthetic chest CT phantom with its lung and infection masks",
+                                         self.open_sample)
         for button in (self.open_file_button, self.open_folder_button, self.sample_button):
             row.addWidget(button)
 

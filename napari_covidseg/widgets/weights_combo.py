@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Optional
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QPushButton, QWidget
+from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QWidget
 
 from .. import weights_catalog
 from ..errors import CovidsegError
-from .common import notify_error
+from .common import notify_error, push_button
 
 NO_WEIGHTS = "(no weights: train one or Browse...)"
 NO_WEIGHTS_SHORT = "(no weights yet)"
@@ -45,9 +45,8 @@ class WeightsCombo(QWidget):
         layout.addWidget(self.combo, 1)
         self.browse_button = None
         if browse:
-            self.browse_button = QPushButton("Browse...")
-            self.browse_button.setToolTip("Use a checkpoint file (.pt) saved by napari-covidseg training")
-            self.browse_button.clicked.connect(self.browse)
+            self.browse_button = push_button("Browse...", "Use a checkpoint file (.pt) saved by napari-covidseg training",
+                                             self.browse)
             layout.addWidget(self.browse_button)
         self._disconnect = weights_catalog.on_change(self.refresh)
         self.destroyed.connect(lambda *_: self._disconnect())
