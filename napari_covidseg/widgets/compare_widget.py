@@ -31,7 +31,6 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QHeaderView,
     QLabel,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -118,10 +117,10 @@ class CompareWidget(QWidget):
         self.worst_button = push_button("Worst slice", "Go to the slice with the lowest Dice", self.go_to_worst)
         self.next_worst_button = push_button("Next \u25b6", "Go to the slice with the next lowest Dice (cycles; key N)",
                                              self.go_to_next_worst)
-        self.previous_worst_button = QPushButton("\u25c0 Previous")
-        self.previous_worst_button.setToolTip("Back to the slice with the next higher Dice in the worst-first order "
-                                              "(key Shift-N)")
-        self.previous_worst_button.clicked.connect(self.go_to_previous_worst)
+        self.previous_worst_button = push_button("\u25c0 Previous",
+                                                 "Back to the slice with the next higher Dice in the worst-first order "
+                                                 "(key Shift-N)",
+                                                 self.go_to_previous_worst)
         self.export_button = push_button("Export CSV...", "Per-slice metrics and the volume summary as a CSV file",
                                          self.export_csv_dialog)
 

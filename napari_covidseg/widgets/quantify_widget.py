@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -92,10 +91,10 @@ class QuantifyWidget(QWidget):
         self.table = self._make_table()
         self.csv_button = push_button("Export CSV...", on_click=lambda: self.export_dialog("csv"))
         self.json_button = push_button("Export JSON...", on_click=lambda: self.export_dialog("json"))
-        self.report_button = QPushButton("Case report (PNG + CSV)...")
-        self.report_button.setToolTip("Key slices with the masks, this table, and the network that made them "
-                                      "with its model card: the picture to attach to a study")
-        self.report_button.clicked.connect(self.report_dialog)
+        self.report_button = push_button("Case report (PNG + CSV)...",
+                                         "Key slices with the masks, this table, and the network that made them "
+                                         "with its model card: the picture to attach to a study",
+                                         self.report_dialog)
         self.runner = TaskRunner(self)
         self.runner.setVisible(False)  # shown only while quantify() runs
         self.runner.started.connect(lambda: self.runner.setVisible(True))

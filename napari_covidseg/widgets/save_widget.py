@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPushButton,
     QVBoxLayout,
     QWidget,
 )
@@ -124,10 +123,10 @@ class SaveWidget(QWidget):
         self._reverting = False
         self.mask_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
         self.ct_combo = LayerCombo(napari_viewer, image_layers)
-        self.save_button = QPushButton("Save mask...")
-        self.save_button.setToolTip("Write the mask with the CT's affine and header, in the CT's format where it "
-                                    "holds labels (NIfTI, NRRD, MHA), else NIfTI")
-        self.save_button.clicked.connect(self.save_dialog)
+        self.save_button = push_button("Save mask...",
+                                       "Write the mask with the CT's affine and header, in the CT's format where it "
+                                       "holds labels (NIfTI, NRRD, MHA), else NIfTI",
+                                       self.save_dialog)
         self.revert_button = push_button("Revert edits", "Put back the mask as it was when it appeared in the viewer",
                                          self.revert)
         buttons = QHBoxLayout()

@@ -150,10 +150,10 @@ class TrainingForm(QWidget):
         form.addRow("", self.recipe_label)
         reset = push_button("Paper's recipe", "Reset epochs, batch, learning rate and input size to the network's paper",
                             self.network_changed)
-        self.quick_button = QPushButton("Quick CPU fine-tune")
-        self.quick_button.setToolTip(f"From the shipped weights, the small network, {QUICK_EPOCHS} epochs of "
-                                     f"{QUICK_STEPS_PER_EPOCH} steps on the CPU: minutes, not hours")
-        self.quick_button.clicked.connect(self.quick_cpu_finetune)
+        self.quick_button = push_button("Quick CPU fine-tune",
+                                        f"From the shipped weights, the small network, {QUICK_EPOCHS} epochs of "
+                                        f"{QUICK_STEPS_PER_EPOCH} steps on the CPU: minutes, not hours",
+                                        self.quick_cpu_finetune)
         form.addRow("", reset)
         form.addRow("", self.quick_button)
         return box
