@@ -178,3 +178,101 @@ def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path, monkeypatch)
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["metrics"]["epoch"] == 4 and best["metrics"]["val_dice_mean"] == 0.6
     assert _records(tmp_path)[-1]["best_val_dice_mean"] == 0.6
+
+
+class _Clock:
+    """A stand-in for the trainer's ``time`` module: training and validation advance it by set amounts."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+def _budgeted_run(tmp_path, monkeypatch, train_seconds, epochs=20, val_every=2, budget=1.0):
+    """A tiny run whose epochs 'take' ``train_seconds[i]`` (then the last value) and each validation 4 s."""
+    from training import trainer
+    from training.config import build_config
+
+    clock = _Clock()
+    monkeypatch.setattr(trainer, "time", clock)
+    real_epoch, real_validate = trainer.Trainer._train_epoch, trainer.validate
+    durations = iter(train_seconds)
+    last = [train_seconds[-1]]
+
+    def timed_epoch(self, *args):
+        start = clock.now
+        done = real_epoch(self, *args)
+        clock.now = start + next(durations, last[0])
+        self.last_train_seconds = clock.now - start
+        return done
+
+    def timed_validate(*args, **kwargs):
+        clock.now += 4.0
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "_train_epoch", timed_epoch)
+    monkeypatch.setattr(trainer, "validate", timed_validate)
+    cfg = build_config(None, network="unet", data="phantom", phantom_cases=2, phantom_shape=[4, 32, 32], out=str(tmp_path),
+                       epochs=epochs, batch_size=2, input_size=[32, 32], samples_per_epoch=2, network_kwargs={"base": 4},
+                       val_every=val_every, time_budget_minutes=budget, schedule="poly", lr=1e-3)
+    code, status = trainer.run_training(cfg)
+    return code, status, _records(tmp_path)
+
+
+def test_time_budget_fits_the_planned_epochs_after_the_first_and_the_poly_schedule_still_ends(tmp_path, monkeypatch):
+    """60 s budget, 10 s per epoch, 4 s per validation every 2nd epoch: the first epoch is validated
+    (14 s), so 12 s per epoch on average fit 3 more (with one last validation): 4 epochs instead of 20,
+    and the learning rate falls along a 4-epoch poly schedule."""
+    code, status, records = _budgeted_run(tmp_path, monkeypatch, [10.0])
+    assert code == 0 and records[-1]["status"] == "finished"
+    budget = [r for r in records if r["event"] == "budget"]
+    assert len(budget) == 1 and budget[0]["planned_epochs"] == 20 and budget[0]["epochs"] == 4
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in epochs if "val" in r] == [1, 2, 4]  # the probe, every 2nd, the last
+    assert [r["lr"] for r in epochs] == pytest.approx([1e-3 * (1 - e / 4) ** 0.9 for e in range(4)])
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 4
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["extra"]["config"]["epochs"] == 4
+
+
+def test_time_budget_stops_a_run_whose_epochs_slow_down_before_it_overruns(tmp_path, monkeypatch):
+    """The first epoch takes 10 s, the next ones 30 s: after epoch 2 (44 s) a third would end at
+    74 s > 60 s, so the run stops there (resumable, with best.pt from the validated epochs)."""
+    code, status, records = _budgeted_run(tmp_path, monkeypatch, [10.0, 30.0])
+    assert code == 0 and status == "stopped" and records[-1]["status"] == "stopped"
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_a_budget_the_plan_already_fits_changes_nothing(tmp_path, monkeypatch):
+    code, status, records = _budgeted_run(tmp_path, monkeypatch, [1.0], epochs=3, budget=10.0)
+    assert code == 0 and status == "finished"
+    assert not [r for r in records if r["event"] == "budget"]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("schedule", ["poly", "cosine"])
+def test_refit_schedule_gives_the_rates_of_a_run_planned_with_the_new_length(schedule):
+    """Two epochs planned for 20, then refitted to 5: the rates of epochs 3..5 are those of a run planned
+    for 5 epochs from the start (and a constant or plateau schedule is left alone)."""
+    from training.config import build_config
+    from training.trainer import make_optimizer, make_scheduler, refit_schedule
+
+    def rates(cfg, refit_after=None, planned=None):
+        model = torch.nn.Linear(2, 1)
+        optimizer = make_optimizer(cfg, model.parameters())
+        scheduler = make_scheduler(cfg, optimizer)
+        seen = []
+        for epoch in range(int(planned or cfg.epochs)):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            if refit_after is not None and epoch + 1 == refit_after:
+                cfg.epochs = planned
+                refit_schedule(scheduler, planned)
+        return seen
+
+    make = lambda epochs: build_config(None, network="unet", data="phantom", epochs=epochs, schedule=schedule, lr=1e-2)
+    assert rates(make(20), refit_after=2, planned=5)[2:] == pytest.approx(rates(make(5))[2:])

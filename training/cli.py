@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps-per-epoch", type=int)
     t.add_argument("--slices-per-epoch", "--samples-per-epoch", dest="samples_per_epoch", type=int)
     t.add_argument("--stop-after-epochs", type=int, help="end this invocation after N epochs (resume later)")
+    t.add_argument("--time-budget", dest="time_budget_minutes", type=float, metavar="MIN",
+                   help="fit the planned epochs to MIN minutes of wall clock after the first epoch (never more epochs)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--quiet", action="store_true")
 
@@ -109,7 +111,8 @@ def _train(args) -> int:
         "plateau_factor", "plateau_patience", "input_size", "target_spacing", "crop_size", "inplane_size", "domain",
         "hu_to_display8", "augmentation", "target", "val_fraction", "test_fraction", "folds", "fold", "split_file", "seed",
         "device", "amp", "resume", "init_from", "phantom_cases", "phantom_shape", "network_kwargs", "net_kwargs_shipped",
-        "num_workers", "max_steps_per_epoch", "samples_per_epoch", "stop_after_epochs", "threads")}
+        "num_workers", "max_steps_per_epoch", "samples_per_epoch", "stop_after_epochs", "time_budget_minutes",
+        "threads")}
     if args.resume == "auto":
         last = Path(args.out) / "last.pt"
         overrides["resume"] = str(last) if last.exists() else None

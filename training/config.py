@@ -68,6 +68,9 @@ class TrainConfig:
     resume: Optional[str] = None
     init_from: Optional[str] = None
     stop_after_epochs: Optional[int] = None  # end this invocation (status stopped) after N epochs in total
+    # wall-clock minutes for this invocation's epochs: after its first epoch the planned epochs are
+    # lowered (never raised) to what fits, so a poly/cosine schedule still ends; a run that overruns stops
+    time_budget_minutes: Optional[float] = None
     threads: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------
@@ -139,6 +142,8 @@ class TrainConfig:
             self.inplane_size = [int(v) for v in self.inplane_size]
             if len(self.inplane_size) != 2 or min(self.inplane_size) < 16:
                 raise InputError(f"--inplane-size needs two sizes of at least 16, not {self.inplane_size}")
+        if self.time_budget_minutes is not None and float(self.time_budget_minutes) <= 0:
+            raise InputError(f"--time-budget must be a positive number of minutes, not {self.time_budget_minutes}")
         if self.resume and self.init_from:
             raise InputError("choose either --resume (continue a run) or --init-from (fine-tune from weights), not both")
         if len(self.phantom_shape) != 3:

@@ -124,13 +124,31 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     """Stepped once per epoch (plateau: on the validation mean Dice)."""
     epochs = int(cfg.epochs)
     if cfg.schedule == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(0.0, 1.0 - e / epochs) ** cfg.poly_power)
+        # cfg.epochs is read at each step: a time budget may lower it after the first epoch
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(0.0, 1.0 - e / int(cfg.epochs)) ** cfg.poly_power)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=float(cfg.plateau_factor),
                                                           patience=int(cfg.plateau_patience))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+
+
+def refit_schedule(scheduler, epochs: int) -> None:
+    """Re-plan a poly (its lambda reads cfg.epochs, already changed) or cosine schedule over ``epochs``
+    and set the learning rate of the epoch to come as if it had been planned so from the start."""
+    step = scheduler.last_epoch
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        scheduler.T_max = epochs
+        rates = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / epochs)) / 2
+                 for base in scheduler.base_lrs]
+    elif isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    else:  # plateau: nothing planned by epochs
+        return
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,6 +309,9 @@ class Trainer:
             missing = sorted(set(split["train"] + split["val"]) - {c.case_id for c in usable})
             if missing:
                 raise DataFolderError(f"the split {cfg.split_file} names cases not in the data: {', '.join(missing[:5])}")
+            absent_test = sorted(set(split["test"]) - {c.case_id for c in usable})
+            if absent_test:  # training never reads the test cases: they may be kept elsewhere
+                self.log.line(f"{len(absent_test)} test case(s) of the split are not in the data (not needed to train)")
         else:
             split = make_split([c.case_id for c in usable], [c.group for c in usable], cfg.val_fraction, cfg.test_fraction,
                                cfg.folds, cfg.fold, cfg.seed)
@@ -461,11 +482,14 @@ class Trainer:
         self._loader()
         last, best = self.out / "last.pt", self.out / "best.pt"
         status = "finished"
-        epochs = int(cfg.epochs)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.line(f"{n_params} parameters; train {len(self.train_cases)} cases, val {len(self.val_cases)} cases; "
                       f"{len(self.dataset)} samples per epoch")
-        for epoch in range(self.start_epoch, epochs):
+        self.loop_started = time.time()
+        epoch = self.start_epoch - 1
+        while epoch + 1 < int(cfg.epochs):  # cfg.epochs: a time budget may lower it after the first epoch
+            epoch += 1
+            epoch_started = time.time()
             done = self._train_epoch(epoch, self.resume_step if epoch == self.start_epoch else 0)
             if done["stopped"]:
                 if self.is_main:  # exactly where it stopped: a resume skips the steps done and goes on
@@ -478,7 +502,10 @@ class Trainer:
             if self.stop.stopped:
                 status = "stopped"
                 break
-            if cfg.stop_after_epochs is not None and epoch + 1 >= int(cfg.stop_after_epochs) and epoch + 1 < epochs:
+            if cfg.stop_after_epochs is not None and epoch + 1 >= int(cfg.stop_after_epochs) and epoch + 1 < int(cfg.epochs):
+                status = "stopped"
+                break
+            if cfg.time_budget_minutes and self._over_budget(epoch, time.time() - epoch_started):
                 status = "stopped"
                 break
         if self.is_main:
@@ -487,6 +514,31 @@ class Trainer:
             self.log.line(f"{status}: last checkpoint {last}")
         distributed.cleanup(self.dist)
         return status
+
+    def _over_budget(self, epoch: int, epoch_seconds: float) -> bool:
+        """After this invocation's first epoch (validated, so its cost is known), lower the planned
+        epochs to what fits ``time_budget_minutes`` (a poly or cosine schedule then still ends); after
+        any epoch, True when the next would end past the budget."""
+        cfg = self.cfg
+        budget = float(cfg.time_budget_minutes) * 60.0
+        elapsed = time.time() - self.loop_started
+        if epoch == self.start_epoch:
+            every = max(1, int(cfg.val_every or 1))
+            val_seconds = max(0.0, epoch_seconds - self.last_train_seconds)
+            per_epoch = self.last_train_seconds + val_seconds / every
+            fitting = epoch + 1 + int(max(0.0, budget - elapsed - val_seconds) // max(per_epoch, 1e-6))
+            fitting = distributed.broadcast_object(fitting, self.dist)  # rank 0's timing rules every process
+            if fitting < int(cfg.epochs):
+                planned, cfg.epochs = int(cfg.epochs), max(epoch + 1, fitting)
+                refit_schedule(self.scheduler, int(cfg.epochs))
+                if self.is_main:
+                    self.log.record("budget", planned_epochs=planned, epochs=int(cfg.epochs), epoch_seconds=per_epoch,
+                                    budget_minutes=float(cfg.time_budget_minutes))
+                    self.log.line(f"time budget {cfg.time_budget_minutes:g} min: {cfg.epochs} epochs instead of {planned} "
+                                  f"({per_epoch:.1f} s per epoch)")
+                    with atomic_path(self.out / "config.json") as tmp:
+                        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return bool(distributed.broadcast_object(epoch + 1 < int(cfg.epochs) and elapsed + epoch_seconds > budget, self.dist))
 
     def _write_run_files(self) -> None:
         """split.json, config.json, the epoch record a kill kept from the log, and the start record."""
@@ -545,6 +597,7 @@ class Trainer:
                 stopped = True
                 break
         state["seconds"] += time.time() - t0
+        self.last_train_seconds = time.time() - t0
         return {**state, "steps": steps, "stopped": stopped}
 
     def _report_step(self, epoch: int, steps: int, state: dict) -> None:
@@ -561,7 +614,8 @@ class Trainer:
         """Validate every ``val_every`` epochs (epochs val_every, 2 val_every, ... counted from 1) and
         always after the last one, so a run ends with a validated ``best.pt``."""
         every = max(1, int(self.cfg.val_every or 1))
-        return (epoch + 1) % every == 0 or epoch + 1 == int(self.cfg.epochs)
+        budget_probe = bool(self.cfg.time_budget_minutes) and epoch == self.start_epoch  # the budget needs its cost
+        return (epoch + 1) % every == 0 or epoch + 1 == int(self.cfg.epochs) or budget_probe
 
     def _finish_epoch(self, epoch: int, done: dict, last: Path, best: Path) -> None:
         """Validate (when due), step the schedule, write best.pt (if improved), last.pt, then the log
