@@ -237,13 +237,24 @@ def test_time_budget_fits_the_planned_epochs_after_the_first_and_the_poly_schedu
     assert torch.load(tmp_path / "last.pt", weights_only=True)["extra"]["config"]["epochs"] == 4
 
 
-def test_time_budget_stops_a_run_whose_epochs_slow_down_before_it_overruns(tmp_path, monkeypatch):
-    """The first epoch takes 10 s, the next ones 30 s: after epoch 2 (44 s) a third would end at
-    74 s > 60 s, so the run stops there (resumable, with best.pt from the validated epochs)."""
+def test_time_budget_is_refitted_when_epochs_slow_down_and_the_run_still_ends_validated(tmp_path, monkeypatch):
+    """The first epoch takes 10 s (4 epochs fit), the next ones 30 s: after epoch 2 (48 s, validated) no
+    32 s epoch fits any more, so the plan becomes 2 epochs and the run ends there, finished, validated."""
     code, status, records = _budgeted_run(tmp_path, monkeypatch, [10.0, 30.0])
-    assert code == 0 and status == "stopped" and records[-1]["status"] == "stopped"
-    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+    assert code == 0 and status == "finished" and records[-1]["status"] == "finished"
+    assert [(r["after_epoch"], r["epochs"]) for r in records if r["event"] == "budget"] == [(1, 4), (2, 2)]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and "val" in epochs[-1]
     assert (tmp_path / "best.pt").is_file()
+
+
+def test_time_budget_raises_a_plan_that_a_slow_first_epoch_lowered_but_never_above_the_first_plan(tmp_path, monkeypatch):
+    """2 min: a slow first epoch (start-up, autotuning: 40 s, +4 s validation) fits 1 more; then 9 s epochs fit 7 more, and a
+    plan of 6 epochs caps it at 6."""
+    code, status, records = _budgeted_run(tmp_path, monkeypatch, [40.0, 5.0], epochs=6, val_every=1, budget=2.0)
+    assert code == 0 and status == "finished"
+    assert [(r["after_epoch"], r["epochs"]) for r in records if r["event"] == "budget"] == [(1, 2), (2, 6)]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_budget_the_plan_already_fits_changes_nothing(tmp_path, monkeypatch):

@@ -485,7 +485,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.line(f"{n_params} parameters; train {len(self.train_cases)} cases, val {len(self.val_cases)} cases; "
                       f"{len(self.dataset)} samples per epoch")
-        self.loop_started = time.time()
+        self.loop_started, self.val_seconds = time.time(), 0.0
         epoch = self.start_epoch - 1
         while epoch + 1 < int(cfg.epochs):  # cfg.epochs: a time budget may lower it after the first epoch
             epoch += 1
@@ -516,28 +516,33 @@ class Trainer:
         return status
 
     def _over_budget(self, epoch: int, epoch_seconds: float) -> bool:
-        """After this invocation's first epoch (validated, so its cost is known), lower the planned
-        epochs to what fits ``time_budget_minutes`` (a poly or cosine schedule then still ends); after
-        any epoch, True when the next would end past the budget."""
+        """Fit the planned epochs to ``time_budget_minutes`` after every epoch, from the latest epoch's
+        training time and the latest validation's cost (the first epoch is validated to measure it, and
+        it is slow: start-up, autotuning), never above the epochs first planned; a poly or cosine
+        schedule is re-planned so it still ends with the run.  True when the next epoch would end past
+        the budget anyway."""
         cfg = self.cfg
         budget = float(cfg.time_budget_minutes) * 60.0
         elapsed = time.time() - self.loop_started
         if epoch == self.start_epoch:
-            every = max(1, int(cfg.val_every or 1))
-            val_seconds = max(0.0, epoch_seconds - self.last_train_seconds)
-            per_epoch = self.last_train_seconds + val_seconds / every
-            fitting = epoch + 1 + int(max(0.0, budget - elapsed - val_seconds) // max(per_epoch, 1e-6))
-            fitting = distributed.broadcast_object(fitting, self.dist)  # rank 0's timing rules every process
-            if fitting < int(cfg.epochs):
-                planned, cfg.epochs = int(cfg.epochs), max(epoch + 1, fitting)
-                refit_schedule(self.scheduler, int(cfg.epochs))
-                if self.is_main:
-                    self.log.record("budget", planned_epochs=planned, epochs=int(cfg.epochs), epoch_seconds=per_epoch,
-                                    budget_minutes=float(cfg.time_budget_minutes))
-                    self.log.line(f"time budget {cfg.time_budget_minutes:g} min: {cfg.epochs} epochs instead of {planned} "
-                                  f"({per_epoch:.1f} s per epoch)")
-                    with atomic_path(self.out / "config.json") as tmp:
-                        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self.planned_epochs = int(cfg.epochs)
+        if self.validated_last:
+            self.val_seconds = max(0.0, epoch_seconds - self.last_train_seconds)
+        every = max(1, int(cfg.val_every or 1))
+        per_epoch = max(self.last_train_seconds + self.val_seconds / every, 1e-6)
+        fitting = epoch + 1 + int(max(0.0, budget - elapsed - self.val_seconds) // per_epoch)
+        fitting = distributed.broadcast_object(min(self.planned_epochs, fitting), self.dist)  # rank 0's timing rules
+        if fitting != int(cfg.epochs):
+            before, cfg.epochs = int(cfg.epochs), max(epoch + 1, fitting)
+            refit_schedule(self.scheduler, int(cfg.epochs))
+            if self.is_main:
+                self.log.record("budget", planned_epochs=self.planned_epochs, epochs=int(cfg.epochs), after_epoch=epoch + 1,
+                                epoch_seconds=per_epoch, budget_minutes=float(cfg.time_budget_minutes))
+                if epoch == self.start_epoch:
+                    self.log.line(f"time budget {cfg.time_budget_minutes:g} min: {cfg.epochs} epochs instead of {before} "
+                                  f"({per_epoch:.1f} s per epoch so far; re-fitted after every epoch)")
+                with atomic_path(self.out / "config.json") as tmp:
+                    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         return bool(distributed.broadcast_object(epoch + 1 < int(cfg.epochs) and elapsed + epoch_seconds > budget, self.dist))
 
     def _write_run_files(self) -> None:
@@ -626,6 +631,7 @@ class Trainer:
         train_loss = distributed.mean_value(done["loss"] / max(1, done["samples"]), self.dist, self.device)
         record = {"epoch": epoch + 1, "epochs": epochs, "train_loss": train_loss}
         validated = self._validation_due(epoch)
+        self.validated_last = validated
         if self.is_main and validated:
             summary, dice_mean, val_loss, by_source = validate(self.model, self.spec, self.prep, self.val_cases,
                                                                self.device, cfg)
