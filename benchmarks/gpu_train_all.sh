@@ -46,7 +46,7 @@ done
 wait
 for n in $networks; do
   echo "== $n"; grep -E "epoch|budget|error|Error|finished|stopped" "$runs/$n.log" | tail -4
-  python3 -m benchmarks.train_real_weights --network "$n" --recipe gpu --export && cp "napari_covidseg/weights/$n.pt" "$out/"
+  python3 -m benchmarks.train_real_weights --network "$n" --recipe gpu --export --runs-sharing-gpu 5 && cp "napari_covidseg/weights/$n.pt" "$out/"
 done
 tar czf "$out/runs.tar.gz" $runs/*.log $runs/*/metrics.jsonl $runs/*/config.json $runs/*/split.json 2>/dev/null
 ls -la "$out"

@@ -145,7 +145,7 @@ def export_source(network: str, run: Path):
     return load_checkpoint(run / "last.pt", expected_network=network)
 
 
-def export(network: str, run: Path, recipe: str = "cpu") -> Path:
+def export(network: str, run: Path, recipe: str = "cpu", runs_sharing_gpu: int = None) -> Path:
     """The run's best checkpoint (with the shipped HU mapping) as the package's float16 weights for
     ``network``, with what a model card needs: total training time, device, deviations from the paper."""
     loaded = export_source(network, run)
@@ -159,7 +159,9 @@ def export(network: str, run: Path, recipe: str = "cpu") -> Path:
     training["epochs_planned"] = json.loads((run / "config.json").read_text()).get("epochs")
     training["epochs_trained"] = len(epochs)
     training["deviations_from_paper"] = dict(RECIPES[recipe].get(network, {}))
-    training["recipe"] = recipe
+    training["run_recipe"] = recipe  # cpu | gpu | full (training["recipe"] holds the run's hyper-parameters)
+    if runs_sharing_gpu:
+        training["runs_sharing_gpu"] = int(runs_sharing_gpu)
     budget = log.records("budget")
     if budget:
         training["time_budget_minutes"] = budget[-1].get("budget_minutes")
@@ -180,11 +182,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--runs-sharing-gpu", type=int, help="--export: how many runs trained at once on the GPU")
     parser.add_argument("--max-steps-per-epoch", type=int, help="a smoke test of the whole chain (not for weights)")
     args = parser.parse_args(argv)
     run = args.out or run_folder(args.network, args.recipe)
     if args.export:
-        print(f"wrote {export(args.network, run, args.recipe)}")
+        print(f"wrote {export(args.network, run, args.recipe, args.runs_sharing_gpu)}")
         return 0
     if not SPLIT_PATH.exists():
         raise SystemExit(f"{SPLIT_PATH} is missing: run python -m benchmarks.real_data_split")

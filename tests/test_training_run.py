@@ -257,13 +257,6 @@ def test_time_budget_raises_a_plan_that_a_slow_first_epoch_lowered_but_never_abo
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_budget_the_plan_already_fits_changes_nothing(tmp_path, monkeypatch):
-    code, status, records = _budgeted_run(tmp_path, monkeypatch, [1.0], epochs=3, budget=10.0)
-    assert code == 0 and status == "finished"
-    assert not [r for r in records if r["event"] == "budget"]
-    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3]
-
-
 @pytest.mark.parametrize("schedule", ["poly", "cosine"])
 def test_refit_schedule_gives_the_rates_of_a_run_planned_with_the_new_length(schedule):
     """Two epochs planned for 20, then refitted to 5: the rates of epochs 3..5 are those of a run planned

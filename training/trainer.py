@@ -37,8 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from napari_covidseg.atomic_file import atomic_path, sweep_temporaries
@@ -459,6 +458,7 @@ class Trainer:
                     "recipe": {k: getattr(cfg, k) for k in ("optimizer", "lr", "weight_decay", "schedule", "epochs", "batch_size",
                                                             "input_size", "crop_size", "augmentation", "target")},
                     "epochs_done": epoch, "seed": cfg.seed, "device": str(self.device),
+                    "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                     "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
                     "wall_minutes": round(self.wall_seconds / 60.0, 1)}
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -518,7 +518,8 @@ class Trainer:
     def _over_budget(self, epoch: int, epoch_seconds: float) -> bool:
         """Fit the planned epochs to ``time_budget_minutes`` after every epoch, from the latest epoch's
         training time and the latest validation's cost (the first epoch is validated to measure it, and
-        it is slow: start-up, autotuning), never above the epochs first planned; a poly or cosine
+        it is slow: start-up, autotuning), never above the epochs first planned.  A plan may grow, even
+        at what was its last epoch (epochs speed up when runs beside it on the GPU end); a poly or cosine
         schedule is re-planned so it still ends with the run.  True when the next epoch would end past
         the budget anyway."""
         cfg = self.cfg
@@ -615,6 +616,10 @@ class Trainer:
         self.log.record("step", epoch=epoch + 1, epochs=int(self.cfg.epochs), step=steps, steps=self.steps_per_epoch,
                         train_loss=state["loss"] / max(1, state["samples"]))
 
+    def _validation_patch(self):
+        """3D: validate on the training patch, as inference does with the saved weights."""
+        return tuple(int(v) for v in self.cfg.input_size) if self.spec.dims == 3 else None
+
     def _validation_due(self, epoch: int) -> bool:
         """Validate every ``val_every`` epochs (epochs val_every, 2 val_every, ... counted from 1) and
         always after the last one, so a run ends with a validated ``best.pt``."""
@@ -634,7 +639,7 @@ class Trainer:
         self.validated_last = validated
         if self.is_main and validated:
             summary, dice_mean, val_loss, by_source = validate(self.model, self.spec, self.prep, self.val_cases,
-                                                               self.device, cfg)
+                                                               self.device, cfg, patch_size=self._validation_patch())
             record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean, val_by_source=by_source)
         dice_mean = distributed.broadcast_object(record.get("val_dice_mean"), self.dist)
         lr = float(self.optimizer.param_groups[0]["lr"])
