@@ -26,9 +26,11 @@ HD95 follows medpy's ``hd95``: surface voxels are the mask minus its erosion (fa
 voxels on the image border count as surface); the distances from every surface voxel of one
 mask to the nearest surface voxel of the other, in mm (Euclidean, with the voxel spacing), are
 pooled in both directions and their 95th percentile is taken (numpy's linear interpolation).
-The nearest surface voxels are found with a k-d tree on the surface points (as MONAI does), not
-a dense distance transform of the bounding box: the work grows with the surface, not the volume,
-and the distances are the same exact Euclidean ones.  A voxel on both surfaces is 0 mm away.
+The nearest surface voxels are found by looking up the other surface at the voxel offsets within
+3 voxels in order of length (exact: every shorter offset was looked at first), and with a k-d
+tree on the surface points (as MONAI does) for voxels farther away; not a dense distance
+transform of the bounding box: the work grows with the surface, not the volume, and the
+distances are the same exact Euclidean ones.  A voxel on both surfaces is 0 mm away.
 
 The ratios come from one set of confusion counts (:func:`ratios_from_counts`), so a caller that
 needs several ratios counts the voxels once.
@@ -174,13 +176,54 @@ def _points(surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return np.stack(index, axis=1) * np.asarray(spacing, dtype=np.float64)
 
 
-def _nearest(from_surface: np.ndarray, to_surface: np.ndarray, tree, spacing) -> np.ndarray:
-    """Distance in mm of each voxel of ``from_surface`` (C order) to the nearest of ``tree``'s
-    points; 0 without a query for voxels on both surfaces."""
+# Voxel offsets searched around each surface voxel before the k-d tree (see _near_offsets)
+LOCAL_RADIUS = 3
+
+
+def _local_offsets(spacing: Sequence[float], radius: int = LOCAL_RADIUS) -> Tuple[np.ndarray, np.ndarray]:
+    """Integer offsets (n, ndim) within ``radius`` voxels, sorted by length in mm, and their lengths,
+    kept up to ``radius * min(spacing)``: every offset shorter than a kept one is in the list, so the
+    first offset that reaches the other surface gives the exact nearest distance."""
+    grid = np.stack(np.meshgrid(*[np.arange(-radius, radius + 1)] * len(spacing), indexing="ij"), -1).reshape(-1, len(spacing))
+    lengths = np.sqrt(((grid * np.asarray(spacing)) ** 2).sum(axis=1))
+    keep = (lengths > 0) & (lengths <= radius * min(spacing) + 1e-9)
+    order = np.argsort(lengths[keep], kind="stable")
+    return grid[keep][order], lengths[keep][order]
+
+
+def _near_offsets(queries: np.ndarray, to_surface: np.ndarray, spacing) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact distances (mm) for the voxels ``queries`` (n, ndim indices) whose nearest voxel of
+    ``to_surface`` is within ``LOCAL_RADIUS * min(spacing)``, found by looking up the offsets of
+    :func:`_local_offsets` in order of length; returns (resolved or not, distances)."""
+    r = LOCAL_RADIUS
+    padded = np.pad(to_surface, r)
+    strides = np.array(padded.strides) // padded.itemsize
+    flat, target = (queries + r) @ strides, padded.ravel()
+    distance = np.full(len(queries), np.inf)
+    open_ = np.arange(len(queries))
+    for offset, length in zip(*_local_offsets(spacing, r)):
+        hit = target[flat[open_] + int(offset @ strides)]
+        if hit.any():
+            distance[open_[hit]] = length
+            open_ = open_[~hit]
+            if not len(open_):
+                break
+    return np.isfinite(distance), distance
+
+
+def _nearest(from_surface: np.ndarray, to_surface: np.ndarray, spacing) -> np.ndarray:
+    """Distance in mm of each voxel of ``from_surface`` (C order) to the nearest voxel of
+    ``to_surface``: 0 for voxels on both surfaces, exact offset lengths for those with the other
+    surface a few voxels away, a k-d tree of ``to_surface``'s points for the rest (built only then)."""
     out = np.zeros(int(np.count_nonzero(from_surface)), dtype=np.float64)
     only_here = (from_surface & ~to_surface)[from_surface]
     if only_here.any():
-        out[only_here] = tree.query(_points(from_surface & ~to_surface, spacing), workers=-1)[0]
+        queries = np.stack(np.nonzero(from_surface & ~to_surface), axis=1)
+        near, distance = _near_offsets(queries, to_surface, spacing)
+        if not near.all():
+            tree = cKDTree(_points(to_surface, spacing), balanced_tree=False, compact_nodes=False)  # faster to build
+            distance[~near] = tree.query(queries[~near] * np.asarray(spacing, dtype=np.float64), workers=-1)[0]
+        out[only_here] = distance
     return out
 
 
@@ -206,9 +249,7 @@ def surface_distances(pred, gt, spacing: Optional[Sequence[float]] = None) -> Tu
     # Voxels on the image border are surface (as in medpy); a crop border that is not an image
     # border always has a background margin voxel, so the erosion is the same as uncropped.
     sp_surface, sg_surface = _surface(p_box), _surface(g_box)
-    to_g = cKDTree(_points(sg_surface, sp), balanced_tree=False, compact_nodes=False)  # faster to build, as fast
-    to_p = cKDTree(_points(sp_surface, sp), balanced_tree=False, compact_nodes=False)
-    return _nearest(sp_surface, sg_surface, to_g, sp), _nearest(sg_surface, sp_surface, to_p, sp)
+    return _nearest(sp_surface, sg_surface, sp), _nearest(sg_surface, sp_surface, sp)
 
 
 def hd95(pred, gt, spacing: Optional[Sequence[float]] = None) -> float:

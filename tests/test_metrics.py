@@ -252,6 +252,29 @@ def test_kd_tree_distances_equal_the_distance_transform(shape, spacing):
             float(np.percentile(np.concatenate(expected), 95)), rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("spacing", [(1.5, 0.7, 0.7), (1.0, 1.0, 1.0), (0.6, 2.0, 0.9)])
+def test_offset_lookup_and_k_d_tree_together_give_the_distance_transform(spacing, monkeypatch):
+    """Surfaces 0 to 8 voxels apart, so some voxels are resolved by the offset lookup and the others
+    by the k-d tree (both paths are checked to run), all equal to the dense EDT."""
+    z, y, x = np.ogrid[:20, :40, :40]
+    gt = ((z - 10) / 7.0) ** 2 + ((y - 20) / 14.0) ** 2 + ((x - 18) / 12.0) ** 2 < 1
+    pred = np.roll(gt, 1, axis=1) | ((z > 5) & (z < 8) & (y > 30) & (x > 33))  # shifted, plus a far blob
+    paths = []
+    real_tree = metrics.cKDTree
+    monkeypatch.setattr(metrics, "cKDTree", lambda *a, **k: paths.append("tree") or real_tree(*a, **k))
+    got = metrics.surface_distances(pred, gt, spacing)
+    expected = _edt_surface_distances(pred, gt, spacing)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert "tree" in paths and 0 < np.count_nonzero((got[0] > 0) & (got[0] <= 3 * min(spacing))) < len(got[0])
+    offsets, lengths = metrics._local_offsets(spacing)
+    assert np.all(np.diff(lengths) >= 0) and lengths[-1] <= 3 * min(spacing) + 1e-9
+    # every offset no longer than the last kept one is kept (the first hit is the nearest)
+    grid = np.stack(np.meshgrid(*[np.arange(-5, 6)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    all_lengths = np.sqrt(((grid * np.asarray(spacing)) ** 2).sum(axis=1))
+    assert np.count_nonzero((all_lengths > 0) & (all_lengths <= lengths[-1] + 1e-9)) == len(lengths)
+
+
 def test_ratios_come_from_one_count(monkeypatch):
     from napari_covidseg.overlay import compare_masks, region_metrics
 
