@@ -25,9 +25,8 @@ Readings chosen
   multiple of the network's ``stride`` and the output is cropped back.
 * 3D networks: the volume is resampled (trilinear) to ``preprocessing.target_spacing`` when it is
   set (to ``inplane_size`` in-plane, z kept, for a network trained on 8-bit images), cut into
-  overlapping patches of ``patch_size`` (default: the patch the weights were trained on, from
-  the checkpoint, else the recipe's ``input_size``; clipped to the volume; a volume smaller than
-  the patch is padded to the network's stride), with step
+  overlapping patches of ``patch_size`` (default: the recipe's ``input_size`` clipped to the
+  volume; a volume smaller than the patch is padded to the network's stride), with step
   ``patch * (1 - overlap)`` (half-patch overlap by default, as in the QC-HC paper) and the last
   patch of each axis flush with the far border.  Sigmoid probabilities of overlapping patches are
   averaged, with ``weighting="uniform"`` (plain mean, the paper's reading, default) or
@@ -442,17 +441,6 @@ def segment_volume(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshol
                               network=loaded.network, threshold=float(threshold))
 
 
-def trained_patch(loaded) -> Optional[Tuple[int, int, int]]:
-    """The 3D patch ``loaded``'s weights were trained on (its checkpoint's recipe), or None.  The
-    network then sees at inference the context it learnt from: for the shipped ``qchc_unet3d``
-    (16 x 128 x 128 patches) the paper's 80-slice patch gave lower validation Dice (cc05 lung 0.970
-    vs 0.980, infection 0.768 vs 0.784) and took 3x the working memory."""
-    size = ((loaded.training or {}).get("recipe") or {}).get("input_size")
-    if isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size):
-        return tuple(size)
-    return None
-
-
 def segment_masks(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshold: float = 0.5,
                   device: DeviceLike = "auto", probabilities: bool = False, probability_dtype="float16",
                   packed: bool = False, **kwargs) -> _Output:
@@ -462,7 +450,5 @@ def segment_masks(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshold
     if not 0.0 < float(threshold) < 1.0:
         raise InputError(f"threshold must be between 0 and 1 (exclusive), not {threshold}")
     keep = _probability_dtype(probability_dtype) if probabilities else None
-    if loaded.spec.dims == 3 and kwargs.get("patch_size") is None:
-        kwargs["patch_size"] = trained_patch(loaded)
     return run_prediction(loaded.model, loaded.spec, ct_hu, spacing, loaded.preprocessing, threshold=float(threshold),
                           keep=keep, device=device, packed=packed, **kwargs)

@@ -325,28 +325,3 @@ def test_gaussian_weights_positive_and_centred():
     w = _gaussian_weights((8, 16, 16))
     assert w.shape == (8, 16, 16) and float(w.min()) > 0
     assert float(w[3:5, 7:9, 7:9].min()) == pytest.approx(float(w.max()))
-
-
-def test_3d_networks_infer_on_the_patch_their_weights_were_trained_on(monkeypatch):
-    """The default patch is the checkpoint's training input size (the shipped qchc_unet3d: 16 x 128 x
-    128, not the paper's 80 x 160 x 160); a checkpoint without one falls back to the recipe's; an
-    explicit patch_size wins; 2D networks have none."""
-    from napari_covidseg import inference
-    from napari_covidseg.checkpoint import load_shipped
-
-    assert inference.trained_patch(load_shipped("qchc_unet3d")) == (16, 128, 128)
-    seen = []
-    real = inference.run_prediction
-    monkeypatch.setattr(inference, "run_prediction", lambda *a, **k: seen.append(k.get("patch_size")) or real(*a, **k))
-    spec = get_network("qchc_unet3d")
-    ct = _ct((9, 24, 20))
-    for training, given in (({"recipe": {"input_size": [4, 16, 16]}}, None), ({}, None), ({"recipe": {"input_size": [4, 16, 16]}}, (8, 8, 8)),
-                            ({"recipe": {"input_size": "bad"}}, None)):
-        loaded = LoadedModel(model=Pointwise(3), spec=spec, network="qchc_unet3d", network_kwargs={}, preprocessing=MINMAX,
-                             training=training)
-        segment_volume(loaded, ct, (1, 1, 1), device="cpu", patch_size=given)
-    assert seen == [(4, 16, 16), None, (8, 8, 8), None]
-    unet = LoadedModel(model=Pointwise(2), spec=get_network("unet"), network="unet", network_kwargs={}, preprocessing=MINMAX,
-                       training={"recipe": {"input_size": [64, 64]}})
-    segment_volume(unet, ct, (1, 1, 1), device="cpu")
-    assert seen[-1] is None
