@@ -70,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="slices per forward pass for 2D networks (default: 1 on the CPU, where larger batches need "
                         "more memory and are no faster, 4 on a GPU)")
     parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                        help="patch size of 3D networks (default: the network's training patch); smaller patches "
-                        "need less memory and give slightly different results near patch borders")
+                        help="patch size of 3D networks (default: the paper recipe's patch, clipped to the volume; the "
+                        "shipped qchc_unet3d: up to 80 slices); smaller patches need less memory and give other results "
+                        "near patch borders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
 
