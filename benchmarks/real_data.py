@@ -32,7 +32,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -198,6 +198,16 @@ def targets(results: dict) -> List[str]:
     return lines
 
 
+def _trained_on(t: dict) -> str:
+    if str(t.get("device", "")).startswith("cuda"):
+        return f"{t.get('gpu') or 'a CUDA GPU'}" + (f" shared by {t['runs_sharing_gpu']} runs" if t.get("runs_sharing_gpu") else "")
+    return f"{t.get('device', '?')} ({t.get('cpu_threads') or '?'} thread(s))"
+
+
+def _changed_for(t: dict) -> str:
+    return {"gpu": "for a GPU lent for minutes", "full": "(none: the full recipe)"}.get(t.get("run_recipe"), "for the 2-core CPU")
+
+
 def model_card(name: str, r: dict) -> List[str]:
     """A short card: what the shipped weights were trained on, how, how long, and how good on held-out data."""
     from napari_covidseg.models.registry import get_network
@@ -223,8 +233,9 @@ def model_card(name: str, r: dict) -> List[str]:
              + (f", random {recipe['crop_size']} crops" if recipe.get("crop_size") else "")
              + f"; {t.get('epochs_trained', '?')} epochs trained, the exported checkpoint is epoch {t.get('epochs_done', '?')} "
              f"(best validation mean Dice), "
-             f"{t.get('wall_minutes', '?')} min on {t.get('device', '?')} ({t.get('cpu_threads') or '?'} thread(s)).",
-             f"- Changed from the paper for the 2-core CPU: {json.dumps(t.get('deviations_from_paper') or {})}; "
+             f"{t.get('wall_minutes', '?')} min on {_trained_on(t)}"
+             + (f" (a {t['time_budget_minutes']:g}-minute budget the epochs were fitted to)." if t.get("time_budget_minutes") else "."),
+             f"- Changed from the paper {_changed_for(t)}: {json.dumps(t.get('deviations_from_paper') or {})}; "
              f"shipped width {json.dumps(spec.shipped_kwargs)}; augmentation {', '.join(recipe.get('augmentation') or [])}.",
              f"- Held-out COVID-19-CT-Seg groups: lung Dice {_f((ct.get('lung') or {}).get('dice'))}, infection Dice "
              f"{_f((ct.get('infection') or {}).get('dice'))}; Inf-Net slices: infection Dice {_f(inf.get('dice'))}, meanDic "
@@ -294,7 +305,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "real_data", help="report path without suffix")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--store-in-weights", action="store_true", help="write the test figures into the shipped weights")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown report from its JSON, evaluating nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        print(f"wrote {write_report(json.loads(args.out.with_suffix('.json').read_text()), args.out)}")
+        return 0
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     names = args.network or list(dict.fromkeys(available_shipped() + list(checkpoints)))
     previous = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").exists() else {}

@@ -415,7 +415,11 @@ def _card_details(info: dict, training: dict, metrics: dict) -> List[str]:
     if done is not None:
         details.append(f"epochs: {done}" + (f" of {planned}" if planned else ""))
     if training.get("wall_minutes") is not None:
-        device = training.get("device") or "?"
+        device = training.get("gpu") or training.get("device") or "?"
+        if training.get("runs_sharing_gpu"):
+            device += f" (shared by {training['runs_sharing_gpu']} runs)"
+        if training.get("time_budget_minutes"):
+            device += f", epochs fitted to a {float(training['time_budget_minutes']):g}-minute budget"
         threads = f", {training['cpu_threads']} thread(s)" if training.get("cpu_threads") else ""
         details.append(f"training time: {float(training['wall_minutes']):.0f} min on {device}{threads}")
     deviations = training.get("deviations_from_paper")
