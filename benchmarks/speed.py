@@ -403,12 +403,25 @@ def write_ct(path: Path, slices: int) -> Path:
     return path
 
 
+def memory_slices(name: str, slices: List[int]) -> List[int]:
+    """The CT sizes measured for ``name``: a 3D network's patch is clipped to the volume (the shipped
+    qchc_unet3d: up to 80 slices), so its working memory grows with small CTs and the slope between
+    them is not the cost per slice; it is measured on CTs at least one patch deep."""
+    from napari_covidseg.models import get_network
+
+    if name in PROJECT and get_network(name).dims == 3:
+        depth = int(get_network(name).recipe.input_size[0])
+        return [n + max(0, depth - min(slices)) for n in sorted(slices)]
+    return list(slices)
+
+
 def memory(names: List[str], slices: List[int], folder: Path) -> list:
-    cts = {n: write_ct(folder / f"ct_{n}.nii", n) for n in slices}
+    cts = {}
     rows = []
     for name in names:
         measured = {}
-        for n, path in cts.items():
+        for n in memory_slices(name, slices):
+            path = cts.get(n) or cts.setdefault(n, write_ct(folder / f"ct_{n}.nii", n))
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             done = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--memory-child", name, str(path),
                                    str(folder / "out")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
