@@ -159,6 +159,8 @@ def export(network: str, run: Path, recipe: str = "cpu", runs_sharing_gpu: int =
     training["epochs_planned"] = json.loads((run / "config.json").read_text()).get("epochs")
     training["epochs_trained"] = len(epochs)
     training["deviations_from_paper"] = dict(RECIPES[recipe].get(network, {}))
+    # the folder the run read (a copy on a lent machine) by the name it has here
+    training["data"] = [str(d).replace(str(DATA_ROOT), "../shared/data") for d in (training.get("data") or [])]
     training["run_recipe"] = recipe  # cpu | gpu | full (training["recipe"] holds the run's hyper-parameters)
     if runs_sharing_gpu:
         training["runs_sharing_gpu"] = int(runs_sharing_gpu)
