@@ -112,3 +112,29 @@ def test_hybrid_pool_shapes_and_gradients():
     assert x.grad is not None and torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
     for p in list(pool.parameters()) + list(branch.parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 64, 64), (2, 3, 5, 7), (1, 4, 2, 9), (1, 1, 1, 6), (3, 2, 9, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool3x3_same_equals_the_pytorch_pool_exactly(shape, channels_last):
+    """Without gradients the running-max formulation, with them PyTorch's pool: equal values (NaN and
+    infinities included), the input's layout kept, and gradients to PyTorch's arg-max elements."""
+    from napari_covidseg.models.spectral_pooling import max_pool3x3_same
+
+    x = torch.randn(shape)
+    x.view(-1)[:: 7] = 0.0  # ties
+    x.view(-1)[3] = float("inf")
+    if x.numel() > 10:
+        x.view(-1)[10] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1)
+    with torch.no_grad():
+        got = max_pool3x3_same(x)
+    assert torch.equal(torch.nan_to_num(got, nan=1234.5), torch.nan_to_num(expected, nan=1234.5))
+    assert got.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
+    leaf = x.clone().requires_grad_(True)
+    max_pool3x3_same(leaf).sum().backward()
+    reference = x.clone().requires_grad_(True)
+    torch.nn.functional.max_pool2d(reference, 3, stride=1, padding=1).sum().backward()
+    assert torch.equal(leaf.grad, reference.grad)
