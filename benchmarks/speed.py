@@ -83,7 +83,8 @@ def describe(settings) -> str:
     from napari_covidseg import onnx_backend
 
     backend = "ONNX Runtime" if settings.onnx and onnx_backend.available() else "PyTorch"
-    return f"{backend}, {'channels-last' if settings.channels_last else 'contiguous'}"
+    folded = ", BatchNorm folded" if getattr(settings, "fold_batch_norm", False) else ""
+    return f"{backend}, {'channels-last' if settings.channels_last else 'contiguous'}{folded}"
 
 
 def project_pipeline(network: str, compile: bool = False, **overrides) -> Pipeline:
@@ -115,15 +116,18 @@ def project_pipeline(network: str, compile: bool = False, **overrides) -> Pipeli
 
 
 def alternatives(network: str) -> List[Pipeline]:
-    """The settings not chosen: the other memory format in PyTorch, and PyTorch where ONNX Runtime is chosen."""
+    """The settings not chosen: the other memory format in PyTorch, PyTorch where ONNX Runtime is
+    chosen, and the BatchNorms unfolded where folding is chosen."""
     from napari_covidseg import onnx_backend
     from napari_covidseg.inference_settings import NETWORK_SETTINGS
 
     chosen = NETWORK_SETTINGS[network]
     uses_onnx = chosen.onnx and onnx_backend.available()
-    out = [project_pipeline(network, channels_last=not chosen.channels_last, onnx=False)]
+    out = [project_pipeline(network, channels_last=not chosen.channels_last, onnx=False, fold_batch_norm=False)]
     if uses_onnx:
         out.append(project_pipeline(network, channels_last=chosen.channels_last, onnx=False))
+    if chosen.fold_batch_norm:
+        out.append(project_pipeline(network, channels_last=chosen.channels_last, fold_batch_norm=False))
     return out
 
 

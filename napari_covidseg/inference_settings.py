@@ -14,6 +14,9 @@ setting.  Every setting gives the same masks (the outputs agree to float roundin
 * ``onnx``: run the network in ONNX Runtime (:mod:`napari_covidseg.onnx_backend`) where it is
   installed (``pip install napari-covidseg[onnx]``; not a dependency), on the CPU only; an export
   that fails or disagrees with PyTorch falls back to PyTorch with one warning.
+* ``fold_batch_norm``: run a copy of the network with each BatchNorm folded into the convolution
+  before it (:mod:`napari_covidseg.bn_folding`), in the chosen memory format; on the CPU, in
+  PyTorch (ONNX Runtime and ``torch.compile`` fold on their own).
 * ``compile`` (opt-in, off by default; ``COVIDSEG_COMPILE=1`` turns it on): ``torch.compile`` of
   the model, compiled once per model object and process and reused for every volume (the compile
   takes tens of seconds on a CPU); 2D batches are padded to the full batch size so one compiled
@@ -43,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from . import onnx_backend
+from .bn_folding import FoldedRunner
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class InferenceSettings:
     compile: bool = False
     onnx: bool = False
     batch_size: int = 1
+    fold_batch_norm: bool = False
 
 
 #: slices per forward pass of a 2D network on a GPU when the caller does not choose
@@ -61,7 +66,7 @@ GPU_BATCH_SIZE = 4
 #: the networks it exports correctly and speeds up (ms_unet and chs_net do not export: FFT, pooling)
 NETWORK_SETTINGS = {
     "unet": InferenceSettings(channels_last=False, onnx=True),
-    "ms_unet": InferenceSettings(channels_last=True),
+    "ms_unet": InferenceSettings(channels_last=True, fold_batch_norm=True),
     "msa_cpp_unet": InferenceSettings(channels_last=True, onnx=True),
     "chs_net": InferenceSettings(channels_last=True),
     "qchc_unet3d": InferenceSettings(channels_last=False, onnx=True),
@@ -81,7 +86,8 @@ def settings_for(network: Optional[str], device: torch.device, compile: Optional
     want_compile = compile_requested() if compile is None else bool(compile)
     onnx = chosen.onnx and not want_compile and device.type == "cpu" and onnx_backend.available()
     batch_size = chosen.batch_size if device.type == "cpu" else GPU_BATCH_SIZE
-    return replace(chosen, compile=want_compile, onnx=onnx, batch_size=batch_size)
+    fold = chosen.fold_batch_norm and not want_compile and not onnx and device.type == "cpu"
+    return replace(chosen, compile=want_compile, onnx=onnx, batch_size=batch_size, fold_batch_norm=fold)
 
 
 def memory_format(dims: int) -> torch.memory_format:
@@ -99,6 +105,11 @@ def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSet
         if _ONNX not in model.__dict__:
             object.__setattr__(model, _ONNX, onnx_backend.OnnxRunner(model))
         return model.__dict__[_ONNX]
+    if settings.fold_batch_norm:
+        if _FOLDED not in model.__dict__:
+            layout = memory_format(dims) if settings.channels_last else torch.contiguous_format
+            object.__setattr__(model, _FOLDED, FoldedRunner(model, layout))
+        return model.__dict__[_FOLDED]
     if not settings.compile or model.__dict__.get(_FAILED):
         return model
     if _COMPILED not in model.__dict__:
@@ -107,13 +118,14 @@ def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSet
 
 
 _COMPILED, _FAILED, _ONNX = "_covidseg_compiled", "_covidseg_compile_failed", "_covidseg_onnx"
+_FOLDED = "_covidseg_folded"
 
 
 @contextmanager
 def weights_layout(model: nn.Module, settings: InferenceSettings, dims: int):
     """Within the block, ``model``'s convolution weights are channels-last when ``settings`` ask
     for it (and PyTorch runs the model); afterwards every parameter is its original tensor again."""
-    if not settings.channels_last or settings.onnx:
+    if not settings.channels_last or settings.onnx or settings.fold_batch_norm:  # those run their own copy
         yield
         return
     layout, originals = memory_format(dims), []

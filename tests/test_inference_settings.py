@@ -157,3 +157,59 @@ def test_onnx_is_not_used_without_onnx_runtime_or_off_the_cpu(monkeypatch):
     assert settings_for("qchc_unet3d", torch.device("cpu"), compile=False).onnx
     assert not settings_for("qchc_unet3d", torch.device("cuda"), compile=False).onnx
     assert not settings_for("qchc_unet3d", torch.device("cpu"), compile=True).onnx
+
+
+# --- BatchNorm folded into convolutions ------------------------------------------------------
+def _randomise_batch_norms(model):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+                module.running_mean.normal_(0, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                module.weight.normal_(1, 0.2, generator=generator)
+                module.bias.normal_(0, 0.2, generator=generator)
+
+
+def test_folded_batch_norms_give_the_pytorch_result_and_follow_weight_changes(monkeypatch):
+    loaded = _loaded("ms_unet", base=4, mid=8)
+    _randomise_batch_norms(loaded.model)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    layouts = _layouts(loaded.model)
+
+    def run(fold):
+        monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "ms_unet",
+                            InferenceSettings(channels_last=True, fold_batch_norm=fold))
+        return segment_volume(loaded, _ct(), (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+
+    expected, got = run(False), run(True)
+    np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-4)
+    runner = loaded.model.__dict__["_covidseg_folded"]
+    n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    assert n_bn(runner.folded) == 0 < n_bn(loaded.model)  # the copy is folded, the model is not
+    state = loaded.model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    assert _layouts(loaded.model) == layouts
+    with torch.no_grad():  # a training step: the next prediction folds the new weights
+        next(m for m in loaded.model.modules() if isinstance(m, torch.nn.BatchNorm2d)).bias.add_(0.5)
+    changed, again = run(False), run(True)
+    np.testing.assert_allclose(again.probabilities, changed.probabilities, atol=1e-4)
+    assert np.abs(changed.probabilities - expected.probabilities).max() > 1e-3
+
+
+def test_batch_norms_are_folded_on_the_cpu_in_pytorch_only():
+    from napari_covidseg.bn_folding import fold_batch_norms
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert settings_for("ms_unet", cpu, compile=False).fold_batch_norm
+    assert not settings_for("ms_unet", cpu, compile=True).fold_batch_norm
+    assert not settings_for("ms_unet", gpu, compile=False).fold_batch_norm
+    block = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                torch.nn.BatchNorm2d(3))  # a BatchNorm after no convolution stays
+    _randomise_batch_norms(block)
+    folded = fold_batch_norms(block.eval())
+    assert [type(m).__name__ for m in folded] == ["Conv2d", "Identity", "ReLU", "BatchNorm2d"]
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), block(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(block[1], torch.nn.BatchNorm2d)
