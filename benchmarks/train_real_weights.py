@@ -69,8 +69,8 @@ CPU_BUDGET = {
                     "samples_per_epoch": 160},
 }
 # What a run on a lent GPU changes from the paper recipe.  Such a machine is lent for minutes, not hours,
-# so every network gets the same wall-clock budget (--time-budget) and the trainer fits its planned
-# epochs to it after the first epoch; the networks keep the shipped widths, so the CPU inference
+# so every network gets the same wall-clock budget (--time-budget) and the trainer re-fits its planned
+# epochs to it after every epoch; the networks keep the shipped widths, so the CPU inference
 # measured in benchmarks/results/speed.md stays what ships.
 # The 2D recipes' 70-100 epochs of 900 slices take a few minutes there: 400 are planned, so every run
 # uses the whole budget and its schedule ends with it (best.pt is still chosen on validation).

@@ -19,6 +19,8 @@ from napari_covidseg.models.registry import network_names
 
 from training.metrics_log import MetricsLog
 
+from .train_real_weights import wall_minutes
+
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
 RESULTS = HERE / "results" / "training_runs.md"
@@ -40,7 +42,7 @@ def summarize(folder: Path) -> Optional[dict]:
         return None
     best = max(validated, key=lambda r: r["val_dice_mean"])
     val = best.get("val") or {}
-    return {"epochs": len(epochs), "minutes": round(sum(float(r.get("seconds") or 0) for r in epochs) / 60.0, 1),
+    return {"epochs": len(epochs), "minutes": wall_minutes(epochs),
             "best_epoch": best["epoch"], "val_dice_mean": best["val_dice_mean"],
             "val_lung": (val.get("lung") or {}).get("dice"), "val_infection": (val.get("infection") or {}).get("dice"),
             "device": best.get("device")}

@@ -216,9 +216,10 @@ def _nearest(from_surface: np.ndarray, to_surface: np.ndarray, spacing) -> np.nd
     ``to_surface``: 0 for voxels on both surfaces, exact offset lengths for those with the other
     surface a few voxels away, a k-d tree of ``to_surface``'s points for the rest (built only then)."""
     out = np.zeros(int(np.count_nonzero(from_surface)), dtype=np.float64)
-    only_here = (from_surface & ~to_surface)[from_surface]
+    here_only = from_surface & ~to_surface
+    only_here = here_only[from_surface]
     if only_here.any():
-        queries = np.stack(np.nonzero(from_surface & ~to_surface), axis=1)
+        queries = np.stack(np.nonzero(here_only), axis=1)
         near, distance = _near_offsets(queries, to_surface, spacing)
         if not near.all():
             tree = cKDTree(_points(to_surface, spacing), balanced_tree=False, compact_nodes=False)  # faster to build

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--slices-per-epoch", "--samples-per-epoch", dest="samples_per_epoch", type=int)
     t.add_argument("--stop-after-epochs", type=int, help="end this invocation after N epochs (resume later)")
     t.add_argument("--time-budget", dest="time_budget_minutes", type=float, metavar="MIN",
-                   help="fit the planned epochs to MIN minutes of wall clock after the first epoch (never more epochs)")
+                   help="re-fit the planned epochs to MIN minutes of wall clock after every epoch (never above --epochs)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--quiet", action="store_true")
 

@@ -68,8 +68,8 @@ class TrainConfig:
     resume: Optional[str] = None
     init_from: Optional[str] = None
     stop_after_epochs: Optional[int] = None  # end this invocation (status stopped) after N epochs in total
-    # wall-clock minutes for this invocation's epochs: after its first epoch the planned epochs are
-    # lowered (never raised) to what fits, so a poly/cosine schedule still ends; a run that overruns stops
+    # wall-clock minutes for this invocation's epochs: after every epoch the planned epochs are re-fitted
+    # to what fits (never above the first plan), so a poly/cosine schedule still ends; a run that overruns stops
     time_budget_minutes: Optional[float] = None
     threads: Optional[int] = None
 

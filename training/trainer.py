@@ -123,7 +123,7 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     """Stepped once per epoch (plateau: on the validation mean Dice)."""
     epochs = int(cfg.epochs)
     if cfg.schedule == "poly":
-        # cfg.epochs is read at each step: a time budget may lower it after the first epoch
+        # cfg.epochs is read at each step: a time budget re-plans it after every epoch
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(0.0, 1.0 - e / int(cfg.epochs)) ** cfg.poly_power)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -485,9 +485,9 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.line(f"{n_params} parameters; train {len(self.train_cases)} cases, val {len(self.val_cases)} cases; "
                       f"{len(self.dataset)} samples per epoch")
-        self.loop_started, self.val_seconds = time.time(), 0.0
+        self.loop_started, self.val_seconds, self.planned_epochs = time.time(), 0.0, int(cfg.epochs)
         epoch = self.start_epoch - 1
-        while epoch + 1 < int(cfg.epochs):  # cfg.epochs: a time budget may lower it after the first epoch
+        while epoch + 1 < int(cfg.epochs):  # cfg.epochs: a time budget re-plans it after every epoch
             epoch += 1
             epoch_started = time.time()
             done = self._train_epoch(epoch, self.resume_step if epoch == self.start_epoch else 0)
@@ -525,8 +525,6 @@ class Trainer:
         cfg = self.cfg
         budget = float(cfg.time_budget_minutes) * 60.0
         elapsed = time.time() - self.loop_started
-        if epoch == self.start_epoch:
-            self.planned_epochs = int(cfg.epochs)
         if self.validated_last:
             self.val_seconds = max(0.0, epoch_seconds - self.last_train_seconds)
         every = max(1, int(cfg.val_every or 1))
@@ -542,16 +540,18 @@ class Trainer:
                 if epoch == self.start_epoch:
                     self.log.line(f"time budget {cfg.time_budget_minutes:g} min: {cfg.epochs} epochs instead of {before} "
                                   f"({per_epoch:.1f} s per epoch so far; re-fitted after every epoch)")
-                with atomic_path(self.out / "config.json") as tmp:
-                    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+                self._write_config()
         return bool(distributed.broadcast_object(epoch + 1 < int(cfg.epochs) and elapsed + epoch_seconds > budget, self.dist))
+
+    def _write_config(self) -> None:
+        with atomic_path(self.out / "config.json") as tmp:
+            tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
 
     def _write_run_files(self) -> None:
         """split.json, config.json, the epoch record a kill kept from the log, and the start record."""
         cfg = self.cfg
         write_split(self.split, self.out / "split.json")
-        with atomic_path(self.out / "config.json") as tmp:
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self._write_config()
         record = self.resume_record
         if record and not self.resume_step and record.get("epoch") not in {r.get("epoch") for r in self.log.records("epoch")}:
             self.log.record("epoch", **{k: v for k, v in record.items() if k != "event"}, recovered=True)
