@@ -8,11 +8,16 @@
 #
 # DATA_DIR holds covid19ctseg_dstaroff/ and covidsemiseg_infnet/ (the split's test cases may be left
 # out); OUT_DIR receives <network>.pt and runs.tar.gz (metrics.jsonl, config.json, split.json and the
-# log of every run).  Back here: copy the .pt files into napari_covidseg/weights/, unpack runs.tar.gz
+# log of every run, and the GPU's utilisation every 10 s).  FROM_SHIPPED=1 fine-tunes the shipped weights
+# (a further leg, run folders benchmarks/runs/real_gpu_ft) instead of training from scratch; NETWORKS
+# picks the networks (default: all five).  Back here: copy the .pt files into napari_covidseg/weights/, unpack runs.tar.gz
 # in the repository root, then `python -m benchmarks.real_data --store-in-weights`.
 set -u
 data=$(realpath "$1") out=$(realpath "$2") minutes=$3 wheels=${4:-}
-networks="unet ms_unet msa_cpp_unet chs_net qchc_unet3d"
+networks=${NETWORKS:-unet ms_unet msa_cpp_unet chs_net qchc_unet3d}
+leg=() runs=benchmarks/runs/real_gpu
+if [ "${FROM_SHIPPED:-0}" = 1 ]; then leg=(--from-shipped) runs=benchmarks/runs/real_gpu_ft; fi
+count=$(wc -w <<<"$networks")
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl || exit 1
   export PYTHONPATH=/tmp/site
@@ -20,12 +25,13 @@ fi
 export COVIDSEG_SHARED_DATA=$data PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, nibabel; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
-runs=benchmarks/runs/real_gpu
 mkdir -p "$runs"
+nvidia-smi dmon -s um -d 10 > "$runs/gpu_utilisation.log" 2>&1 &
+dmon=$!
 pids=()
 for n in $networks; do
   # shellcheck disable=SC2086  # TRAIN_ARGS: extra flags, e.g. "--max-steps-per-epoch 2 --device cpu" for a dry run
-  python3 -m benchmarks.train_real_weights --network "$n" --recipe gpu --time-budget "$minutes" ${TRAIN_ARGS:-} \
+  python3 -m benchmarks.train_real_weights --network "$n" --recipe gpu "${leg[@]}" --time-budget "$minutes" ${TRAIN_ARGS:-} \
     > "$runs/$n.log" 2>&1 &
   pids+=($!)
 done
@@ -43,10 +49,11 @@ for _ in $(seq 36); do
     fi
   done
 done
-wait
+wait "${pids[@]}"
+kill "$dmon" 2>/dev/null
 for n in $networks; do
   echo "== $n"; grep -E "epoch|budget|error|Error|finished|stopped" "$runs/$n.log" | tail -4
-  python3 -m benchmarks.train_real_weights --network "$n" --recipe gpu --export --runs-sharing-gpu 5 && cp "napari_covidseg/weights/$n.pt" "$out/"
+  python3 -m benchmarks.train_real_weights --network "$n" --recipe gpu "${leg[@]}" --export --runs-sharing-gpu "$count" && cp "napari_covidseg/weights/$n.pt" "$out/"
 done
 tar czf "$out/runs.tar.gz" $runs/*.log $runs/*/metrics.jsonl $runs/*/config.json $runs/*/split.json 2>/dev/null
 ls -la "$out"

@@ -3,6 +3,7 @@
     python -m benchmarks.train_real_weights --network unet            # train (resumes <run>/last.pt if present)
     python -m benchmarks.train_real_weights --network unet --export   # write napari_covidseg/weights/unet.pt
     python -m benchmarks.train_real_weights --network unet --recipe gpu --time-budget 7   # on a lent GPU
+    python -m benchmarks.train_real_weights --network unet --recipe gpu --from-shipped   # a further leg from the shipped weights
     python -m benchmarks.train_real_weights --network unet --recipe full   # the paper's full recipe
 
 Data (see ``benchmarks/real_data_split.py`` for the fixed patient-group split):
@@ -102,14 +103,16 @@ DATA_CHOICES = {"net_kwargs_shipped": True, "samples_per_epoch": 900, "phantom_s
                 "hu_to_display8": HU_MAPPING}
 
 
-def run_folder(network: str, recipe: str = "cpu") -> Path:
-    return RUNS / network if recipe == "cpu" else RUNS.with_name(f"real_{recipe}") / network
+def run_folder(network: str, recipe: str = "cpu", from_shipped: bool = False) -> Path:
+    """benchmarks/runs/real[_RECIPE][_ft]/NETWORK (_ft: a run fine-tuned from the shipped weights)."""
+    name = "real" + ("" if recipe == "cpu" else f"_{recipe}") + ("_ft" if from_shipped else "")
+    return RUNS.with_name(name) / network
 
 
 def run_config(network: str, recipe: str = "cpu", device: str = "auto", threads: int = 1, out: Path = None,
-               time_budget: float = None, max_steps_per_epoch: int = None):
+               time_budget: float = None, max_steps_per_epoch: int = None, from_shipped: bool = False):
     values = {"network": network, "data": sources(), "split_file": str(SPLIT_PATH), "device": device,
-              "out": str(out or run_folder(network, recipe)), **DATA_CHOICES}
+              "out": str(out or run_folder(network, recipe, from_shipped)), **DATA_CHOICES}
     spec = get_network(network)
     if spec.dims == 2:
         values["augmentation"] = AUGMENT_2D
@@ -121,6 +124,8 @@ def run_config(network: str, recipe: str = "cpu", device: str = "auto", threads:
     values["max_steps_per_epoch"] = max_steps_per_epoch
     last = Path(values["out"]) / "last.pt"
     values["resume"] = str(last) if last.exists() else None
+    # a restart continues the run; only its first start reads the shipped weights
+    values["init_from"] = "shipped" if from_shipped and not last.exists() else None
     return build_config(None, **values)
 
 
@@ -155,6 +160,10 @@ def export(network: str, run: Path, recipe: str = "cpu", runs_sharing_gpu: int =
     epochs = log.records("epoch")
     training["hu_mapping_switched_after_epoch"] = mapping_switch_epoch(log.records("start"))
     training["wall_minutes"] = wall_minutes(epochs)
+    origin = (training.get("initialised_from") or {}).get("training") or {}
+    if origin:  # fine-tuned: the card's total counts every leg
+        before = origin.get("wall_minutes_total", origin.get("wall_minutes")) or 0.0
+        training["wall_minutes_total"] = round(float(before) + training["wall_minutes"], 1)
     # the run's plan as it ended (config.json) and how far it went, not the exported checkpoint's own
     training["epochs_planned"] = json.loads((run / "config.json").read_text()).get("epochs")
     training["epochs_trained"] = len(epochs)
@@ -185,16 +194,18 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--runs-sharing-gpu", type=int, help="--export: how many runs trained at once on the GPU")
+    parser.add_argument("--from-shipped", action="store_true",
+                        help="fine-tune the shipped weights (run folder real_RECIPE_ft) instead of training from scratch")
     parser.add_argument("--max-steps-per-epoch", type=int, help="a smoke test of the whole chain (not for weights)")
     args = parser.parse_args(argv)
-    run = args.out or run_folder(args.network, args.recipe)
+    run = args.out or run_folder(args.network, args.recipe, args.from_shipped)
     if args.export:
         print(f"wrote {export(args.network, run, args.recipe, args.runs_sharing_gpu)}")
         return 0
     if not SPLIT_PATH.exists():
         raise SystemExit(f"{SPLIT_PATH} is missing: run python -m benchmarks.real_data_split")
     cfg = run_config(args.network, args.recipe, args.device, args.threads, run, args.time_budget,
-                     args.max_steps_per_epoch)
+                     args.max_steps_per_epoch, args.from_shipped)
     code, status = run_training(cfg, echo=lambda text: print(text, flush=True))
     return code
 

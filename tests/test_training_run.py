@@ -280,3 +280,22 @@ def test_refit_schedule_gives_the_rates_of_a_run_planned_with_the_new_length(sch
 
     make = lambda epochs: build_config(None, network="unet", data="phantom", epochs=epochs, schedule=schedule, lr=1e-2)
     assert rates(make(20), refit_after=2, planned=5)[2:] == pytest.approx(rates(make(5))[2:])
+
+
+def test_a_fine_tuned_run_records_the_weights_it_started_from_also_after_a_resume(trained_run, tmp_path):
+    source = torch.load(trained_run / "best.pt", weights_only=True)
+    out = tmp_path / "ft"
+    common = [*TINY, "--out", str(out), "--epochs", "2", "--input-size", "96", "96", "--batch-size", "8",
+              "--slices-per-epoch", "16"]
+    start = [*common, "--init-from", str(trained_run / "best.pt"), "--resume", "auto"]
+    assert main(["train", *start, "--stop-after-epochs", "1"]) == 0
+    assert main(["train", *start]) == 0  # the same command resumes (the weights are not loaded again)
+    assert [r.get("resumed_from_epoch") for r in _records(out) if r["event"] == "start"] == [0, 1]
+    for name in ("last.pt", "best.pt"):
+        origin = load_checkpoint(out / name).raw["training"]["initialised_from"]
+        assert origin["file"] == "best.pt" and origin["digest"] == source["digest"]
+        assert origin["training"]["epochs_done"] == source["training"]["epochs_done"]
+        assert origin["training"]["wall_minutes"] == source["training"]["wall_minutes"]
+        assert origin["val_metrics"]["val_dice_mean"] == pytest.approx(source["metrics"]["val_dice_mean"])
+        assert "test" not in origin["val_metrics"]
+    assert "initialised_from" not in source["training"]  # a run from scratch records none

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--amp", dest="amp", action="store_true", default=None, help="mixed precision on CUDA (default)")
     t.add_argument("--no-amp", dest="amp", action="store_false")
-    t.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <out>/last.pt")
+    t.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <out>/last.pt when it exists (then "
+                   "--init-from is skipped: the run started from those weights), so one command line starts and restarts a run")
     t.add_argument("--init-from", help="checkpoint to fine-tune from, or 'shipped'")
     t.add_argument("--phantom-cases", type=int)
     t.add_argument("--phantom-shape", type=int, nargs=3, metavar=("Z", "Y", "X"))
@@ -116,6 +117,8 @@ def _train(args) -> int:
     if args.resume == "auto":
         last = Path(args.out) / "last.pt"
         overrides["resume"] = str(last) if last.exists() else None
+        if last.exists():  # the run already started from --init-from's weights (its checkpoints say which)
+            overrides["init_from"] = None
     if args.folds is not None and args.fold is None:
         raise CovidsegError("--folds needs --fold I (0-based) to pick the validation fold")
     if overrides["data"] is not None and len(overrides["data"]) == 1:

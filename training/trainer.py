@@ -203,6 +203,23 @@ def validate(model, spec: NetworkSpec, prep: Preprocessing, cases: List[Case], d
 # ------------------------------------------------------------------------------------------------
 # RNG state
 # ------------------------------------------------------------------------------------------------
+#: what a fine-tuned checkpoint keeps of the one it started from (its model card then tells both legs)
+PROVENANCE_KEYS = ("run_recipe", "device", "gpu", "epochs_trained", "epochs_done", "wall_minutes", "wall_minutes_total",
+                   "time_budget_minutes", "runs_sharing_gpu", "initialised_from")
+
+
+def weights_provenance(loaded) -> dict:
+    """Where a fine-tuning run's starting weights came from: their file, digest and date, how they were
+    trained (``PROVENANCE_KEYS``, chains of fine-tunings included) and their validation metrics (only those:
+    held-out figures stored in shipped weights stay out of anything a run reads)."""
+    raw = loaded.raw or {}
+    training = raw.get("training") or {}
+    metrics = raw.get("metrics") or {}
+    return {"file": Path(str(loaded.path)).name, "digest": raw.get("digest"), "created": raw.get("created"),
+            "training": {k: training[k] for k in PROVENANCE_KEYS if training.get(k) is not None},
+            "val_metrics": {k: metrics[k] for k in ("val", "val_dice_mean", "epoch") if k in metrics}}
+
+
 def rng_state() -> dict:
     py = random.getstate()
     np_state = np.random.get_state()
@@ -338,7 +355,7 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed)
         self.prep = training_preprocessing(self.spec, cfg, self.domain)
-        src = None
+        src, self.init_source = None, None
         if cfg.init_from:
             src = load_shipped(cfg.network) if cfg.init_from == "shipped" else load_checkpoint(cfg.init_from, expected_network=cfg.network)
             if not cfg.network_kwargs:  # fine-tune the architecture the weights were made for
@@ -346,10 +363,15 @@ class Trainer:
             if {**self.spec.default_kwargs, **src.network_kwargs} != {**self.spec.default_kwargs, **cfg.network_kwargs}:
                 raise InputError(f"--init-from weights were built with {src.network_kwargs}, this run asks for {cfg.network_kwargs}; "
                                  "leave --network-kwargs out (the weights' own are used) or pass the same")
+        elif cfg.resume and not cfg.network_kwargs:  # continue with the architecture the run was started with
+            raw = read_raw(cfg.resume, map_location="cpu")
+            if raw.get("network") == cfg.network:  # (another network's checkpoint is refused by _resume)
+                cfg.network_kwargs = dict(raw.get("network_kwargs") or {})
         model = build_network(self.spec, dict(cfg.network_kwargs), "--network-kwargs",
                               hint="give arguments the network's constructor takes, e.g. '{\"base\": 16}'")
         if src is not None:
             model.load_state_dict(src.model.state_dict())
+            self.init_source = weights_provenance(src)
             self.log.line(f"initialised from {src.path}")
         model.to(self.device)
         if self.spec.dims == 2 and self.device.type == "cuda":
@@ -392,6 +414,7 @@ class Trainer:
         self.resume_step = int(extra.get("step") or 0)
         self.resume_epoch_state = dict(extra.get("epoch_state") or {})
         self.resume_record = dict(extra.get("record") or {})
+        self.init_source = (raw.get("training") or {}).get("initialised_from")
         self._warn_changed_settings(path, extra.get("config") or {})
         where = f"after step {self.resume_step} of epoch {self.start_epoch + 1}" if self.resume_step else f"after epoch {self.start_epoch}"
         self.log.line(f"resumed from {path} {where}")
@@ -461,6 +484,8 @@ class Trainer:
                     "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                     "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
                     "wall_minutes": round(self.wall_seconds / 60.0, 1)}
+        if self.init_source:
+            training["initialised_from"] = self.init_source
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.amp else {}, "epoch": epoch,
                  "best": None if not math.isfinite(self.best) else self.best, "rng": rng_state(),
