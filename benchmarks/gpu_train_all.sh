@@ -8,15 +8,15 @@
 #
 # DATA_DIR holds covid19ctseg_dstaroff/ and covidsemiseg_infnet/ (the split's test cases may be left
 # out); OUT_DIR receives <network>.pt and runs.tar.gz (metrics.jsonl, config.json, split.json and the
-# log of every run, and the GPU's utilisation every 10 s).  FROM_SHIPPED=1 fine-tunes the shipped weights
-# (a further leg, run folders benchmarks/runs/real_gpu_ft) instead of training from scratch; NETWORKS
+# log of every run, and the GPU's utilisation every 10 s).  FROM_SHIPPED=LEG fine-tunes the shipped weights
+# (a further leg, run folders benchmarks/runs/real_gpu_LEG) instead of training from scratch; NETWORKS
 # picks the networks (default: all five).  Back here: copy the .pt files into napari_covidseg/weights/, unpack runs.tar.gz
 # in the repository root, then `python -m benchmarks.real_data --store-in-weights`.
 set -u
 data=$(realpath "$1") out=$(realpath "$2") minutes=$3 wheels=${4:-}
 networks=${NETWORKS:-unet ms_unet msa_cpp_unet chs_net qchc_unet3d}
 leg=() runs=benchmarks/runs/real_gpu
-if [ "${FROM_SHIPPED:-0}" = 1 ]; then leg=(--from-shipped) runs=benchmarks/runs/real_gpu_ft; fi
+if [ -n "${FROM_SHIPPED:-}" ]; then leg=(--from-shipped "$FROM_SHIPPED") runs=benchmarks/runs/real_gpu_$FROM_SHIPPED; fi
 count=$(wc -w <<<"$networks")
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl || exit 1

@@ -103,14 +103,14 @@ DATA_CHOICES = {"net_kwargs_shipped": True, "samples_per_epoch": 900, "phantom_s
                 "hu_to_display8": HU_MAPPING}
 
 
-def run_folder(network: str, recipe: str = "cpu", from_shipped: bool = False) -> Path:
-    """benchmarks/runs/real[_RECIPE][_ft]/NETWORK (_ft: a run fine-tuned from the shipped weights)."""
-    name = "real" + ("" if recipe == "cpu" else f"_{recipe}") + ("_ft" if from_shipped else "")
+def run_folder(network: str, recipe: str = "cpu", from_shipped: str = None) -> Path:
+    """benchmarks/runs/real[_RECIPE][_LEG]/NETWORK (LEG: the name of a leg fine-tuned from the shipped weights)."""
+    name = "real" + ("" if recipe == "cpu" else f"_{recipe}") + (f"_{from_shipped}" if from_shipped else "")
     return RUNS.with_name(name) / network
 
 
 def run_config(network: str, recipe: str = "cpu", device: str = "auto", threads: int = 1, out: Path = None,
-               time_budget: float = None, max_steps_per_epoch: int = None, from_shipped: bool = False):
+               time_budget: float = None, max_steps_per_epoch: int = None, from_shipped: str = None):
     values = {"network": network, "data": sources(), "split_file": str(SPLIT_PATH), "device": device,
               "out": str(out or run_folder(network, recipe, from_shipped)), **DATA_CHOICES}
     spec = get_network(network)
@@ -194,8 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--runs-sharing-gpu", type=int, help="--export: how many runs trained at once on the GPU")
-    parser.add_argument("--from-shipped", action="store_true",
-                        help="fine-tune the shipped weights (run folder real_RECIPE_ft) instead of training from scratch")
+    parser.add_argument("--from-shipped", nargs="?", const="ft", metavar="LEG",
+                        help="fine-tune the shipped weights instead of training from scratch, in run folder "
+                             "real_RECIPE_LEG (default LEG: ft)")
     parser.add_argument("--max-steps-per-epoch", type=int, help="a smoke test of the whole chain (not for weights)")
     args = parser.parse_args(argv)
     run = args.out or run_folder(args.network, args.recipe, args.from_shipped)

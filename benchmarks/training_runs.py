@@ -24,11 +24,14 @@ from .train_real_weights import wall_minutes
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
 RESULTS = HERE / "results" / "training_runs.md"
-# run folder -> how it was trained (benchmarks/train_real_weights.py: --recipe cpu | gpu)
+# run folder -> how it was trained (benchmarks/train_real_weights.py: --recipe cpu | gpu [--from-shipped])
 FOLDERS = {
     "real": "CPU, 1 thread per run, 5 runs sharing 2 cores (CPU_BUDGET)",
     "real_gpu_run1": "GPU recipe, 7.5 min budget fitted after the first epoch only (5 runs on one H200)",
     "real_gpu": "GPU recipe, 5.5 min budget re-fitted after every epoch (5 runs on one H200)",
+    "real_gpu_ft": "GPU recipe fine-tuned from the weights shipped before it (`--from-shipped`: real_gpu's, "
+                   "qchc_unet3d real_gpu_run1's), a warm restart of the same schedule, 7.0 min budget re-fitted after "
+                   "every epoch (5 runs on one H200)",
 }
 
 
