@@ -39,6 +39,7 @@ import numpy as np
 from napari_covidseg.checkpoint import available_shipped, load_checkpoint, load_shipped
 from napari_covidseg.inference import predict_volume
 from napari_covidseg.metrics import all_metrics, hd95, infnet_mean_dice
+from napari_covidseg.training_history import describe_legs, total_minutes, training_legs
 
 from training.datasets import Case, load_sources
 
@@ -198,12 +199,6 @@ def targets(results: dict) -> List[str]:
     return lines
 
 
-def _trained_on(t: dict) -> str:
-    if str(t.get("device", "")).startswith("cuda"):
-        return f"{t.get('gpu') or 'a CUDA GPU'}" + (f" shared by {t['runs_sharing_gpu']} runs" if t.get("runs_sharing_gpu") else "")
-    return f"{t.get('device', '?')} ({t.get('cpu_threads') or '?'} thread(s))"
-
-
 def _changed_for(t: dict) -> str:
     return {"gpu": "for a GPU lent for minutes", "full": "(none: the full recipe)"}.get(t.get("run_recipe"), "for the 2-core CPU")
 
@@ -231,10 +226,10 @@ def model_card(name: str, r: dict) -> List[str]:
              f"- Recipe: {recipe.get('optimizer', '?')}, lr {recipe.get('lr', '?')}, {recipe.get('schedule', '?')} schedule, "
              f"batch {recipe.get('batch_size', '?')}, input {recipe.get('input_size', '?')}"
              + (f", random {recipe['crop_size']} crops" if recipe.get("crop_size") else "")
-             + f"; {t.get('epochs_trained', '?')} epochs trained, the exported checkpoint is epoch {t.get('epochs_done', '?')} "
-             f"(best validation mean Dice), "
-             f"{t.get('wall_minutes', '?')} min on {_trained_on(t)}"
-             + (f" (a {t['time_budget_minutes']:g}-minute budget the epochs were fitted to)." if t.get("time_budget_minutes") else "."),
+             + f"; the exported checkpoint is epoch {t.get('epochs_done', '?')} of its run (best validation mean Dice).",
+             f"- Training: {describe_legs(t)}" + (
+                 f"; {total_minutes(t)} min in all, each leg fine-tuned from the weights the one before shipped "
+                 "(a warm restart of the schedule)." if len(training_legs(t)) > 1 else "."),
              f"- Changed from the paper {_changed_for(t)}: {json.dumps(t.get('deviations_from_paper') or {})}; "
              f"shipped width {json.dumps(spec.shipped_kwargs)}; augmentation {', '.join(recipe.get('augmentation') or [])}.",
              f"- Held-out COVID-19-CT-Seg groups: lung Dice {_f((ct.get('lung') or {}).get('dice'))}, infection Dice "

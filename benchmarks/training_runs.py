@@ -32,6 +32,9 @@ FOLDERS = {
     "real_gpu_ft": "GPU recipe fine-tuned from the weights shipped before it (`--from-shipped`: real_gpu's, "
                    "qchc_unet3d real_gpu_run1's), a warm restart of the same schedule, 7.0 min budget re-fitted after "
                    "every epoch (5 runs on one H200)",
+    "real_gpu_ft2": "GPU recipe, a third leg fine-tuned from real_gpu_ft's weights for the two networks whose "
+                    "validation score that leg had raised (ms_unet, msa_cpp_unet; unet's had not moved, 0.892 -> 0.891), "
+                    "3.6 min budget re-fitted after every epoch (2 runs on one H200)",
 }
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 from .atomic_file import atomic_path
 from .errors import CheckpointError
+from .training_history import describe_legs, total_minutes, training_legs
 
 LOG = logging.getLogger(__name__)
 
@@ -415,13 +416,9 @@ def _card_details(info: dict, training: dict, metrics: dict) -> List[str]:
     if done is not None:
         details.append(f"epochs: {done}" + (f" of {planned}" if planned else ""))
     if training.get("wall_minutes") is not None:
-        device = training.get("gpu") or training.get("device") or "?"
-        if training.get("runs_sharing_gpu"):
-            device += f" (shared by {training['runs_sharing_gpu']} runs)"
-        if training.get("time_budget_minutes"):
-            device += f", epochs fitted to a {float(training['time_budget_minutes']):g}-minute budget"
-        threads = f", {training['cpu_threads']} thread(s)" if training.get("cpu_threads") else ""
-        details.append(f"training time: {float(training['wall_minutes']):.0f} min on {device}{threads}")
+        legs = len(training_legs(training))
+        details.append(f"training: {describe_legs(training)}" + (
+            f"; {total_minutes(training):.1f} min in all, each leg fine-tuned from the one before" if legs > 1 else ""))
     deviations = training.get("deviations_from_paper")
     if isinstance(deviations, dict) and deviations:
         details.append("changed from the paper: " + ", ".join(f"{k}={v}" for k, v in deviations.items()))
