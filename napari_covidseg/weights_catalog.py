@@ -414,7 +414,8 @@ def _card_details(info: dict, training: dict, metrics: dict) -> List[str]:
         details.append("split by case: " + ", ".join(sizes) + (f" ({split['method']})" if split.get("method") else ""))
     done, planned = training.get("epochs_done"), training.get("epochs_planned") or (training.get("recipe") or {}).get("epochs")
     if done is not None:
-        details.append(f"epochs: {done}" + (f" of {planned}" if planned else ""))
+        last_leg = " (the last leg's best)" if len(training_legs(training)) > 1 else ""
+        details.append(f"epochs: {done}" + (f" of {planned}" if planned else "") + last_leg)
     if training.get("wall_minutes") is not None:
         legs = len(training_legs(training))
         details.append(f"training: {describe_legs(training)}" + (

@@ -30,5 +30,7 @@ def test_the_gui_card_shows_every_leg_and_the_total():
     line = next(d for d in details if d.startswith("training:"))
     assert "24 epochs in 5.0 min" in line and "then 17 epochs in 3.1 min" in line
     assert line.endswith("8.1 min in all, each leg fine-tuned from the one before")
+    assert "epochs: 5 of 17 (the last leg's best)" in model_card(
+        {"network": "ms_unet", "training": {**SECOND, "epochs_done": 5, "epochs_planned": 17}, "metrics": {}}).details
     one = next(d for d in model_card({"network": "unet", "training": FIRST, "metrics": {}}).details if d.startswith("training:"))
     assert "in all" not in one
