@@ -63,7 +63,8 @@ GPU_BATCH_SIZE = 4
 
 
 #: per-network choices, measured on a shared 2-core CPU (benchmarks/results/speed.md); ONNX for
-#: the networks it exports correctly and speeds up (ms_unet and chs_net do not export: FFT, pooling)
+#: the networks it exports correctly and speeds up (chs_net does not export: FFT; ms_unet exports,
+#: its adaptive pooling written as gathers, but ran 6 % slower there than with folded BatchNorms)
 NETWORK_SETTINGS = {
     "unet": InferenceSettings(channels_last=False, onnx=True),
     "ms_unet": InferenceSettings(channels_last=True, fold_batch_norm=True),

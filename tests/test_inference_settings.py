@@ -131,6 +131,20 @@ def test_onnx_runtime_gives_the_pytorch_result_and_follows_weight_changes(monkey
     assert np.abs(changed.probabilities - expected.probabilities).max() > 1e-3
 
 
+def test_ms_unet_exports_to_onnx_runtime_and_gives_the_pytorch_masks(monkeypatch):
+    """SIM's 1.5x -> 1x adaptive pooling has no ONNX operator: the export writes it as gathers."""
+    pytest.importorskip("onnxruntime")
+    loaded = _loaded("ms_unet", base=4, mid=8)
+    ct = np.random.default_rng(1).uniform(-1100, 200, size=(3, 40, 36)).astype(np.float32)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "ms_unet", InferenceSettings(onnx=False))
+    expected = segment_volume(loaded, ct, (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "ms_unet", InferenceSettings(onnx=True))
+    got = segment_volume(loaded, ct, (1, 1, 1), device="cpu", probabilities=True, probability_dtype="float32")
+    runner = loaded.model.__dict__["_covidseg_onnx"]
+    assert runner.sessions and not runner.failed
+    np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-4)
+
+
 def test_onnx_export_failure_falls_back_to_pytorch_with_one_warning(monkeypatch):
     pytest.importorskip("onnxruntime")
     loaded = _loaded("unet", base=4, depth=2)
@@ -197,13 +211,19 @@ def test_folded_batch_norms_give_the_pytorch_result_and_follow_weight_changes(mo
     assert np.abs(changed.probabilities - expected.probabilities).max() > 1e-3
 
 
-def test_batch_norms_are_folded_on_the_cpu_in_pytorch_only():
+def test_batch_norms_are_folded_on_the_cpu_in_pytorch_only(monkeypatch):
+    from napari_covidseg import onnx_backend
     from napari_covidseg.bn_folding import fold_batch_norms
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(onnx_backend, "available", lambda: False)
     assert settings_for("ms_unet", cpu, compile=False).fold_batch_norm
     assert not settings_for("ms_unet", cpu, compile=True).fold_batch_norm
     assert not settings_for("ms_unet", gpu, compile=False).fold_batch_norm
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "ms_unet",
+                        InferenceSettings(channels_last=True, fold_batch_norm=True, onnx=True))
+    monkeypatch.setattr(onnx_backend, "available", lambda: True)  # ONNX Runtime runs its own export, unfolded
+    assert settings_for("ms_unet", cpu, compile=False).onnx and not settings_for("ms_unet", cpu, compile=False).fold_batch_norm
     block = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
                                 torch.nn.BatchNorm2d(3))  # a BatchNorm after no convolution stays
     _randomise_batch_norms(block)

@@ -10,6 +10,7 @@ from napari_covidseg.models.ms_unet import (
     HierarchicalMixing,
     MSUNet,
     ScaleIntegration,
+    adaptive_pool_by_gathers,
     cosine_ramp,
     hybrid_pool,
     uncertainty_aware_loss,
@@ -73,6 +74,16 @@ def test_hybrid_pool_is_max_plus_mean_per_cell():
     pooled = hybrid_pool(x, (2, 2))
     cells = x.reshape(1, 1, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(1, 1, 2, 2, 4)
     assert torch.allclose(pooled, cells.amax(-1) + cells.mean(-1))
+
+
+@pytest.mark.parametrize("size_in, size_out", [((96, 96), (64, 64)), ((7, 9), (5, 4)), ((33, 22), (22, 15)),
+                                               ((16, 16), (16, 16)), ((12, 10), (4, 5))])
+def test_pooling_by_gathers_equals_adaptive_pooling(size_in, size_out):
+    """The ONNX form of SIM's pooling (1.5x -> 1x is not an integer ratio) is PyTorch's own."""
+    x = torch.randn((2, 3) + size_in, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(adaptive_pool_by_gathers(x, size_out, "max"), torch.nn.functional.adaptive_max_pool2d(x, size_out))
+    torch.testing.assert_close(adaptive_pool_by_gathers(x, size_out, "mean"),
+                               torch.nn.functional.adaptive_avg_pool2d(x, size_out), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("groups", [2, 4])

@@ -51,6 +51,7 @@ Readings chosen where the paper is ambiguous (all configurable through the const
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -88,8 +89,34 @@ def hybrid_pool(x: torch.Tensor, size) -> torch.Tensor:
     """Bring a larger map down to ``size``: adaptive max pooling + adaptive average pooling.
 
     Max keeps small bright details (a tiny lesion seen at 1.5x), average keeps the smooth context.
+    ONNX has no adaptive pooling for a ratio that is not an integer (1.5x -> 1x is not), so an
+    ONNX export runs the same windows as gathers (:func:`adaptive_pool_by_gathers`).
     """
+    if torch.onnx.is_in_onnx_export():
+        return adaptive_pool_by_gathers(x, size, "max") + adaptive_pool_by_gathers(x, size, "mean")
     return F.adaptive_max_pool2d(x, size) + F.adaptive_avg_pool2d(x, size)
+
+
+def adaptive_pool_by_gathers(x: torch.Tensor, size, reduce: str) -> torch.Tensor:
+    """``F.adaptive_max_pool2d`` / ``F.adaptive_avg_pool2d`` of (B, C, H, W) ``x`` written with
+    index gathers, one axis at a time (a window of adaptive pooling is a product of one window per
+    axis, PyTorch's: ``floor(i * n / m) .. ceil((i + 1) * n / m)``).  Max is exact; the mean
+    differs by float rounding only (it divides per axis, not once by the area)."""
+    for dim, n_out in ((2, int(size[0])), (3, int(size[1]))):
+        n_in = int(x.shape[dim])
+        starts = [(i * n_in) // n_out for i in range(n_out)]
+        counts = [-(-((i + 1) * n_in) // n_out) - s for i, s in enumerate(starts)]
+        picks = [x.index_select(dim, torch.tensor([s + min(k, c - 1) for s, c in zip(starts, counts)], device=x.device))
+                 for k in range(max(counts))]
+        if reduce == "max":
+            x = functools.reduce(torch.maximum, picks)
+        else:
+            shape = [1, 1, 1, 1]
+            shape[dim] = n_out
+            weights = [torch.tensor([float(k < c) / c for c in counts], dtype=x.dtype, device=x.device).view(shape)
+                       for k in range(len(picks))]
+            x = sum(p * w for p, w in zip(picks, weights))
+    return x
 
 
 class ScaleIntegration(nn.Module):
@@ -185,7 +212,7 @@ class MSUNet(nn.Module):
         per_scale = []
         for scale in SCALES:
             xs = x if scale == 1.0 else F.interpolate(
-                x, size=[round(s * scale) for s in size], mode="bilinear", align_corners=False)
+                x, size=[round(int(s) * scale) for s in size], mode="bilinear", align_corners=False)
             per_scale.append([red(f) for red, f in zip(self.reduce, self.encoder(xs))])
         return per_scale  # [small, main, large], each a list of 5 levels
 
