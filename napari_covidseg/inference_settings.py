@@ -64,7 +64,8 @@ GPU_BATCH_SIZE = 4
 
 #: per-network choices, measured on a shared 2-core CPU (benchmarks/results/speed.md); ONNX for
 #: the networks it exports correctly and speeds up (chs_net does not export: FFT; ms_unet exports,
-#: its adaptive pooling written as gathers, but ran 6 % slower there than with folded BatchNorms)
+#: its adaptive pooling written as gathers, but its pipeline ran at 22.8 ms/GFLOP there against 21.0
+#: with folded BatchNorms in PyTorch)
 NETWORK_SETTINGS = {
     "unet": InferenceSettings(channels_last=False, onnx=True),
     "ms_unet": InferenceSettings(channels_last=True, fold_batch_norm=True),
