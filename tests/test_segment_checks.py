@@ -74,7 +74,7 @@ def test_real_data_checkpoint_card(tmp_path):
     assert card.warning is None  # real CT in the data
     assert card.figures == ["Validation: lung Dice 0.91 · infection Dice 0.02 (epoch 4)"]
     details = "\n".join(card.details)
-    assert "epochs: 4 of 30" in details and "26 min on cpu" in details and "crop_size=[192, 192]" in details
+    assert "epochs: 4 of 30" in details and "training: 4 epochs in 25.9 min on cpu" in details and "crop_size=[192, 192]" in details
     phantom = weights_catalog.model_card({"training": {"data": "phantom: 17 cases, seeds 100..116"}})
     assert phantom.warning.startswith("Synthetic phantoms only")
 
