@@ -5,15 +5,25 @@
 # ../shared/data as a folder:
 #
 #   bash benchmarks/gpu_train_all.sh DATA_DIR OUT_DIR MINUTES [WHEEL_DIR]
+#   bash benchmarks/gpu_train_all.sh .gpupack OUT_DIR MINUTES     # after python -m benchmarks.gpu_pack
 #
 # DATA_DIR holds covid19ctseg_dstaroff/ and covidsemiseg_infnet/ (the split's test cases may be left
-# out); OUT_DIR receives <network>.pt and runs.tar.gz (metrics.jsonl, config.json, split.json and the
+# out), or is a pack of them and nibabel (benchmarks/gpu_pack.py, carried as .gpupack); OUT_DIR receives <network>.pt and runs.tar.gz (metrics.jsonl, config.json, split.json and the
 # log of every run, and the GPU's utilisation every 10 s).  FROM_SHIPPED=LEG fine-tunes the shipped weights
 # (a further leg, run folders benchmarks/runs/real_gpu_LEG) instead of training from scratch; NETWORKS
 # picks the networks (default: all five).  Back here: copy the .pt files into napari_covidseg/weights/, unpack runs.tar.gz
 # in the repository root, then `python -m benchmarks.real_data --store-in-weights`.
 set -u
 data=$(realpath "$1") out=$(realpath "$2") minutes=$3 wheels=${4:-}
+if [ -f "$data/data.tar.xz" ]; then  # a pack from `python -m benchmarks.gpu_pack`: data and nibabel
+  unpacked=/tmp/covidseg_gpupack
+  rm -rf "$unpacked" && mkdir -p "$unpacked"
+  python3 -c "import sys, tarfile; [tarfile.open(f).extractall(sys.argv[1]) for f in sys.argv[2:]]" \
+    "$unpacked" "$data"/*.tar.xz || exit 1
+  find "$unpacked/d" -name '*.nii' -print0 | xargs -0 -P "$(nproc)" gzip -1 -n || exit 1  # training reads .nii.gz
+  data=$unpacked/d
+  [ -d "$unpacked/site" ] && export PYTHONPATH=$unpacked/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 networks=${NETWORKS:-unet ms_unet msa_cpp_unet chs_net qchc_unet3d}
 leg=() runs=benchmarks/runs/real_gpu
 if [ -n "${FROM_SHIPPED:-}" ]; then leg=(--from-shipped "$FROM_SHIPPED") runs=benchmarks/runs/real_gpu_$FROM_SHIPPED; fi
