@@ -11,6 +11,14 @@ from __future__ import annotations
 from typing import List, Optional
 
 
+def _number(value) -> Optional[float]:
+    """``value`` as a float, or None (a checkpoint's record is read, not trusted)."""
+    try:
+        return float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def training_legs(training: dict) -> List[dict]:
     """The training records of every leg, earliest first (the checkpoint's own record last)."""
     legs, record, seen = [], training, set()
@@ -25,21 +33,21 @@ def training_legs(training: dict) -> List[dict]:
 def trained_on(record: dict) -> str:
     """Where one leg ran: 'NVIDIA H200 shared by 5 runs' or 'cpu (2 threads)'."""
     if str(record.get("device", "")).startswith("cuda") or record.get("gpu"):
-        shared = record.get("runs_sharing_gpu")
-        return (record.get("gpu") or "a CUDA GPU") + (f" shared by {shared} runs" if shared and int(shared) > 1 else "")
-    threads = record.get("cpu_threads")
-    return f"{record.get('device') or '?'}" + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else "")
+        shared = _number(record.get("runs_sharing_gpu"))
+        return f"{record.get('gpu') or 'a CUDA GPU'}" + (f" shared by {shared:g} runs" if shared and shared > 1 else "")
+    threads = _number(record.get("cpu_threads"))
+    return f"{record.get('device') or '?'}" + (f" ({threads:g} thread{'s' if threads != 1 else ''})" if threads else "")
 
 
 def leg_epochs(record: dict) -> Optional[int]:
     """Epochs the leg trained (its whole run, not only up to the exported best epoch)."""
-    value = record.get("epochs_trained", record.get("epochs_done"))
+    value = _number(record.get("epochs_trained", record.get("epochs_done")))
     return int(value) if value is not None else None
 
 
 def total_minutes(training: dict) -> Optional[float]:
     """Training minutes over every leg (None when no leg recorded its time)."""
-    minutes = [float(r["wall_minutes"]) for r in training_legs(training) if r.get("wall_minutes") is not None]
+    minutes = [m for m in (_number(r.get("wall_minutes")) for r in training_legs(training)) if m is not None]
     return round(sum(minutes), 1) if minutes else None
 
 
@@ -47,10 +55,11 @@ def describe_legs(training: dict) -> str:
     """'24 epochs in 5.0 min on NVIDIA H200 shared by 5 runs (a 5.5-minute budget), then 17 epochs in ...'."""
     parts = []
     for record in training_legs(training):
-        epochs, minutes, budget = leg_epochs(record), record.get("wall_minutes"), record.get("time_budget_minutes")
+        epochs, minutes = leg_epochs(record), _number(record.get("wall_minutes"))
+        budget = _number(record.get("time_budget_minutes"))
         text = f"{epochs if epochs is not None else '?'} epochs"
-        text += f" in {float(minutes):.1f} min" if minutes is not None else ""
+        text += f" in {minutes:.1f} min" if minutes is not None else ""
         text += f" on {trained_on(record)}"
-        text += f" (a {float(budget):g}-minute budget)" if budget else ""
+        text += f" (a {budget:g}-minute budget)" if budget else ""
         parts.append(text)
     return ", then ".join(parts)

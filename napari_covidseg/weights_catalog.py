@@ -417,9 +417,9 @@ def _card_details(info: dict, training: dict, metrics: dict) -> List[str]:
         last_leg = " (the last leg's best)" if len(training_legs(training)) > 1 else ""
         details.append(f"epochs: {done}" + (f" of {planned}" if planned else "") + last_leg)
     if training.get("wall_minutes") is not None:
-        legs = len(training_legs(training))
+        legs, total = len(training_legs(training)), total_minutes(training)
         details.append(f"training: {describe_legs(training)}" + (
-            f"; {total_minutes(training):.1f} min in all, each leg fine-tuned from the one before" if legs > 1 else ""))
+            f"; {total:.1f} min in all, each leg fine-tuned from the one before" if legs > 1 and total is not None else ""))
     deviations = training.get("deviations_from_paper")
     if isinstance(deviations, dict) and deviations:
         details.append("changed from the paper: " + ", ".join(f"{k}={v}" for k, v in deviations.items()))

@@ -34,3 +34,13 @@ def test_the_gui_card_shows_every_leg_and_the_total():
         {"network": "ms_unet", "training": {**SECOND, "epochs_done": 5, "epochs_planned": 17}, "metrics": {}}).details
     one = next(d for d in model_card({"network": "unet", "training": FIRST, "metrics": {}}).details if d.startswith("training:"))
     assert "in all" not in one
+
+
+def test_a_malformed_record_still_gives_a_card():
+    bad = {"device": "cuda", "runs_sharing_gpu": "five", "wall_minutes": "long", "epochs_trained": [1],
+           "time_budget_minutes": {}, "initialised_from": {"training": "not a dict"}}
+    assert describe_legs(bad) == "? epochs on a CUDA GPU" and total_minutes(bad) is None
+    assert trained_on({"device": "cpu", "cpu_threads": "x"}) == "cpu"
+    card = model_card({"network": "unet", "training": {"wall_minutes": 3, "initialised_from": {"training": {"wall_minutes": "?"}}},
+                       "metrics": {}})
+    assert any(d.startswith("training: ? epochs on ?, then ? epochs in 3.0 min") for d in card.details)
