@@ -39,7 +39,7 @@ import numpy as np
 from napari_covidseg.checkpoint import available_shipped, load_checkpoint, load_shipped
 from napari_covidseg.inference import predict_volume
 from napari_covidseg.metrics import all_metrics, hd95, infnet_mean_dice
-from napari_covidseg.training_history import describe_legs, total_minutes, training_legs
+from napari_covidseg.training_history import describe_training, training_legs
 
 from training.datasets import Case, load_sources
 
@@ -227,9 +227,8 @@ def model_card(name: str, r: dict) -> List[str]:
              f"batch {recipe.get('batch_size', '?')}, input {recipe.get('input_size', '?')}"
              + (f", random {recipe['crop_size']} crops" if recipe.get("crop_size") else "")
              + f"; the exported checkpoint is epoch {t.get('epochs_done', '?')} of its run (best validation mean Dice).",
-             f"- Training: {describe_legs(t)}" + (
-                 f"; {total_minutes(t)} min in all, each leg fine-tuned from the weights the one before shipped "
-                 "(a warm restart of the schedule)." if len(training_legs(t)) > 1 else "."),
+             f"- Training: {describe_training(t)}"
+             + (" (each a warm restart of the schedule)." if len(training_legs(t)) > 1 else "."),
              f"- Changed from the paper {_changed_for(t)}: {json.dumps(t.get('deviations_from_paper') or {})}; "
              f"shipped width {json.dumps(spec.shipped_kwargs)}; augmentation {', '.join(recipe.get('augmentation') or [])}.",
              f"- Held-out COVID-19-CT-Seg groups: lung Dice {_f((ct.get('lung') or {}).get('dice'))}, infection Dice "

@@ -160,10 +160,6 @@ def export(network: str, run: Path, recipe: str = "cpu", runs_sharing_gpu: int =
     epochs = log.records("epoch")
     training["hu_mapping_switched_after_epoch"] = mapping_switch_epoch(log.records("start"))
     training["wall_minutes"] = wall_minutes(epochs)
-    origin = (training.get("initialised_from") or {}).get("training") or {}
-    if origin:  # fine-tuned: the card's total counts every leg
-        before = origin.get("wall_minutes_total", origin.get("wall_minutes")) or 0.0
-        training["wall_minutes_total"] = round(float(before) + training["wall_minutes"], 1)
     # the run's plan as it ended (config.json) and how far it went, not the exported checkpoint's own
     training["epochs_planned"] = json.loads((run / "config.json").read_text()).get("epochs")
     training["epochs_trained"] = len(epochs)

@@ -63,3 +63,11 @@ def describe_legs(training: dict) -> str:
         text += f" (a {budget:g}-minute budget)" if budget else ""
         parts.append(text)
     return ", then ".join(parts)
+
+
+def describe_training(training: dict) -> str:
+    """:func:`describe_legs`, and for a fine-tuning chain the total time over its legs."""
+    total = total_minutes(training)
+    if len(training_legs(training)) > 1 and total is not None:
+        return f"{describe_legs(training)}; {total:.1f} min in all, each leg fine-tuned from the one before"
+    return describe_legs(training)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 from .atomic_file import atomic_path
 from .errors import CheckpointError
-from .training_history import describe_legs, total_minutes, training_legs
+from .training_history import describe_training, training_legs
 
 LOG = logging.getLogger(__name__)
 
@@ -417,9 +417,7 @@ def _card_details(info: dict, training: dict, metrics: dict) -> List[str]:
         last_leg = " (the last leg's best)" if len(training_legs(training)) > 1 else ""
         details.append(f"epochs: {done}" + (f" of {planned}" if planned else "") + last_leg)
     if training.get("wall_minutes") is not None:
-        legs, total = len(training_legs(training)), total_minutes(training)
-        details.append(f"training: {describe_legs(training)}" + (
-            f"; {total:.1f} min in all, each leg fine-tuned from the one before" if legs > 1 and total is not None else ""))
+        details.append(f"training: {describe_training(training)}")
     deviations = training.get("deviations_from_paper")
     if isinstance(deviations, dict) and deviations:
         details.append("changed from the paper: " + ", ".join(f"{k}={v}" for k, v in deviations.items()))

@@ -204,7 +204,7 @@ def validate(model, spec: NetworkSpec, prep: Preprocessing, cases: List[Case], d
 # RNG state
 # ------------------------------------------------------------------------------------------------
 #: what a fine-tuned checkpoint keeps of the one it started from (its model card then tells both legs)
-PROVENANCE_KEYS = ("run_recipe", "device", "gpu", "epochs_trained", "epochs_done", "wall_minutes", "wall_minutes_total",
+PROVENANCE_KEYS = ("run_recipe", "device", "gpu", "epochs_trained", "epochs_done", "wall_minutes",
                    "time_budget_minutes", "runs_sharing_gpu", "initialised_from")
 
 
@@ -356,6 +356,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.prep = training_preprocessing(self.spec, cfg, self.domain)
         src, self.init_source = None, None
+        resumed = read_raw(cfg.resume, map_location="cpu") if cfg.resume else None  # verified, optimizer state included
         if cfg.init_from:
             src = load_shipped(cfg.network) if cfg.init_from == "shipped" else load_checkpoint(cfg.init_from, expected_network=cfg.network)
             if not cfg.network_kwargs:  # fine-tune the architecture the weights were made for
@@ -363,10 +364,9 @@ class Trainer:
             if {**self.spec.default_kwargs, **src.network_kwargs} != {**self.spec.default_kwargs, **cfg.network_kwargs}:
                 raise InputError(f"--init-from weights were built with {src.network_kwargs}, this run asks for {cfg.network_kwargs}; "
                                  "leave --network-kwargs out (the weights' own are used) or pass the same")
-        elif cfg.resume and not cfg.network_kwargs:  # continue with the architecture the run was started with
-            raw = read_raw(cfg.resume, map_location="cpu")
-            if raw.get("network") == cfg.network:  # (another network's checkpoint is refused by _resume)
-                cfg.network_kwargs = dict(raw.get("network_kwargs") or {})
+        elif resumed is not None and not cfg.network_kwargs:  # continue with the architecture the run was started with
+            if resumed.get("network") == cfg.network:  # (another network's checkpoint is refused by _resume)
+                cfg.network_kwargs = dict(resumed.get("network_kwargs") or {})
         model = build_network(self.spec, dict(cfg.network_kwargs), "--network-kwargs",
                               hint="give arguments the network's constructor takes, e.g. '{\"base\": 16}'")
         if src is not None:
@@ -388,10 +388,10 @@ class Trainer:
         self.start_epoch, self.best, self.wall_seconds = 0, -math.inf, 0.0
         self.resume_step, self.resume_epoch_state, self.resume_record, self._resume_rng = 0, {}, {}, None
         if cfg.resume:
-            self._resume(cfg.resume)
+            self._resume(cfg.resume, resumed)
 
-    def _resume(self, path):
-        raw = read_raw(path, map_location="cpu")  # verified, optimizer state included
+    def _resume(self, path, raw: dict):
+        """Continue from checkpoint ``path``, whose verified contents (``read_raw``) are ``raw``."""
         cfg = self.cfg
         if raw.get("network") != cfg.network:
             raise InputError(f"--resume {path} holds a `{raw.get('network')}`, not a `{cfg.network}`")
