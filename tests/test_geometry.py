@@ -47,3 +47,40 @@ def test_geometry_from_display_spacing_is_identity_orientation():
     assert np.array_equal(g.to_display(g.from_display(arr)), arr)
     assert np.array_equal(g.to_display(np.transpose(arr)), arr)
     assert g.spacing == pytest.approx((2.5, 0.8, 0.7))
+
+
+@pytest.mark.parametrize("perm", [(0, 1, 2), (2, 1, 0), (1, 0, 2)])
+@pytest.mark.parametrize("flips", [(), (0,), (1,), (2,), (0, 1), (1, 2), (0, 2), (0, 1, 2)])
+def test_contiguous_in_place_equals_a_contiguous_copy(perm, flips):
+    from napari_covidseg.io.volume import contiguous_in_place
+
+    for shape in [(5, 6, 7), (4, 3, 2), (1, 1, 1)]:
+        base = np.random.default_rng(0).integers(-1000, 1000, size=shape).astype(np.int16)
+        view = np.flip(base.transpose(perm), flips) if flips else base.transpose(perm)
+        expected = np.ascontiguousarray(view)
+        got = contiguous_in_place(view)
+        assert got.flags.c_contiguous and got.dtype == np.int16
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_ct_that_needs_flipping_is_read_without_a_second_copy(tmp_path):
+    """The usual NIfTI CT (x fastest, RAS axes) becomes the (z, y, x) LPS display array in its own
+    memory: reading it needs about one CT of memory, not two (issue 13's memory bound)."""
+    import tracemalloc
+
+    import nibabel as nib
+
+    from napari_covidseg.io.loader import load_any
+
+    file_array = np.random.default_rng(0).integers(-1024, 400, size=(128, 96, 60), dtype=np.int16)
+    nib.save(nib.Nifti1Image(file_array, np.diag([0.8, 0.8, 2.0, 1.0])), str(tmp_path / "ct.nii"))
+    tracemalloc.start()
+    try:
+        volume = load_any(tmp_path / "ct.nii")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # RAS on disk -> LPS display: x and y flipped, axes reversed
+    np.testing.assert_array_equal(volume.data, file_array[::-1, ::-1, :].transpose(2, 1, 0))
+    assert volume.data.flags.c_contiguous
+    assert peak < 1.3 * file_array.nbytes, (peak, file_array.nbytes)

@@ -355,6 +355,28 @@ def _decide_kind(values: np.ndarray, kind: str, name: str) -> str:
     return kind
 
 
+def contiguous_in_place(view: np.ndarray) -> np.ndarray:
+    """``np.ascontiguousarray(view)``, written into ``view``'s own memory where ``view`` only flips
+    axes of a C-contiguous writeable 3D buffer (a CT stored x-fastest whose display order flips x
+    and y, the usual case): no second copy of the volume, one slice of temporary memory.  The
+    buffer's former contents are overwritten, so ``view`` must be the only use of it."""
+    flipped = tuple(axis for axis, stride in enumerate(view.strides) if stride < 0)
+    base = np.flip(view, flipped) if flipped else view
+    if not flipped or view.ndim != 3 or not (base.flags.c_contiguous and base.flags.writeable):
+        return np.ascontiguousarray(view)
+    if 0 in flipped:  # swap slices end for end
+        for i in range(base.shape[0] // 2):
+            j = base.shape[0] - 1 - i
+            first = base[i].copy()
+            base[i] = base[j]
+            base[j] = first
+    inner = tuple(axis - 1 for axis in flipped if axis > 0)
+    if inner:
+        for k in range(base.shape[0]):
+            base[k] = np.flip(base[k], inner).copy()
+    return base
+
+
 def finish_volume(raw: RawVolume, kind: str = "auto", check_hounsfield: bool = True) -> Volume:
     """The :class:`Volume` of a reader's :class:`RawVolume`: the checks every format shares.
 
@@ -363,6 +385,8 @@ def finish_volume(raw: RawVolume, kind: str = "auto", check_hounsfield: bool = T
     in HU or an 8-bit display image; ``check_hounsfield=False`` also accepts images that are
     neither (0..1 data, a constant image; only for callers that rescale it themselves).
     Raises :class:`InputError` with a message for the user for anything that cannot be used.
+    ``raw.values`` is the reader's own array: it may be reordered in place into the volume's data
+    (:func:`contiguous_in_place`), so it is not used afterwards.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be 'auto', 'image' or 'labels', not {kind!r}")
@@ -382,7 +406,7 @@ def finish_volume(raw: RawVolume, kind: str = "auto", check_hounsfield: bool = T
         elif looks_like_display8(values):
             domain = DISPLAY8
         values = values.astype(np.uint8) if domain == DISPLAY8 else image_dtype(values)
-    display = np.ascontiguousarray(raw.geometry.to_display(values))
+    display = contiguous_in_place(raw.geometry.to_display(values))
     spacing_known = raw.spacing_known and not (domain == DISPLAY8 and raw.unit_spacing)
     notes = list(raw.notes) + (geometry_notes(raw.geometry) if spacing_known else [])
     if kind == KIND_IMAGE and domain == HU:
