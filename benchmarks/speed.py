@@ -408,13 +408,15 @@ def write_ct(path: Path, slices: int) -> Path:
 
 
 def memory_slices(name: str, slices: List[int]) -> List[int]:
-    """The CT sizes measured for ``name``: a 3D network's patch is clipped to the volume (the shipped
-    qchc_unet3d: up to 80 slices), so its working memory grows with small CTs and the slope between
-    them is not the cost per slice; it is measured on CTs at least one patch deep."""
+    """The CT sizes measured for ``name``: a 3D network's patch (the one its shipped weights were
+    trained on) is clipped to the volume, so its working memory grows with small CTs and the slope
+    between them is not the cost per slice; it is measured on CTs at least one patch deep."""
+    from napari_covidseg.checkpoint import load_shipped
     from napari_covidseg.models import get_network
 
     if name in PROJECT and get_network(name).dims == 3:
-        depth = int(get_network(name).recipe.input_size[0])
+        loaded = load_shipped(name)
+        depth = int((loaded.trained_patch or loaded.spec.recipe.input_size)[0])
         return [n + max(0, depth - min(slices)) for n in sorted(slices)]
     return list(slices)
 
@@ -440,7 +442,8 @@ def memory(names: List[str], slices: List[int], folder: Path) -> list:
 
 def _memory_row(name: str, measured: dict) -> dict:
     """Bytes per CT voxel (slope between the two sizes) and the figure for 512x512x300."""
-    row = {"name": name, "measured": {str(k): v for k, v in measured.items()}}
+    row = {"name": name, "measured": {str(k): v for k, v in measured.items()},
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if len(measured) >= 2:
         (n1, a), (n2, b) = sorted(measured.items())[:1] + sorted(measured.items())[-1:]
         per_voxel = (b["added_mb"] - a["added_mb"]) * 2**20 / ((n2 - n1) * 512 * 512)
@@ -687,7 +690,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     result = json.loads(out.with_suffix(".json").read_text()) if args.update else {}
-    result.update({"machine": machine(), "load_start": os.getloadavg(), "shipped": shipped_weights()})
+    # the header (date, load, weights) describes the speed table; a run that keeps it keeps its header
+    timed = not args.skip_speed or "speed" not in result
+    if timed:
+        result.update({"machine": machine(), "load_start": os.getloadavg(), "shipped": shipped_weights()})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if not args.skip_speed:
@@ -701,7 +707,8 @@ def main(argv=None) -> int:
             result["memory"] = kept + list(fresh.values())
         if not args.skip_gui:
             result["gui"] = gui_metrics(3)
-    result["load_end"] = os.getloadavg()
+    if timed:
+        result["load_end"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(to_markdown(result))
@@ -814,11 +821,12 @@ def to_markdown(result: dict) -> str:
             lines.append(f"\n{name}: {why}")
     if memory:
         lines += ["", "### Peak memory (resident memory a run adds, own process per run)", "",
-                  "| pipeline | measured (slices: MB) | bytes per CT voxel | fixed MB | 512x512x300 |", "|---|---|---|---|---|"]
+                  "| pipeline | measured (slices: MB) | bytes per CT voxel | fixed MB | 512x512x300 | measured on |",
+                  "|---|---|---|---|---|---|"]
         for name, row in memory.items():
             measured = ", ".join(f"{k}: {v['added_mb']:.0f}" for k, v in row["measured"].items())
             lines.append(f"| {name} | {measured} | {_f(row.get('bytes_per_voxel'), 1)} | {_f(row.get('fixed_mb'), 0)} | "
-                         f"{_memory_text(row)} |")
+                         f"{_memory_text(row)} | {row.get('date', m['date'])} |")
     lines += ["", "## Targets", "", *_targets(result), *_other_tables(result), ""]
     return "\n".join(lines)
 

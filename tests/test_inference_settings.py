@@ -233,3 +233,42 @@ def test_batch_norms_are_folded_on_the_cpu_in_pytorch_only(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(folded(x), block(x), atol=1e-5, rtol=1e-5)
     assert isinstance(block[1], torch.nn.BatchNorm2d)
+
+
+# --- preparing before the CT is read --------------------------------------------------------------
+class _CountingRunner:
+    """Stands in for ONNX Runtime's runner: records each input shape it had to prepare."""
+
+    def __init__(self, model):
+        self.model, self.prepared, self.calls = model, [], 0
+
+    def __call__(self, x):
+        self.calls += 1
+        if tuple(x.shape[1:]) not in self.prepared:
+            self.prepared.append(tuple(x.shape[1:]))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("network,kwargs,training", [
+    ("unet", {"base": 4, "depth": 2}, {}),
+    ("qchc_unet3d", {"base": 2}, {"recipe": {"input_size": [16, 64, 64]}}),  # in-plane clipped to the 32 x 32 grid
+])
+def test_warm_up_prepares_the_shape_segmentation_then_uses(network, kwargs, training, monkeypatch):
+    """``covidseg segment`` prepares the network (ONNX export, compile) before reading the CT; the
+    shape it prepares is the one the segmentation then runs, so nothing is prepared twice."""
+    from napari_covidseg import onnx_backend
+    from napari_covidseg.inference import expected_input_shape, warm_up
+
+    monkeypatch.setattr(onnx_backend, "available", lambda: True)
+    monkeypatch.setattr(onnx_backend, "OnnxRunner", _CountingRunner)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, network, InferenceSettings(onnx=True))
+    loaded = _loaded(network, **kwargs)
+    loaded.training = training
+    assert warm_up(loaded, "cpu")
+    runner = loaded.model.__dict__["_covidseg_onnx"]
+    assert runner.prepared == [expected_input_shape(loaded)[1:]] and runner.calls == 1
+    ct = np.random.default_rng(0).uniform(-1100, 200, size=(20, 40, 36)).astype(np.float32)
+    segment_volume(loaded, ct, (1, 1, 1), device="cpu")
+    assert runner.prepared == [expected_input_shape(loaded)[1:]] and runner.calls > 1
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, network, InferenceSettings(onnx=False))
+    assert not warm_up(loaded, "cpu")  # PyTorch without compile: nothing to prepare
