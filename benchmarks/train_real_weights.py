@@ -110,7 +110,8 @@ def run_folder(network: str, recipe: str = "cpu", from_shipped: str = None) -> P
 
 
 def run_config(network: str, recipe: str = "cpu", device: str = "auto", threads: int = 1, out: Path = None,
-               time_budget: float = None, max_steps_per_epoch: int = None, from_shipped: str = None):
+               time_budget: float = None, max_steps_per_epoch: int = None, from_shipped: str = None,
+               lr: float = None):
     values = {"network": network, "data": sources(), "split_file": str(SPLIT_PATH), "device": device,
               "out": str(out or run_folder(network, recipe, from_shipped)), **DATA_CHOICES}
     spec = get_network(network)
@@ -122,6 +123,8 @@ def run_config(network: str, recipe: str = "cpu", device: str = "auto", threads:
     elif recipe == "gpu":
         values.update(GPU_SETTINGS, time_budget_minutes=time_budget, num_workers=GPU_LOADER_WORKERS[spec.dims])
     values["max_steps_per_epoch"] = max_steps_per_epoch
+    if lr is not None:  # e.g. a fine-tuning leg at a fraction of the recipe's rate
+        values["lr"] = float(lr)
     last = Path(values["out"]) / "last.pt"
     values["resume"] = str(last) if last.exists() else None
     # a restart continues the run; only its first start reads the shipped weights
@@ -164,6 +167,8 @@ def export(network: str, run: Path, recipe: str = "cpu", runs_sharing_gpu: int =
     training["epochs_planned"] = json.loads((run / "config.json").read_text()).get("epochs")
     training["epochs_trained"] = len(epochs)
     training["deviations_from_paper"] = dict(RECIPES[recipe].get(network, {}))
+    if (training.get("recipe") or {}).get("lr") not in (None, get_network(network).recipe.lr):
+        training["deviations_from_paper"]["lr"] = training["recipe"]["lr"]  # set by --lr
     # the folder the run read (a copy on a lent machine) by the name it has here
     training["data"] = [str(d).replace(str(DATA_ROOT), "../shared/data") for d in (training.get("data") or [])]
     training["run_recipe"] = recipe  # cpu | gpu | full (training["recipe"] holds the run's hyper-parameters)
@@ -193,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--from-shipped", nargs="?", const="ft", metavar="LEG",
                         help="fine-tune the shipped weights instead of training from scratch, in run folder "
                              "real_RECIPE_LEG (default LEG: ft)")
+    parser.add_argument("--lr", type=float, help="learning rate instead of the recipe's (e.g. for a fine-tuning leg)")
     parser.add_argument("--max-steps-per-epoch", type=int, help="a smoke test of the whole chain (not for weights)")
     args = parser.parse_args(argv)
     run = args.out or run_folder(args.network, args.recipe, args.from_shipped)
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
     if not SPLIT_PATH.exists():
         raise SystemExit(f"{SPLIT_PATH} is missing: run python -m benchmarks.real_data_split")
     cfg = run_config(args.network, args.recipe, args.device, args.threads, run, args.time_budget,
-                     args.max_steps_per_epoch, args.from_shipped)
+                     args.max_steps_per_epoch, args.from_shipped, args.lr)
     code, status = run_training(cfg, echo=lambda text: print(text, flush=True))
     return code
 
