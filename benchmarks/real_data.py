@@ -129,12 +129,11 @@ def evaluate_network(loaded, sets: Dict[str, List[Case]], device: str = "auto") 
         per_case = {}
         for case in cases:
             prob = predict_volume(loaded.model, loaded.spec, case.ct, case.spacing, loaded.preprocessing,
-                                  device=device, domain=case.domain, patch_size=loaded.trained_patch)
+                                  device=device, domain=case.domain)
             per_case[case.case_id] = case_scores(prob, case)
         result["sets"][set_name] = {"mean": mean_scores(list(per_case.values())), "cases": per_case}
     sample = make_phantom()
-    prob = predict_volume(loaded.model, loaded.spec, sample.ct, sample.spacing, loaded.preprocessing, device=device,
-                          patch_size=loaded.trained_patch)
+    prob = predict_volume(loaded.model, loaded.spec, sample.ct, sample.spacing, loaded.preprocessing, device=device)
     result["sample_phantom"] = {"lung_dice": all_metrics(prob[0] > 0.5, sample.lung, with_hd95=False)["dice"],
                                 "infection_dice": all_metrics(prob[1] > 0.5, sample.infection, with_hd95=False)["dice"]}
     result["seconds"] = time.perf_counter() - t0

@@ -408,15 +408,13 @@ def write_ct(path: Path, slices: int) -> Path:
 
 
 def memory_slices(name: str, slices: List[int]) -> List[int]:
-    """The CT sizes measured for ``name``: a 3D network's patch (the one its shipped weights were
-    trained on) is clipped to the volume, so its working memory grows with small CTs and the slope
-    between them is not the cost per slice; it is measured on CTs at least one patch deep."""
-    from napari_covidseg.checkpoint import load_shipped
+    """The CT sizes measured for ``name``: a 3D network's patch is clipped to the volume (the shipped
+    qchc_unet3d: up to 80 slices), so its working memory grows with small CTs and the slope between
+    them is not the cost per slice; it is measured on CTs at least one patch deep."""
     from napari_covidseg.models import get_network
 
     if name in PROJECT and get_network(name).dims == 3:
-        loaded = load_shipped(name)
-        depth = int((loaded.trained_patch or loaded.spec.recipe.input_size)[0])
+        depth = int(get_network(name).recipe.input_size[0])
         return [n + max(0, depth - min(slices)) for n in sorted(slices)]
     return list(slices)
 

@@ -42,7 +42,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -81,19 +81,6 @@ class LoadedModel:
     metrics: Dict[str, Any] = field(default_factory=dict)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
     path: Optional[str] = None
-
-    @property
-    def trained_patch(self) -> Optional[Tuple[int, ...]]:
-        """A 3D network's training patch (D, H, W) as its checkpoint records it, which inference
-        uses by default (as nnU-Net does); None for 2D networks or where it is not recorded."""
-        size = (self.training.get("recipe") or {}).get("input_size") if isinstance(self.training, dict) else None
-        if self.spec.dims != 3 or not isinstance(size, (list, tuple)) or len(size) != 3:
-            return None
-        try:
-            patch = tuple(int(v) for v in size)
-        except (TypeError, ValueError):
-            return None
-        return patch if min(patch) >= 1 else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -70,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="slices per forward pass for 2D networks (default: 1 on the CPU, where larger batches need "
                         "more memory and are no faster, 4 on a GPU)")
     parser.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                        help="patch size of 3D networks (default: the patch the network was trained on, clipped to the "
-                        "volume; the shipped qchc_unet3d: 16 x 128 x 128); larger patches need more memory and give "
-                        "other results near patch borders")
+                        help="patch size of 3D networks (default: the paper recipe's patch, clipped to the volume; the "
+                        "shipped qchc_unet3d: up to 80 slices); smaller patches need less memory and give other results "
+                        "near patch borders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
 
@@ -150,7 +150,7 @@ def run(args) -> int:
 def _run(args) -> int:
     import numpy as np
 
-    from .inference import resolve_device, segment_masks, warm_up
+    from .inference import resolve_device, segment_masks
     from .io.loader import load_any
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -175,8 +175,6 @@ def _run(args) -> int:
         raise InputError(f"output file(s) already exist: {', '.join(existing)}; pass --overwrite to replace them "
                          "or choose another --out-dir")
 
-    # a one-off ONNX export or compile, before the CT is read, so its working memory is not added to the CT's
-    warm_up(loaded, device, args.patch_size)
     volume = load_any(ct_path, series=args.series)
     for note in volume.notes:
         say(f"note: {note}")

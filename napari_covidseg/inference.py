@@ -25,10 +25,8 @@ Readings chosen
   multiple of the network's ``stride`` and the output is cropped back.
 * 3D networks: the volume is resampled (trilinear) to ``preprocessing.target_spacing`` when it is
   set (to ``inplane_size`` in-plane, z kept, for a network trained on 8-bit images), cut into
-  overlapping patches of ``patch_size`` (default: the patch the checkpoint was trained on,
-  :attr:`~napari_covidseg.checkpoint.LoadedModel.trained_patch`, as nnU-Net infers with its
-  training patch; for a bare model the recipe's ``input_size``; clipped to the volume; a volume
-  smaller than the patch is padded to the network's stride), with step
+  overlapping patches of ``patch_size`` (default: the recipe's ``input_size`` clipped to the
+  volume; a volume smaller than the patch is padded to the network's stride), with step
   ``patch * (1 - overlap)`` (half-patch overlap by default, as in the QC-HC paper) and the last
   patch of each axis flush with the far border.  Sigmoid probabilities of overlapping patches are
   averaged, with ``weighting="uniform"`` (plain mean, the paper's reading, default) or
@@ -412,45 +410,6 @@ def _averages(sums: torch.Tensor, weights: torch.Tensor, step: int = 8) -> Itera
         yield sums[start:start + step] / weights[start:start + step, None]
 
 
-def expected_input_shape(loaded, patch_size: Optional[Sequence[int]] = None) -> Optional[Tuple[int, ...]]:
-    """The shape a checkpoint's network will be given (padded to its stride), known before any CT
-    is read: one slice resized to ``inplane_size`` (2D), or the patch (``patch_size``, else the
-    training patch) clipped to ``inplane_size`` (3D, assuming a CT at least one patch deep).  None
-    where it depends on the CT (a 2D network run at the CT's own in-plane size)."""
-    spec, inplane = loaded.spec, loaded.preprocessing.inplane_size
-    if spec.dims == 2:
-        if not inplane:
-            return None
-        size = tuple(inplane)
-    else:
-        size = tuple(patch_size or loaded.trained_patch or spec.recipe.input_size)
-        if inplane:
-            size = size[:1] + tuple(min(p, n) for p, n in zip(size[1:], inplane))
-    stride = int(spec.stride)
-    return (1, 1) + tuple(-(-int(n) // stride) * stride for n in size)
-
-
-def warm_up(loaded, device: DeviceLike = "auto", patch_size: Optional[Sequence[int]] = None,
-            compile: Optional[bool] = None) -> bool:
-    """Do a network's one-off preparation (the ONNX export and its check against PyTorch, or the
-    ``torch.compile``) now, on a seeded random input of :func:`expected_input_shape`, instead of at
-    the first batch or patch.  Called before a CT is read (``covidseg segment``), the preparation's
-    transient working memory (for ``qchc_unet3d`` more than the rest of the run adds) is not held
-    on top of the CT.  Returns whether there was anything to prepare; nothing changes the result."""
-    dev = resolve_device(device)
-    settings = settings_for(loaded.spec.name, dev, compile)
-    shape = expected_input_shape(loaded, patch_size)
-    if shape is None or not (settings.onnx or settings.compile):
-        return False
-    dims, prep = loaded.spec.dims, loaded.preprocessing
-    run = _Run(prepare_model(loaded.model, dev, settings, dims), dims, int(loaded.spec.stride), prep, prep.domain, dev,
-               settings, settings.batch_size, True, None, None)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    with weights_layout(loaded.model, settings, dims), torch.inference_mode():
-        run.probabilities(x.to(dev))
-    return True
-
-
 # ------------------------------------------------------------------------------------------------
 # segmentation
 # ------------------------------------------------------------------------------------------------
@@ -491,6 +450,5 @@ def segment_masks(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshold
     if not 0.0 < float(threshold) < 1.0:
         raise InputError(f"threshold must be between 0 and 1 (exclusive), not {threshold}")
     keep = _probability_dtype(probability_dtype) if probabilities else None
-    kwargs["patch_size"] = kwargs.get("patch_size") or loaded.trained_patch
     return run_prediction(loaded.model, loaded.spec, ct_hu, spacing, loaded.preprocessing, threshold=float(threshold),
                           keep=keep, device=device, packed=packed, **kwargs)

@@ -325,26 +325,3 @@ def test_gaussian_weights_positive_and_centred():
     w = _gaussian_weights((8, 16, 16))
     assert w.shape == (8, 16, 16) and float(w.min()) > 0
     assert float(w[3:5, 7:9, 7:9].min()) == pytest.approx(float(w.max()))
-
-
-def test_a_3d_checkpoint_is_run_with_the_patch_it_was_trained_on():
-    """Inference defaults to the training patch the checkpoint records (as nnU-Net does), not the
-    paper recipe's (80, 160, 160); an explicit patch still wins, and a 2D or unrecorded one has none."""
-    spec = get_network("qchc_unet3d")
-    trained = {"recipe": {"input_size": [16, 16, 16]}}
-    model = Pointwise(3)
-    loaded = LoadedModel(model=model, spec=spec, network=spec.name, network_kwargs={}, preprocessing=MINMAX,
-                         training=trained)
-    assert loaded.trained_patch == (16, 16, 16)
-    seen = lambda: {tuple(int(n) for n in shape) for shape in model.seen}  # ONNX export traces with tensors
-    segment_volume(loaded, _ct((20, 40, 40)), (1, 1, 1), device="cpu")
-    assert seen() == {(1, 1, 16, 16, 16)}
-    model.seen.clear()
-    segment_volume(loaded, _ct((20, 40, 40)), (1, 1, 1), device="cpu", patch_size=(16, 32, 32))
-    assert seen() == {(1, 1, 16, 32, 32)}
-    for training in ({}, {"recipe": {"input_size": [4, "x", 16]}}, {"recipe": {"input_size": [0, 16, 16]}}):
-        assert LoadedModel(model=model, spec=spec, network=spec.name, network_kwargs={}, preprocessing=MINMAX,
-                           training=training).trained_patch is None
-    unet = get_network("unet")
-    assert LoadedModel(model=Pointwise(2), spec=unet, network="unet", network_kwargs={}, preprocessing=MINMAX,
-                       training={"recipe": {"input_size": [256, 256, 1]}}).trained_patch is None

@@ -641,9 +641,6 @@ class Trainer:
         self.log.record("step", epoch=epoch + 1, epochs=int(self.cfg.epochs), step=steps, steps=self.steps_per_epoch,
                         train_loss=state["loss"] / max(1, state["samples"]))
 
-    def _patch_size(self):
-        return tuple(int(v) for v in self.cfg.input_size) if self.spec.dims == 3 else None
-
     def _validation_due(self, epoch: int) -> bool:
         """Validate every ``val_every`` epochs (epochs val_every, 2 val_every, ... counted from 1) and
         always after the last one, so a run ends with a validated ``best.pt``."""
@@ -662,9 +659,8 @@ class Trainer:
         validated = self._validation_due(epoch)
         self.validated_last = validated
         if self.is_main and validated:
-            # a 3D network is validated with its training patch, as inference runs it (LoadedModel.trained_patch)
             summary, dice_mean, val_loss, by_source = validate(self.model, self.spec, self.prep, self.val_cases,
-                                                               self.device, cfg, patch_size=self._patch_size())
+                                                               self.device, cfg)
             record.update(val_loss=val_loss, val=summary, val_dice_mean=dice_mean, val_by_source=by_source)
         dice_mean = distributed.broadcast_object(record.get("val_dice_mean"), self.dist)
         lr = float(self.optimizer.param_groups[0]["lr"])
