@@ -364,16 +364,13 @@ def contiguous_in_place(view: np.ndarray) -> np.ndarray:
     base = np.flip(view, flipped) if flipped else view
     if not flipped or view.ndim != 3 or not (base.flags.c_contiguous and base.flags.writeable):
         return np.ascontiguousarray(view)
-    if 0 in flipped:  # swap slices end for end
-        for i in range(base.shape[0] // 2):
-            j = base.shape[0] - 1 - i
-            first = base[i].copy()
-            base[i] = base[j]
-            base[j] = first
-    inner = tuple(axis - 1 for axis in flipped if axis > 0)
-    if inner:
-        for k in range(base.shape[0]):
-            base[k] = np.flip(base[k], inner).copy()
+    inner, n = tuple(axis - 1 for axis in flipped if axis > 0), base.shape[0]
+    for i in range((n + 1) // 2 if 0 in flipped else n):  # one pass: slice i and its mirror j, each flipped in-plane
+        j = n - 1 - i if 0 in flipped else i
+        first = np.flip(base[i], inner).copy()
+        if j != i:
+            base[i] = np.flip(base[j], inner)
+        base[j] = first
     return base
 
 
