@@ -97,6 +97,34 @@ def test_hmm_preserves_shape(groups):
     assert (y >= 0).all()  # final ReLU after the residual
 
 
+def _hmm_gating_the_concatenation(hmm, x):
+    """HMM as the figure draws it: the modulators concatenated, then the gate (pool, MLP, softmax)."""
+    parts = hmm.expand(x).chunk(hmm.groups, dim=1)
+    features, modulators, passed = [], [], None
+    for j, (part, block) in enumerate(zip(parts, hmm.interact)):
+        out = block(part if passed is None else torch.cat([part, passed], dim=1))
+        feat, *rest = out.chunk(3 if j < hmm.groups - 1 else 2, dim=1)
+        passed, mod = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
+        features.append(feat)
+        modulators.append(mod)
+    gate = hmm.gate(torch.cat(modulators, dim=1))
+    return torch.relu(hmm.fuse(torch.cat(features, dim=1) * gate) + x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hmm_pooling_each_modulator_equals_gating_the_concatenation(channels_last):
+    torch.manual_seed(0)
+    hmm = HierarchicalMixing(16, groups=4).eval()
+    for bn in (m for m in hmm.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 16, 24, 20)
+    if channels_last:
+        hmm, x = hmm.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(hmm(x), _hmm_gating_the_concatenation(hmm, x), rtol=1e-5, atol=1e-6)
+
+
 def test_cosine_ramp_endpoints_and_monotone():
     loss = BCEUncertaintyLoss(gamma_min=0.1, gamma_max=1.0)
     assert loss.gamma(0.0) == pytest.approx(0.1)

@@ -90,9 +90,13 @@ def test_kl_is_zero_at_target_and_positive_elsewhere():
 def test_output_shapes_for_odd_sizes(size):
     torch.manual_seed(0)
     net = MSACPPUNet(**TINY).eval()
+    x = torch.rand(2, 1, *size)
     with torch.no_grad():
-        out = net(torch.rand(2, 1, *size))
+        out = net(x, aux=True)
+        plain = net(x)
     assert out["logits"].shape == (2, 2) + size
+    # at inference (eval, no aux asked) the auxiliary heads are skipped; the logits do not change
+    assert set(plain) == {"logits"} and torch.equal(plain["logits"], out["logits"])
     assert len(out["aux"]) == len(out["aux_logits"]) == 4
     for p, s in zip(out["aux"], AUX_STRIDES):
         assert p.shape == (2, 3, -(-size[0] // s), -(-size[1] // s))
@@ -100,6 +104,12 @@ def test_output_shapes_for_odd_sizes(size):
     # the loss accepts these outputs at this size (aux maps line up with the CPP targets)
     loss, terms = BCECPPLoss()(out, (torch.rand(2, 2, *size) > 0.5).float(), 0.0)
     assert torch.isfinite(loss) and set(terms) == {"bce", "cpp_2", "cpp_4", "cpp_8", "cpp_16"}
+
+
+def test_training_mode_returns_the_auxiliary_maps():
+    net = MSACPPUNet(**TINY).train()
+    out = net(torch.rand(1, 1, 32, 32))
+    assert len(out["aux"]) == len(out["aux_logits"]) == 4
 
 
 def test_gradients_reach_every_parameter():

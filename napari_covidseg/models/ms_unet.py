@@ -173,8 +173,9 @@ class HierarchicalMixing(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.expand(x).chunk(self.groups, dim=1)
-        features, modulators = [], []
+        features, pooled = [], []
         passed = None
+        pool, mlp = self.gate[0], self.gate[1:]
         for j, (part, block) in enumerate(zip(parts, self.interact)):
             inp = part if passed is None else torch.cat([part, passed], dim=1)
             out = block(inp)
@@ -183,8 +184,11 @@ class HierarchicalMixing(nn.Module):
             else:
                 feat, mod = out.chunk(2, dim=1)
             features.append(feat)
-            modulators.append(mod)
-        gate = self.gate(torch.cat(modulators, dim=1))
+            # the gate reads only the global average of each modulator channel: pooling each
+            # group's modulators and concatenating the averages equals pooling their concatenation,
+            # without copying the full-size maps into one tensor
+            pooled.append(pool(mod))
+        gate = mlp(torch.cat(pooled, dim=1))
         return F.relu(self.fuse(torch.cat(features, dim=1) * gate) + x)
 
 
