@@ -28,6 +28,7 @@ holds one uint8 mask and its copy in the file's voxel order), so writing needs n
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -150,7 +151,7 @@ def run(args) -> int:
 def _run(args) -> int:
     import numpy as np
 
-    from .inference import resolve_device, segment_masks
+    from .inference import HandedOverCT, resolve_device, segment_masks
     from .io.loader import load_any
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -183,19 +184,25 @@ def _run(args) -> int:
         raise InputError(f"{ct_path} looks like a mask (it holds only a few integer labels), not a CT in HU")
     geometry = volume.geometry
     loaded.preprocessing.check_can_read(volume.domain, f"`{loaded.network}` ({loaded.path})")
-    ct = np.asarray(volume.data)  # as stored (int16 for most CT): no float copy of the whole CT
-    spacing = geometry.spacing
-    where = f"at {tuple(round(s, 3) for s in spacing)} mm" if volume.spacing_known else "(voxel size unknown)"
-    say(f"segmenting {ct_path.name} {ct.shape} (z, y, x) {where}, {DOMAIN_TITLES[volume.domain]}, "
+    spacing, spacing_known, domain = geometry.spacing, volume.spacing_known, volume.domain
+    where = f"at {tuple(round(s, 3) for s in spacing)} mm" if spacing_known else "(voxel size unknown)"
+    say(f"segmenting {ct_path.name} {volume.data.shape} (z, y, x) {where}, {DOMAIN_TITLES[domain]}, "
         f"with `{loaded.network}` on {device}")
+    # the CT as stored (int16 for most CT: no float copy), handed over: nothing here needs it after
+    # the prediction, which lets it go as soon as it can (a 3D network: before its patches run)
+    ct = HandedOverCT(np.asarray(volume.data))
+    del volume
     started = time.monotonic()
-    output = segment_masks(loaded, ct, spacing, threshold=args.threshold, device=device, domain=volume.domain,
+    output = segment_masks(loaded, ct, spacing, threshold=args.threshold, device=device, domain=domain,
                            batch_size=args.batch_size, progress=_progress_printer(args.quiet),
                            probabilities=args.probabilities, probability_dtype=args.probability_dtype,
                            patch_size=args.patch_size, packed=True)
     say(f"done in {time.monotonic() - started:.1f} s")
-    spacing_known = volume.spacing_known
-    del ct, volume  # the CT is not needed any more: its memory is free for writing the masks
+    # neither the CT nor the network is needed any more: let them go (with the network, what its
+    # runtime holds, e.g. ONNX Runtime's memory arena; the runner and the model refer to each
+    # other, hence the collection) so that writing the masks does not stack on top of them
+    del ct, loaded
+    gc.collect()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = _write_outputs(outputs, output, geometry, args.overwrite, say)

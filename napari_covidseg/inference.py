@@ -15,7 +15,10 @@ Readings chosen
   the overlap-averaging sums only for the band of slices the current row of patches covers, and
   resample each finished band back to the CT's grid and threshold it at once.  Probabilities are
   kept only when asked for (``float16`` unless ``float32`` is asked for; the masks are always
-  thresholded from the float32 values, so they do not depend on it).
+  thresholded from the float32 values, so they do not depend on it).  A caller that has no more
+  use for the CT (the CLI) hands it over (:class:`HandedOverCT`): a 3D network then lets it go as
+  soon as the network-grid volume is built, so the CT and the network's working memory are never
+  held at once.
 * 2D networks run slice by slice in batches; only one batch is on the device at a time.  The
   batch size, unless given, is the network's setting (one slice on the CPU, where the forward's
   working memory is most of what a run adds and larger batches are no faster; four on a GPU;
@@ -133,6 +136,21 @@ def _forward_logits(model: Callable, x: torch.Tensor, stride: int) -> torch.Tens
     if logits.shape[1] != 2:
         raise InputError(f"the network returned {logits.shape[1]} channels, expected 2 (lung, infection)")
     return logits[(slice(None), slice(None)) + crop]
+
+
+class HandedOverCT:
+    """A CT given to :func:`run_prediction` for good: the caller keeps no other reference, so the
+    prediction may let it go once it has read what it needs (a 3D network: once its own volume is
+    built; a 2D network reads it to the end)."""
+
+    def __init__(self, ct: np.ndarray) -> None:
+        self._ct = ct
+
+    def take(self) -> np.ndarray:
+        ct, self._ct = self._ct, None
+        if ct is None:
+            raise RuntimeError("this CT was handed over already")
+        return ct
 
 
 def _check_input(ct_hu, spacing) -> Tuple[np.ndarray, Tuple[float, float, float]]:
@@ -293,7 +311,7 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
     given).  The model is moved to ``device`` and put in eval mode; ``compile`` (default: the ``COVIDSEG_COMPILE`` environment variable) runs it through
     ``torch.compile``.  ``batch_size`` (2D slices per forward pass) defaults to the network's
     setting for ``device``.  See the module docstring for how 2D and 3D networks run."""
-    ct, spacing = _check_input(ct_hu, spacing)
+    ct, spacing = _check_input(ct_hu.take() if isinstance(ct_hu, HandedOverCT) else ct_hu, spacing)
     check_domain(domain)
     preprocessing.check_can_read(domain)
     dims, stride, default_patch = _spec_parts(spec_or_dims)
@@ -309,11 +327,13 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
                int(batch_size or settings.batch_size), amp, progress, should_cancel)
     _check_cancel(should_cancel)
     output = _Output(ct.shape, threshold, keep, packed)
+    held = [ct]  # the 3D path takes the CT out: for a handed-over CT nothing else holds it then
+    del ct
     with weights_layout(model, settings, dims), torch.inference_mode():
         if dims == 2:
-            _predict_2d(run, ct, output)
+            _predict_2d(run, held[0], output)
         else:
-            _predict_3d(run, ct, spacing, patch_size or default_patch, overlap, weighting, output)
+            _predict_3d(run, held, spacing, patch_size or default_patch, overlap, weighting, output)
     return output
 
 
@@ -361,11 +381,15 @@ def _network_volume(run: _Run, ct: np.ndarray, grid: Tuple[int, int, int], step:
     return volume
 
 
-def _predict_3d(run: _Run, ct: np.ndarray, spacing, patch_size, overlap: float, weighting: str, output: _Output) -> None:
-    grid = _network_grid(run, ct.shape, spacing)
+def _predict_3d(run: _Run, held: list, spacing, patch_size, overlap: float, weighting: str, output: _Output) -> None:
+    """``held``: a list holding the CT, taken out (and let go) once the network's volume is built."""
+    ct = held.pop()
+    shape = ct.shape
+    grid = _network_grid(run, shape, spacing)
     volume = _network_volume(run, ct, grid)
+    del ct
     bands = _sliding_window(run, volume, patch_size, overlap, weighting)
-    for start, part in resample_slices(bands, grid[0], ct.shape):
+    for start, part in resample_slices(bands, grid[0], shape):
         output.put(start, part.clamp_(0.0, 1.0))
 
 

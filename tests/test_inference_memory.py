@@ -82,3 +82,39 @@ def test_packed_masks_are_the_masks():
     for channel in (0, 1):
         assert packed.mask(channel).dtype == np.uint8
         np.testing.assert_array_equal(packed.mask(channel), plain.mask(channel))
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_a_handed_over_ct_is_let_go_before_a_3d_network_runs(network, monkeypatch):
+    """``covidseg segment`` hands its CT over: a 3D network lets it go once its own volume is built,
+    so no patch runs while the CT is held; a 2D network reads it to the end.  Same masks as a CT
+    passed as an array."""
+    import weakref
+
+    from napari_covidseg import inference
+    from napari_covidseg.inference import HandedOverCT, run_prediction
+
+    kwargs, prep = NETWORKS[network]
+    spec = get_network(network)
+    torch.manual_seed(0)
+    model = spec.create(**kwargs).eval()
+    ct = np.random.default_rng(1).integers(-1024, 400, size=(24, 40, 40)).astype(np.int16)
+    expected = run_prediction(model, spec, ct, (1.0, 1.0, 1.0), prep, threshold=0.5, device="cpu",
+                              patch_size=(16, 32, 32)).masks
+    handed = ct.copy()
+    alive = weakref.ref(handed)
+    handover = HandedOverCT(handed)
+    del handed  # as the CLI does: the hand-over holds the only reference
+    seen = []
+    forward = inference._forward_logits
+
+    def watched(*args):  # whatever runs the network (PyTorch, ONNX Runtime)
+        seen.append(alive() is not None)
+        return forward(*args)
+
+    monkeypatch.setattr(inference, "_forward_logits", watched)
+    got = run_prediction(model, spec, handover, (1.0, 1.0, 1.0), prep, threshold=0.5, device="cpu",
+                         patch_size=(16, 32, 32))
+    np.testing.assert_array_equal(got.masks, expected)
+    assert seen and all(held == (spec.dims == 2) for held in seen), seen
+    assert alive() is None
