@@ -8,7 +8,8 @@ For each network two variants are measured: the default (paper-size) constructor
 1x1x80x160x160 (D x H x W, i.e. the QC-HC paper's 160x160x80 patch) for 3D networks.
 
 Counting: ``torch.utils.flop_counter.FlopCounterMode`` counts **2 FLOPs per multiply-add** of
-convolutions, transposed convolutions and matrix products only (not BatchNorm, activations,
+one inference forward pass (eval mode, so msa_cpp_unet's training-only auxiliary heads are not
+run; its parameters still include them) of convolutions, transposed convolutions and matrix products only (not BatchNorm, activations,
 pooling, interpolation or FFTs, which are a few percent at most).  Papers usually quote MACs
 (multiply-adds) under the name "FLOPs", so both columns are given: GFLOPs = 2 x GMACs.  FLOPs are
 counted on the ``meta`` device when the network supports it (no memory, no time), else on CPU.
@@ -117,7 +118,8 @@ def to_markdown(rows, meta) -> str:
         "",
         "Input: batch 1, 1x256x256 for 2D networks; 1x80x160x160 (D x H x W = 160x160x80) for 3D networks.",
         "GFLOPs are counted by `torch.utils.flop_counter.FlopCounterMode`: 2 FLOPs per multiply-add, "
-        "convolutions and matrix products only. GMACs = GFLOPs / 2 (multiply-adds), the unit most papers "
+        "convolutions and matrix products only, of one inference forward pass (eval mode: msa_cpp_unet's "
+        "auxiliary heads, which only training reads, are not run). GMACs = GFLOPs / 2 (multiply-adds), the unit most papers "
         "call \"FLOPs\". CPU time: median of single forward passes under `torch.inference_mode()`; "
         "it depends on the machine's load at the time (shared machine).",
         "",

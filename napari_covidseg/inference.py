@@ -310,7 +310,9 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
     read them with ``.mask(channel)``) and/or probabilities kept as ``keep`` (float16 / float32, if
     given).  The model is moved to ``device`` and put in eval mode; ``compile`` (default: the ``COVIDSEG_COMPILE`` environment variable) runs it through
     ``torch.compile``.  ``batch_size`` (2D slices per forward pass) defaults to the network's
-    setting for ``device``.  See the module docstring for how 2D and 3D networks run."""
+    setting for ``device``.  ``ct_hu`` may be a :class:`HandedOverCT` (the caller keeps no other
+    reference): a 3D network then lets the CT go once its own volume is built.  See the module
+    docstring for how 2D and 3D networks run."""
     ct, spacing = _check_input(ct_hu.take() if isinstance(ct_hu, HandedOverCT) else ct_hu, spacing)
     check_domain(domain)
     preprocessing.check_can_read(domain)
