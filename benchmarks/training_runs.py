@@ -35,10 +35,12 @@ FOLDERS = {
     "real_gpu_ft2": "GPU recipe, a third leg fine-tuned from real_gpu_ft's weights for the two networks whose "
                     "validation score that leg had raised (ms_unet, msa_cpp_unet; unet's had not moved, 0.892 -> 0.891), "
                     "3.6 min budget re-fitted after every epoch (2 runs on one H200)",
-    "real_cpu_ft": "GPU recipe (full-size slices, 900 per epoch) run on the 2-core CPU while no GPU was lent: "
-                   "msa_cpp_unet, the paper network closest to the U-Net on held-out infection, fine-tuned from its "
-                   "shipped real_gpu_ft2 weights at lr 2e-4 (a fifth of the recipe's; `--lr`), poly schedule, 100 min "
-                   "budget re-fitted after every epoch, 2 threads",
+    "real_cpu_ft": "GPU recipe (full-size slices, 900 per epoch) run on the 2-core CPU while no GPU was lent, "
+                   "fine-tuned from the shipped weights at lr 2e-4 (a fifth of the recipe's; `--lr`), poly schedule, "
+                   "budget re-fitted after every epoch, 2 threads: msa_cpp_unet (the paper network closest to the "
+                   "U-Net on held-out infection; from real_gpu_ft2, 100 min), then in a later session chs_net (the "
+                   "least trained network: 6 epochs on the GPU, its validation score still rising; from real_gpu, "
+                   "75 min)",
 }
 
 
