@@ -325,7 +325,7 @@ def run_prediction(model: nn.Module, spec_or_dims: Union[NetworkSpec, int], ct_h
         raise InputError(f"unknown weighting {weighting!r}; use 'uniform' or 'gaussian'")
     dev = resolve_device(device)
     settings = settings_for(getattr(spec_or_dims, "name", None), dev, compile)
-    run = _Run(prepare_model(model, dev, settings, dims), dims, stride, preprocessing, domain, dev, settings,
+    run = _Run(prepare_model(model, dev, settings, dims, stride), dims, stride, preprocessing, domain, dev, settings,
                int(batch_size or settings.batch_size), amp, progress, should_cancel)
     _check_cancel(should_cancel)
     output = _Output(ct.shape, threshold, keep, packed)

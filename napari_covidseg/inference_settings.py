@@ -96,7 +96,8 @@ def memory_format(dims: int) -> torch.memory_format:
     return torch.channels_last if dims == 2 else torch.channels_last_3d
 
 
-def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSettings, dims: int) -> Callable:
+def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSettings, dims: int,
+                  stride: int = 16) -> Callable:
     """The model on ``device`` in eval mode; returns the callable to run it with (the compiled model where asked for and possible, else the model).
 
     The compiled callable is kept on the model object itself, so it lives as long as the model
@@ -105,7 +106,7 @@ def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSet
     model = model.to(device).eval()
     if settings.onnx:
         if _ONNX not in model.__dict__:
-            object.__setattr__(model, _ONNX, onnx_backend.OnnxRunner(model))
+            object.__setattr__(model, _ONNX, onnx_backend.OnnxRunner(model, stride))
         return model.__dict__[_ONNX]
     if settings.fold_batch_norm:
         if _FOLDED not in model.__dict__:
