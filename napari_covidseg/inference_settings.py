@@ -101,7 +101,8 @@ def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSet
     """The model on ``device`` in eval mode; returns the callable to run it with (the compiled model where asked for and possible, else the model).
 
     The compiled callable is kept on the model object itself, so it lives as long as the model
-    and every volume segmented with that model reuses it.
+    and every volume segmented with that model reuses it.  ``stride``: the network's (sizes keep
+    their remainder modulo it when ONNX Runtime's graph is traced on a small crop).
     """
     model = model.to(device).eval()
     if settings.onnx:
