@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QScrollArea
 
 from napari_covidseg import cli
@@ -72,3 +73,26 @@ def test_view_opens_the_workspace_laid_out_without_the_qt5_toast(make_napari_vie
     assert qt_main_window.SHOW_QT_WARNING is False
     workspace = viewer.window._qt_window.findChild(WorkspaceWidget)
     assert workspace is not None and workspace.width() >= MIN_DOCK_WIDTH
+
+
+STANDALONE = [("Segment", SegmentWidget), ("Compare to ground truth", CompareWidget), ("Correct and save", SaveWidget),
+              ("Quantify", QuantifyWidget), ("Side by side", SideBySideWidget)]
+
+
+@pytest.mark.parametrize("title,kind", STANDALONE)
+def test_a_step_opened_as_its_own_dock_scrolls_instead_of_squeezing(make_napari_viewer, qtbot, title, kind):
+    """Plugins menu -> one step on a 1366 x 768 screen: the window stays on the screen, the step's
+    rows keep their full height (scrolling when the dock is shorter) and its full width."""
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-covidseg", title)
+    assert isinstance(widget, kind)
+    area = widget.findChild(QScrollArea)
+    page = area.widget()
+    qtbot.wait(100)
+    window.resizeDocks([dock], [150], Qt.Horizontal)  # a user drags the dock narrow: it stops at the page's width
+    # nothing cut off on the right, once the dock is laid out again (a few event-loop turns)
+    qtbot.waitUntil(lambda: area.viewport().width() >= page.minimumSizeHint().width(), timeout=3000)
+    assert window.height() <= 768 and window.width() <= 1366
+    assert page.height() >= page.layout().totalHeightForWidth(page.width()) - 1, title  # rows not squeezed

@@ -16,8 +16,18 @@ import time
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..errors import CancelledError, CovidsegError, InputError
 from ..intensity import DISPLAY8, DOMAIN_KEY, DOMAINS, HU, looks_like_display8
@@ -470,17 +480,55 @@ def form_layout(rows) -> "QFormLayout":
     return form
 
 
-def scrolled(widget: QWidget):
-    """``widget`` in a vertical scroll area that gives it the dock's width and never clips it."""
-    from qtpy.QtWidgets import QFrame, QScrollArea
+class VerticalScrollArea(QScrollArea):
+    """Scrolls its page up and down only, and is never narrower than the page's least width (asked
+    anew whenever the page's layout changes, so rows added after it was wrapped count)."""
 
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setFrameShape(QFrame.NoFrame)
-    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-    area.setWidget(widget)
-    area.setMinimumWidth(widget.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
-    return area
+    def __init__(self, page: QWidget):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setWidget(page)
+        page.installEventFilter(self)
+
+    def eventFilter(self, watched, event):  # noqa: N802 (Qt name)
+        # the page's rows changed: the layouts around the area ask for its hints again (they cache them)
+        if watched is self.widget() and event.type() == QEvent.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(watched, event)
+
+    def _width_for(self, page_width: int) -> int:
+        """The area's width that leaves ``page_width`` beside a vertical scroll bar (and the frame
+        or border a style sheet draws)."""
+        border = self.width() - self.maximumViewportSize().width()
+        return page_width + self.verticalScrollBar().sizeHint().width() + max(0, border)
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt name)
+        return QSize(self._width_for(self.widget().minimumSizeHint().width()), super().minimumSizeHint().height())
+
+    def sizeHint(self):  # noqa: N802 (Qt name)
+        hint = super().sizeHint()
+        return QSize(max(hint.width(), self._width_for(self.widget().sizeHint().width())), hint.height())
+
+
+def scrolled(widget: QWidget) -> VerticalScrollArea:
+    """``widget`` in a vertical scroll area that gives it the dock's width and never clips it."""
+    return VerticalScrollArea(widget)
+
+
+def scrolling_rows(widget: QWidget):
+    """The vertical layout for ``widget``'s rows, on a page in a scroll area that fills ``widget``.
+
+    A review step opened on its own (napari's Plugins menu) is a dock as tall as the window: on a
+    short screen its rows would be squeezed over each other and its last buttons pushed off the
+    window; in a scroll area they keep their height and the dock scrolls."""
+    page = QWidget()
+    rows = QVBoxLayout(page)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scrolled(page))
+    return rows
 
 
 def short_title(spec) -> str:

@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -50,6 +49,7 @@ from ..overlay import (
     write_comparison_csv,
 )
 from .common import (
+    scrolling_rows,
     TaskRunner,
     add_labels_like,
     form_layout,
@@ -164,7 +164,7 @@ class CompareWidget(QWidget):
         return table
 
     def _lay_out(self):
-        layout = QVBoxLayout(self)
+        layout = scrolling_rows(self)
         layout.addLayout(form_layout([("Prediction", self.pred_combo), ("Ground truth", self.gt_combo)]))
         layout.addWidget(self.compare_button)
         layout.addLayout(self._display_switches())

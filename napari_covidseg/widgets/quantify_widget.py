@@ -29,7 +29,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -38,6 +37,7 @@ from ..intensity import HU
 from ..quantify import MIN_LESION_ML, quantify
 from ._review import EditWatcher, LayerCombo, ask_overwrite
 from .common import (
+    scrolling_rows,
     TaskRunner,
     form_layout,
     image_layers,
@@ -128,7 +128,7 @@ class QuantifyWidget(QWidget):
         exports = QHBoxLayout()
         exports.addWidget(self.csv_button)
         exports.addWidget(self.json_button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_rows(self)
         layout.addLayout(form)
         layout.addWidget(self.compute_button)
         layout.addWidget(self.auto_check)

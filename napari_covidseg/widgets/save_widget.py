@@ -34,6 +34,7 @@ from ..io.geometry import GEOMETRY_KEY, Geometry
 from ..training_folder import add_case, case_exists, list_cases, suggest_case_id, validate_case_id
 from ._review import LayerCombo, ask_overwrite, free_path
 from .common import (
+    scrolling_rows,
     TaskRunner,
     error_text,
     form_layout,
@@ -143,7 +144,7 @@ class SaveWidget(QWidget):
         self.status = QLabel("Edit a mask with the brush, then save it with its CT's geometry.")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)  # the saved path can be copied
-        layout = QVBoxLayout(self)
+        layout = scrolling_rows(self)
         layout.addLayout(form_layout([("Mask", self.mask_combo), ("CT", self.ct_combo)]))
         layout.addLayout(buttons)
         layout.addWidget(self._training_box())

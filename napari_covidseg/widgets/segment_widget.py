@@ -29,7 +29,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QLabel,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -37,6 +36,7 @@ from ..errors import InputError
 from ..intensity import HU
 from ..models.registry import get_network, network_names
 from .common import (
+    scrolling_rows,
     DeviceCombo,
     INFECTION_COLOR,
     LUNG_COLOR,
@@ -214,7 +214,7 @@ class SegmentWidget(QWidget):
         top = form_layout([("CT:", self.ct_combo), ("Network:", self.network_combo), ("Weights:", self.weights)])
         bottom = form_layout([("Device:", self.device_combo), ("Threshold:", self.threshold_spin),
                               ("", self.probability_check)])
-        layout = QVBoxLayout(self)
+        layout = scrolling_rows(self)
         layout.addLayout(top)
         layout.addWidget(self.card)
         layout.addLayout(bottom)

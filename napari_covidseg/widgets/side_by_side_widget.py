@@ -37,13 +37,13 @@ from qtpy.QtWidgets import (
     QLabel,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..errors import CancelledError, InputError
 from ..models.registry import get_network, network_names
 from .common import (
+    scrolling_rows,
     DeviceCombo,
     INFECTION_COLOR,
     LUNG_COLOR,
@@ -225,7 +225,7 @@ class SideBySideWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.export_button)
         buttons.addWidget(self.clear_button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_rows(self)
         layout.addLayout(form)
         layout.addWidget(networks_box)
         layout.addWidget(self.run_button)

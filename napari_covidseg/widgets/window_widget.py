@@ -16,14 +16,13 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QLabel,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..intensity import DISPLAY8, HU
 from ..io.geometry import GEOMETRY_KEY
 from ..windowing import contrast_limits, matching_preset, presets_for, width_level
-from .common import LayerComboBox, form_layout, image_layers, layer_domain
+from .common import LayerComboBox, form_layout, image_layers, layer_domain, scrolling_rows
 
 UNITS = {HU: " HU", DISPLAY8: ""}
 
@@ -68,7 +67,7 @@ class WindowWidget(QWidget):
         self.readout = QLabel()
 
         form = form_layout([("CT layer", self.layer_combo), ("Width", self.width_box), ("Level", self.level_box)])
-        layout = QVBoxLayout(self)
+        layout = scrolling_rows(self)
         layout.addLayout(form)
         layout.addWidget(self.domain_note)
         layout.addLayout(grid)

@@ -32,11 +32,12 @@ def _sections() -> List[Tuple[str, str, Callable, bool]]:
 
     return [
         ("view", "1  Open and view", ViewPanel, True),
-        ("segment", "2  Segment", SegmentWidget, True),
-        ("compare", "3  Compare to ground truth", CompareWidget, True),
-        ("save", "4  Correct and save", SaveWidget, True),
-        ("quantify", "5  Quantify and report", QuantifyWidget, True),
-        ("side_by_side", "6  Side by side (several networks)", SideBySideWidget, True),
+        # the steps that are also docks of their own scroll their rows themselves (common.scrolling_rows)
+        ("segment", "2  Segment", SegmentWidget, False),
+        ("compare", "3  Compare to ground truth", CompareWidget, False),
+        ("save", "4  Correct and save", SaveWidget, False),
+        ("quantify", "5  Quantify and report", QuantifyWidget, False),
+        ("side_by_side", "6  Side by side (several networks)", SideBySideWidget, False),
         ("train", "7  Train or fine-tune", TrainingWidget, False),  # has its own tabs and scroll area
     ]
 
@@ -58,7 +59,8 @@ def section_style(theme_name: str) -> str:
 
 
 class _OwnScrolling(QWidget):
-    """Holds a section that scrolls by itself (Train: its setup page is a scroll area).
+    """Holds a section that scrolls by itself (the steps' rows are on a scroll area's page; Train's
+    setup page is a scroll area).
 
     QToolBox puts each page in a scroll area that scrolls as soon as the page's preferred height
     (through a layout, its height for the width) is more than the room, which for Train is the
