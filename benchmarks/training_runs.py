@@ -40,7 +40,8 @@ FOLDERS = {
                    "budget re-fitted after every epoch, 2 threads: msa_cpp_unet (the paper network closest to the "
                    "U-Net on held-out infection; from real_gpu_ft2, 100 min), then in a later session chs_net (the "
                    "least trained network: 6 epochs on the GPU, its validation score still rising; from real_gpu, "
-                   "75 min)",
+                   "75 min) and qchc_unet3d (the lowest validation score; from real_gpu_run1, lr 1e-4, a tenth of "
+                   "the recipe's, 85 min)",
 }
 
 
