@@ -145,17 +145,11 @@ def test_ms_unet_exports_to_onnx_runtime_and_gives_the_pytorch_masks(monkeypatch
     np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-4)
 
 
-def _logits(model, x):
-    with torch.no_grad():
-        out = model(x)
-    return out["logits"] if isinstance(out, dict) else out
-
-
 def test_onnx_graph_traced_on_a_small_crop_serves_every_size_without_a_full_size_pytorch_forward():
     """The export and its checks run PyTorch on crops only (the memory of a full-size forward is
     what the small trace saves); the one graph then serves other sizes with the same remainders."""
     pytest.importorskip("onnxruntime")
-    from napari_covidseg.onnx_backend import OnnxRunner
+    from napari_covidseg.onnx_backend import OnnxRunner, _Logits
 
     model = _loaded("unet", base=4, depth=2).model
     seen = []
@@ -169,8 +163,8 @@ def test_onnx_graph_traced_on_a_small_crop_serves_every_size_without_a_full_size
     for shape in [(2, 1, 40, 36), (3, 1, 52, 44)]:
         x = torch.randn(shape)
         with torch.no_grad():
-            got = runner(x)
-        torch.testing.assert_close(got, _logits(model, x), atol=1e-4, rtol=1e-4)
+            got, expected = runner(x), _Logits(model)(x)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert len(runner.sessions) == 1
 
 
@@ -178,15 +172,15 @@ def test_a_graph_that_holds_a_size_as_a_constant_is_exported_per_shape():
     """ms_unet's 1.5x -> 1x adaptive pooling is exported as gathers with fixed indices: the check at
     a second size fails and the network is exported per input shape, still giving PyTorch's logits."""
     pytest.importorskip("onnxruntime")
-    from napari_covidseg.onnx_backend import OnnxRunner
+    from napari_covidseg.onnx_backend import OnnxRunner, _Logits
 
     model = _loaded("ms_unet", base=4, mid=8).model
     runner = OnnxRunner(model, stride=32)
     for shape in [(1, 1, 160, 192), (1, 1, 224, 192)]:
         x = torch.randn(shape)
         with torch.no_grad():
-            got = runner(x)
-        torch.testing.assert_close(got, _logits(model, x), atol=1e-4, rtol=1e-4)
+            got, expected = runner(x), _Logits(model)(x)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert not runner.shape_free and not runner.failed
     assert sorted(key[0] for key in runner.sessions) == [(1, 160, 192), (1, 224, 192)]
 

@@ -507,10 +507,6 @@ class VerticalScrollArea(QScrollArea):
     def minimumSizeHint(self):  # noqa: N802 (Qt name)
         return QSize(self._width_for(self.widget().minimumSizeHint().width()), super().minimumSizeHint().height())
 
-    def sizeHint(self):  # noqa: N802 (Qt name)
-        hint = super().sizeHint()
-        return QSize(max(hint.width(), self._width_for(self.widget().sizeHint().width())), hint.height())
-
 
 def scrolled(widget: QWidget) -> VerticalScrollArea:
     """``widget`` in a vertical scroll area that gives it the dock's width and never clips it."""

@@ -49,7 +49,6 @@ from ..overlay import (
     write_comparison_csv,
 )
 from .common import (
-    scrolling_rows,
     TaskRunner,
     add_labels_like,
     form_layout,
@@ -57,6 +56,7 @@ from .common import (
     layer_spacing_known,
     notify_error,
     push_button,
+    scrolling_rows,
 )
 from ._review import EditWatcher, LayerCombo, ask_overwrite, current_slice, go_to_slice
 from .compare_compute import (  # noqa: F401 (part of this module's API)

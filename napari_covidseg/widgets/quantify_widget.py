@@ -37,7 +37,6 @@ from ..intensity import HU
 from ..quantify import MIN_LESION_ML, quantify
 from ._review import EditWatcher, LayerCombo, ask_overwrite
 from .common import (
-    scrolling_rows,
     TaskRunner,
     form_layout,
     image_layers,
@@ -46,6 +45,7 @@ from .common import (
     layer_spacing_known,
     notify_error,
     push_button,
+    scrolling_rows,
 )
 from .quantify_table import ROWS, severity_text, table_rows, write_quantify_csv, write_quantify_json  # noqa: F401
 from .save_defaults import class_mask_score

@@ -34,7 +34,6 @@ from ..io.geometry import GEOMETRY_KEY, Geometry
 from ..training_folder import add_case, case_exists, list_cases, suggest_case_id, validate_case_id
 from ._review import LayerCombo, ask_overwrite, free_path
 from .common import (
-    scrolling_rows,
     TaskRunner,
     error_text,
     form_layout,
@@ -43,6 +42,7 @@ from .common import (
     notify_error,
     path_field,
     push_button,
+    scrolling_rows,
 )
 from .edits import mark_computed, watch_edits
 from .save_defaults import case_of, class_mask_score, default_folder, default_name, mask_score

@@ -36,7 +36,6 @@ from ..errors import InputError
 from ..intensity import HU
 from ..models.registry import get_network, network_names
 from .common import (
-    scrolling_rows,
     DeviceCombo,
     INFECTION_COLOR,
     LUNG_COLOR,
@@ -57,6 +56,7 @@ from .common import (
     notify_info,
     notify_warning,
     push_button,
+    scrolling_rows,
     volume_of,
 )
 from .edits import EDITED_KEY, is_edited, watch_edits  # noqa: F401 (EDITED_KEY: part of this module's API)

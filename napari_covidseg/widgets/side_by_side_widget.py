@@ -43,7 +43,6 @@ from qtpy.QtWidgets import (
 from ..errors import CancelledError, InputError
 from ..models.registry import get_network, network_names
 from .common import (
-    scrolling_rows,
     DeviceCombo,
     INFECTION_COLOR,
     LUNG_COLOR,
@@ -60,6 +59,7 @@ from .common import (
     layer_spacing_known,
     notify_error,
     push_button,
+    scrolling_rows,
     short_title,
     volume_of,
 )

@@ -16,13 +16,14 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QLabel,
     QPushButton,
+    QVBoxLayout,
     QWidget,
 )
 
 from ..intensity import DISPLAY8, HU
 from ..io.geometry import GEOMETRY_KEY
 from ..windowing import contrast_limits, matching_preset, presets_for, width_level
-from .common import LayerComboBox, form_layout, image_layers, layer_domain, scrolling_rows
+from .common import LayerComboBox, form_layout, image_layers, layer_domain
 
 UNITS = {HU: " HU", DISPLAY8: ""}
 
@@ -67,7 +68,7 @@ class WindowWidget(QWidget):
         self.readout = QLabel()
 
         form = form_layout([("CT layer", self.layer_combo), ("Width", self.width_box), ("Level", self.level_box)])
-        layout = scrolling_rows(self)
+        layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.domain_note)
         layout.addLayout(grid)
