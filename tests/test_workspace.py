@@ -51,6 +51,8 @@ def test_every_step_fits_the_screen(make_napari_viewer, qtbot, size):
         if not isinstance(area, QScrollArea):  # a section with its own scroll area is not scrolled again
             page = area.parent().parent()  # QToolBox's own scroll area around the page
             assert not page.verticalScrollBar().isVisible(), key
+            assert not page.horizontalScrollBar().isVisible(), key
+            assert page.viewport().width() >= section.minimumSizeHint().width(), key
         assert dock.width() <= max(MIN_DOCK_WIDTH + 60, dock_width_for(size[0]) + 20), key
         window.grab().save(os.path.join(SCREENSHOTS, f"workspace_{key}_{size[0]}x{size[1]}.png"))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Tuple
 
-from qtpy.QtCore import QSize, Qt
+from qtpy.QtCore import QEvent, QSize, Qt
 from qtpy.QtWidgets import QSizePolicy, QToolBox, QVBoxLayout, QWidget
 
 from .common import scrolled
@@ -101,9 +101,31 @@ class WorkspaceWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addWidget(self.toolbox)
-        self.setMinimumWidth(MIN_DOCK_WIDTH)
+        for widget in self.sections.values():  # a section's least width changes once styled (or rows change)
+            widget.installEventFilter(self)
         # napari adds a stretch under docks that do not ask for height: this one takes it all
         self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
+
+    def least_width(self) -> int:
+        """The narrowest the dock may be: every section at its least width, with no sideways scrolling
+        (and never under ``MIN_DOCK_WIDTH``)."""
+        margins = self.layout().contentsMargins()
+        chrome = margins.left() + margins.right() + 2 * self.toolbox.frameWidth()
+        widest = 0
+        for index in range(self.toolbox.count()):
+            page = self.toolbox.widget(index)
+            area = page.parentWidget().parentWidget()  # QToolBox's own scroll area (page -> viewport -> area)
+            widest = max(widest, page.minimumSizeHint().width() + 2 * area.frameWidth())
+        return max(MIN_DOCK_WIDTH, widest + chrome)
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt name)
+        return QSize(self.least_width(), super().minimumSizeHint().height())
+
+    def eventFilter(self, watched, event):  # noqa: N802 (Qt name)
+        # the toolbox's scroll areas do not pass their pages' hints on: the dock asks this one again
+        if event.type() == QEvent.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(watched, event)
 
     def section(self, key: str) -> QWidget:
         return self.sections[key]
