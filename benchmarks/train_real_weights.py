@@ -122,6 +122,8 @@ def run_config(network: str, recipe: str = "cpu", device: str = "auto", threads:
         values["threads"] = threads
     elif recipe == "gpu":
         values.update(GPU_SETTINGS, time_budget_minutes=time_budget, num_workers=GPU_LOADER_WORKERS[spec.dims])
+        if device == "cpu":  # the recipe on the CPU: the cores compute, and loader workers would only compete
+            values.update(threads=threads, num_workers=0)
     values["max_steps_per_epoch"] = max_steps_per_epoch
     if lr is not None:  # e.g. a fine-tuning leg at a fraction of the recipe's rate
         values["lr"] = float(lr)
