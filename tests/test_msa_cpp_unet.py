@@ -204,3 +204,25 @@ def test_tiny_network_overfits_one_phantom_slice():
     assert dices[0] < 0.3
     assert max(dices[-5:]) > 0.7, dices[::10]
     assert aux_terms[-1] < 0.5 * aux_terms[0]  # the auxiliary heads learn the class fractions too
+
+
+def test_export_form_computes_what_the_plain_forward_does(monkeypatch):
+    """The forms traced for ONNX Runtime (planes summed and maxed, CBAM's 2 -> 1 convolution as two
+    depthwise maps, BatchNorm folded into proj_in) give the plain forward's logits, on random
+    weights and BatchNorm statistics, at an odd size."""
+    torch.manual_seed(0)
+    model = MSACPPUNet(base=8).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    x = torch.rand(2, 1, 70, 45)
+    with torch.no_grad():
+        plain = model(x)["logits"]
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        exported = model(x)["logits"]
+    assert exported.shape == plain.shape
+    assert torch.allclose(exported, plain, atol=1e-4 * float(plain.abs().max()), rtol=0)
+    assert not torch.equal(exported, plain)  # the other form ran (sums in another order round differently)

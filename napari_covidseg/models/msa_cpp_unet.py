@@ -46,6 +46,15 @@ Readings chosen where the paper is ambiguous (all configurable through the const
   ``aux=True``.  In eval mode it skips the auxiliary heads by default: nothing at inference reads
   them, and they cost 15 % of the shipped network's FLOPs (0.68 of 4.66 GFLOPs at 256 x 256); the
   logits do not depend on them.
+
+Export form (ONNX Runtime, the CPU inference path; same values up to float rounding, tested)
+---------------------------------------------------------------------------------------------
+Three steps are written differently while ``torch.onnx.export`` traces the network, because
+ONNX Runtime runs the plain forms slowly (profiled at 1 x 1 x 256 x 256: together ~12 % of the
+forward): the mean and max over channels by combining halves of the channels (ReduceMean /
+ReduceMax over the channel axis ran at ~1 GB/s); CBAM's 2 -> 1-channel 7x7 convolution as two
+depthwise 7x7 maps added (ONNX Runtime pads a convolution's channels to its 16-wide blocks, 256x
+the work here); each module's BatchNorm folded into the 1x1 convolution after it.
 """
 
 from __future__ import annotations
@@ -66,6 +75,17 @@ AUX_STRIDES = (2, 4, 8, 16)
 AUX_CLASS_NAMES = ("background", "lung without infection", "infection")
 
 
+def _halving(x: torch.Tensor, combine) -> torch.Tensor:
+    """``x`` (B, C, H, W) reduced over its channels to (B, 1, H, W) by combining its two halves
+    until one plane is left (an odd one out joins the next round): log2(C) large elementwise
+    steps, where ONNX Runtime reduces over the channel axis slowly."""
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        combined = combine(x[:, :half], x[:, half:2 * half])
+        x = torch.cat([combined, x[:, 2 * half:]], dim=1) if x.shape[1] % 2 else combined
+    return x
+
+
 class CBAM(nn.Module):
     """Convolutional block attention: channel attention, then spatial attention."""
 
@@ -78,6 +98,10 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel = torch.sigmoid(self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1)))
         x = x * channel
+        if torch.onnx.is_in_onnx_export():  # the export form (module docstring)
+            maps = torch.cat([_halving(x, torch.add) / x.shape[1], _halving(x, torch.maximum)], dim=1)
+            per_map = F.conv2d(maps, self.spatial.weight.transpose(0, 1), padding=self.spatial.padding, groups=2)
+            return x * torch.sigmoid(per_map[:, :1] + per_map[:, 1:] + self.spatial.bias.view(1, 1, 1, 1))
         maps = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial(maps))
 
@@ -100,8 +124,18 @@ class MultiScaleAttention(nn.Module):
         self.proj_out = nn.Conv2d(c, c, 1)
         self.cbam = CBAM(c, reduction)
 
+    def normed_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """``proj_in(norm(x))``; in the export form (eval mode) one 1x1 convolution with the
+        BatchNorm folded in: ``W (s x + t) + b = (W s) x + (W t + b)``."""
+        if not (torch.onnx.is_in_onnx_export() and not self.norm.training and self.norm.running_var is not None):
+            return self.proj_in(self.norm(x))
+        scale = self.norm.weight / torch.sqrt(self.norm.running_var + self.norm.eps)
+        shift = self.norm.bias - self.norm.running_mean * scale
+        weight = self.proj_in.weight
+        return F.conv2d(x, weight * scale.view(1, -1, 1, 1), self.proj_in.bias + weight[:, :, 0, 0] @ shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = F.gelu(self.proj_in(self.norm(x)))
+        u = F.gelu(self.normed_projection(x))
         a = self.local(u)
         a = self.mix(a + sum(strip(a) for strip in self.strips))
         return x + self.cbam(self.proj_out(a * u))
