@@ -306,3 +306,34 @@ def test_shape_mismatch_and_combos(phantom_viewer, qtbot, monkeypatch):
     assert messages and "shape" in messages[0]
     assert "small vs phantom infection GT" not in viewer.layers
     _check_combos_follow_layers(viewer, widget)
+
+
+def _network_mask(viewer, name, cls):
+    reference = viewer.layers[f"phantom {cls} GT"]
+    layer = viewer.add_labels(np.asarray(reference.data).copy(), name=name, scale=reference.scale)
+    layer.metadata["covidseg_source"] = {"network": "unet", "class": cls}
+    return layer
+
+
+def test_the_pick_follows_a_segmentation_that_arrives_after_the_ground_truth(phantom_viewer, qtbot):
+    """Open the ground truth, open Compare, then segment: the prediction offered is the network's
+    mask of the reference's class (not the reference itself, nor the other class); a reference
+    picked by hand brings its class's mask along; a prediction picked by hand stays."""
+    from napari_covidseg.widgets.compare_widget import CompareWidget
+
+    viewer = phantom_viewer
+    widget = CompareWidget(viewer)
+    qtbot.addWidget(widget)
+    reference = widget.gt_combo.current_layer()
+    assert reference.name in ("phantom lung GT", "phantom infection GT")
+    cls = "lung" if "lung" in reference.name else "infection"
+    other = "infection" if cls == "lung" else "lung"
+    _network_mask(viewer, f"unet {other}", other)
+    _network_mask(viewer, f"unet {cls}", cls)
+    assert widget.gt_combo.current_layer() is reference
+    assert widget.pred_combo.current_layer().name == f"unet {cls}"
+    widget.gt_combo.set_layer(viewer.layers[f"phantom {other} GT"])
+    assert widget.pred_combo.current_layer().name == f"unet {other}"
+    widget.pred_combo.set_layer(viewer.layers[f"unet {cls}"])  # the user's own pair stays
+    _network_mask(viewer, "unet infection [2]", "infection")
+    assert widget.pred_combo.current_layer().name == f"unet {cls}"

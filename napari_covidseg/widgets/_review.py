@@ -65,8 +65,9 @@ class LayerCombo(QComboBox):
     ``list_layers(viewer)`` gives the candidates (e.g. ``labels_layers``).  The selection is kept
     by layer identity across refreshes, so renaming or adding a layer does not switch what the
     user picked; ``prefer`` (a callable on a layer, giving a bool or a score) chooses the initial
-    pick: the candidate with the highest score, the first of equals.  :meth:`repick` applies it
-    again (the scores may have changed, e.g. a mask was edited) unless the user chose by hand.
+    pick: the candidate with the highest score, the first of equals; an automatic pick gives way
+    to a better-scored layer that arrives later.  :meth:`repick` applies it again (the scores may
+    have changed, e.g. a mask was edited) unless the user chose by hand.
     """
 
     def __init__(self, viewer, list_layers, allow_none: bool = False, prefer=None, parent=None):
@@ -99,7 +100,8 @@ class LayerCombo(QComboBox):
         self._layers = ([None] if self._allow_none else []) + layers
         for layer in self._layers:
             self.addItem("(none)" if layer is None else layer.name)
-        if previous is not None and previous in self._layers:
+        keep = previous is not None and previous in self._layers
+        if keep and (self.user_picked or not self._outscored(previous, layers)):
             index = self._layers.index(previous)
         elif previous is None and self._allow_none and self._picked_none:
             index = 0
@@ -113,6 +115,13 @@ class LayerCombo(QComboBox):
     def _activated(self, index) -> None:
         self._user_none = self.current_layer() is None
         self.user_picked = True
+
+    def _outscored(self, layer, layers) -> bool:
+        """True when an automatic pick ``layer`` is no longer the best (e.g. the ground truth was the
+        only mask when the list was made, and a network's mask has arrived since)."""
+        if self._prefer is None:
+            return False
+        return max(self._prefer(other) for other in layers) > self._prefer(layer)
 
     def _best_index(self, layers) -> int:
         scores = [self._prefer(layer) if self._prefer is not None else 0 for layer in layers]

@@ -68,7 +68,7 @@ from .compare_compute import (  # noqa: F401 (part of this module's API)
 )
 from .compare_display import ReviewDisplay, colour_as_reference
 from .slice_dice_plot import SliceDicePlot
-from .save_defaults import looks_like_ground_truth, mask_score, reference_score  # noqa: F401 (API)
+from .save_defaults import looks_like_ground_truth, mask_class, mask_score, reference_score  # noqa: F401 (API)
 
 #: legend words short enough for a narrow dock (the tooltips hold OVERLAY_NAMES)
 OVERLAY_SHORT_NAMES = {1: "agree (TP)", 2: "missed (FN)", 3: "extra (FP)"}
@@ -100,8 +100,9 @@ class CompareWidget(QWidget):
         self._volume_running = False  # a whole-volume worker (after an edit) is running
         self._volume_dirty = False  # an edit arrived while it ran: run it again when it ends
 
-        self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=mask_score)
         self.gt_combo = LayerCombo(napari_viewer, labels_layers, prefer=reference_score())
+        self.pred_combo = LayerCombo(napari_viewer, labels_layers, prefer=self._prediction_score)
+        self.gt_combo.currentIndexChanged.connect(lambda *_: self.pred_combo.repick())
         self.compare_button = push_button("Compare", "Add the overlay layer and compute the metrics", self.compare)
 
         # one wrapping line of coloured squares and words, so the legend never widens the dock
@@ -142,6 +143,17 @@ class CompareWidget(QWidget):
         self.viewer.dims.events.current_step.connect(self._on_step)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self._bind_review_keys()
+
+    def _prediction_score(self, layer) -> int:
+        """The prediction to pick: a mask a network (or an edit) made, of the ground truth's class
+        first (an infection reference is compared with an infection mask, not the lung's)."""
+        reference = self.gt_combo.current_layer()
+        score = mask_score(layer)
+        if layer is reference or score == 0:
+            return 0
+        cls = mask_class(layer)
+        same_class = reference is not None and cls is not None and cls == mask_class(reference)
+        return score + (10 if same_class else 0)
 
     def _make_table(self) -> QTableWidget:
         table = QTableWidget(len(METRIC_COLUMNS), 2)
