@@ -131,12 +131,21 @@ def test_placeholder_spacing_gives_voxels_and_says_why(phantom_viewer, qtbot):
     viewer = phantom_viewer
     viewer.layers["phantom CT"].metadata[SPACING_KNOWN_KEY] = False
     widget = _widget(viewer, qtbot)
+    # the smallest lesion is set in voxels too (the default 0.1 mL is 100 voxels of 1 mm)
+    assert widget.min_lesion_spin.suffix() == " voxels" and widget.min_lesion_spin.value() == 100
     widget.compute_button.click()
     qtbot.waitUntil(lambda: not widget.busy(), timeout=10000)
     lung = int(np.count_nonzero(viewer.layers["phantom lung GT"].data))
     assert widget.value_text("Lung volume") == f"{lung} voxels"
     assert "mL" not in widget.value_text("Infection volume")
     assert "voxel size unknown" in widget.status.text()
+    assert widget.result["min_lesion_voxels"] == 100
+    infection = viewer.layers["phantom infection GT"].data
+    widget.min_lesion_spin.setValue(int(np.count_nonzero(infection)) + 1)  # larger than all the infection
+    qtbot.waitUntil(lambda: not widget.busy() and widget.result["n_lesions"] == 0, timeout=10000)
+    widget.ct_combo.set_layer(None)  # the masks' own scale is real: back to mL, the same size
+    assert widget.min_lesion_spin.suffix() == " mL"
+    assert widget.min_lesion_ml() == pytest.approx((np.count_nonzero(infection) + 1) / 1000.0, abs=0.005)
 
 
 def test_smallest_lesion_and_grade_follow_the_setting(phantom_viewer, qtbot):

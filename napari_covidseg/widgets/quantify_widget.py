@@ -72,15 +72,14 @@ class QuantifyWidget(QWidget):
         self.infection_combo = LayerCombo(napari_viewer, labels_layers, prefer=class_mask_score("infection"))
         self.ct_combo = LayerCombo(napari_viewer, image_layers, allow_none=True, prefer=lambda l: True)
         self.min_lesion_spin = QDoubleSpinBox()
-        self.min_lesion_spin.setRange(0.0, 100.0)
-        self.min_lesion_spin.setDecimals(2)
-        self.min_lesion_spin.setSingleStep(0.05)
-        self.min_lesion_spin.setValue(MIN_LESION_ML)
-        self.min_lesion_spin.setSuffix(" mL")
         self.min_lesion_spin.setToolTip("Infection components smaller than this are not counted as lesions (they "
-                                        "still count in the volumes). Where the voxel size is a placeholder, "
-                                        "1 mL means 1000 voxels.")
+                                        "still count in the volumes): in mL, or in voxels where the CT's voxel "
+                                        "size is a placeholder")
+        self._lesion_in_voxels = None
+        self._set_lesion_unit(False, MIN_LESION_ML)
         self.min_lesion_spin.valueChanged.connect(lambda *_: self.result is not None and self._auto_update())
+        for combo in (self.ct_combo, self.lung_combo):
+            combo.currentIndexChanged.connect(self._follow_lesion_unit)
         self.compute_button = push_button("Compute", on_click=self.compute)
         self.auto_check = QCheckBox("Update when the masks are edited")
         self.auto_check.setChecked(True)
@@ -110,6 +109,32 @@ class QuantifyWidget(QWidget):
         self._lay_out()
         self._set_export_enabled(False)
         self._edits = EditWatcher(self, self._auto_update, EDIT_DEBOUNCE_MS, enabled=self.auto_check.isChecked)
+        self._follow_lesion_unit()
+
+    # --- the smallest lesion: mL, or voxels where the voxel size is a placeholder ------------------
+    def min_lesion_ml(self) -> float:
+        """The smallest lesion as :func:`quantify` takes it (mL; 1000 voxels where the size is unknown)."""
+        value = float(self.min_lesion_spin.value())
+        return value / 1000.0 if self._lesion_in_voxels else value
+
+    def _follow_lesion_unit(self, *_):
+        source = self.ct_combo.current_layer() or self.lung_combo.current_layer()
+        in_voxels = source is not None and not layer_spacing_known(source)
+        if in_voxels != self._lesion_in_voxels:
+            self._set_lesion_unit(in_voxels, self.min_lesion_ml())
+
+    def _set_lesion_unit(self, in_voxels: bool, min_lesion_ml: float) -> None:
+        spin = self.min_lesion_spin
+        spin.blockSignals(True)  # the same size in another unit: nothing to recompute
+        self._lesion_in_voxels = in_voxels
+        decimals, top, step, suffix, value = ((0, 1e5, 10.0, " voxels", round(min_lesion_ml * 1000.0)) if in_voxels
+                                              else (2, 100.0, 0.05, " mL", min_lesion_ml))
+        spin.setDecimals(decimals)
+        spin.setRange(0.0, top)
+        spin.setSingleStep(step)
+        spin.setSuffix(suffix)
+        spin.setValue(value)
+        spin.blockSignals(False)
 
     def _make_table(self) -> QTableWidget:
         table = QTableWidget(0, 2)
@@ -200,7 +225,7 @@ class QuantifyWidget(QWidget):
         source = ct or lung
         ct_hu = np.asarray(ct.data) if ct is not None and layer_domain(ct) == HU else None  # GGO vs consolidation
         return self.runner.start(run_quantify, lung_data, infection_data, spacing, layer_spacing_known(source),
-                                 float(self.min_lesion_spin.value()), ct_hu, status=message)
+                                 self.min_lesion_ml(), ct_hu, status=message)
 
     def _succeeded(self, result):
         names, spacing = self._pending
