@@ -225,3 +225,22 @@ def test_default_ticks_and_presets_on_every_tile(make_napari_viewer, qtbot, tiny
     qtbot.mouseClick(window.buttons["mediastinum"], Qt.LeftButton)
     for layer in tiles + [ct]:
         assert tuple(layer.contrast_limits) == contrast_limits("mediastinum")
+
+
+def test_hd95_unit_follows_the_chosen_ct_before_any_run(make_napari_viewer, qtbot):
+    """8-bit slices with a placeholder voxel size: HD95 is in pixels, and the table says so before
+    the first run as it does after it."""
+    from napari_covidseg.io.geometry import SPACING_KNOWN_KEY
+
+    viewer = make_napari_viewer()
+    hu = viewer.add_image(np.zeros((2, 8, 8), np.int16), name="CT in HU")
+    display8 = viewer.add_image(np.zeros((2, 8, 8), np.uint8), name="8-bit slices",
+                                metadata={SPACING_KNOWN_KEY: False})
+    widget = SideBySideWidget(viewer)
+    qtbot.addWidget(widget)
+    header = lambda: widget.table.verticalHeaderItem(
+        [row[1] for row in side_by_side_widget.TABLE_ROWS].index("hd95_mm")).text()
+    widget.ct_combo.set_layer(display8)
+    assert header() == "HD95 (px)"
+    widget.ct_combo.set_layer(hu)
+    assert header() == "HD95 (mm)"

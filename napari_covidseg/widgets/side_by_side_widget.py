@@ -234,7 +234,17 @@ class SideBySideWidget(QWidget):
         layout.addWidget(self.table)
         layout.addLayout(buttons)
         layout.addStretch(1)
+        self.ct_combo.currentIndexChanged.connect(self._show_hd95_unit)
+        self._show_hd95_unit()
         self._update_buttons()
+
+    def _show_hd95_unit(self, *_) -> None:
+        """HD95 in mm, or in pixels where the CT's voxel size is a placeholder (8-bit slices): of the
+        CT the shown results were computed on, or of the chosen CT before any run."""
+        ct = self._ct_layer if self.results else self.ct_combo.current_layer()
+        known = ct is None or layer_spacing_known(ct)
+        row = [r[1] for r in TABLE_ROWS].index("hd95_mm")
+        self.table.verticalHeaderItem(row).setText("HD95 (mm)" if known else "HD95 (px)")
 
     def _networks_box(self) -> QGroupBox:
         """One row per registered network: [x] title | weights; "Add checkpoint..." below."""
@@ -476,9 +486,7 @@ class SideBySideWidget(QWidget):
     def fill_table(self, results):
         from qtpy.QtGui import QFont
 
-        known = self._ct_layer is None or layer_spacing_known(self._ct_layer)
-        hd95 = [r[1] for r in TABLE_ROWS].index("hd95_mm")
-        self.table.verticalHeaderItem(hd95).setText("HD95 (mm)" if known else "HD95 (px)")
+        self._show_hd95_unit()
         self.table.setColumnCount(len(results))
         self.table.setHorizontalHeaderLabels([short_title(get_network(r.network)).replace(" ", "\n") for r in results])
         for c, result in enumerate(results):
