@@ -58,6 +58,13 @@ def test_letters_slice_position_and_views(make_napari_viewer, qtbot):
     panel.aids_check.setChecked(True)
     assert markers_of(viewer) == ("A", "P", "R", "L")
 
+    # grid mode (side by side): no letters on the tiles' titles, the slice line out of the first one's
+    viewer.canvas.grid.enabled = True
+    assert markers_of(viewer) == ("", "", "", "")
+    assert aids.overlay("covidseg_slice").visible and str(aids.overlay("covidseg_slice").position) == "bottom_right"
+    viewer.canvas.grid.enabled = False
+    assert markers_of(viewer) == ("A", "P", "R", "L") and str(aids.overlay("covidseg_slice").position) == "top_left"
+
 
 def test_value_under_the_cursor(make_napari_viewer, qtbot):
     viewer, panel = _panel(make_napari_viewer, qtbot)

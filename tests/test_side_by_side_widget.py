@@ -89,12 +89,12 @@ def test_grid_tiles_table_and_restore(make_napari_viewer, qtbot, tiny_phantom, t
         np.testing.assert_allclose(image.scale, ct.scale)
     # the first tile (top-left) is the ground truth, then the networks in list order
     first = tiles[(0, 0)]
-    assert any(l.name.startswith("ground truth (lung)") for l in first)
+    assert any(l.name == "ground truth" for l in first)
 
     # names carry the Dice; the table (one column per network) matches napari_covidseg.metrics
     assert widget.table.columnCount() == 2
     for row, result in enumerate(widget.results):
-        mask_layer = [l for l in viewer.layers if l.name.startswith(f"{result.network} lung — Dice")][0]
+        mask_layer = [l for l in viewer.layers if l.name.startswith(f"{result.network} — Dice")][0]
         assert mask_layer.data.shape == ct.data.shape and mask_layer.metadata[GEOMETRY_KEY] is tiny_phantom.geometry
         assert mask_layer.name_overlay.visible
         expected = all_metrics(mask_layer.data, tiny_phantom.lung, spacing=tiny_phantom.spacing)

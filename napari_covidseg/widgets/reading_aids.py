@@ -107,6 +107,7 @@ class ReadingAids:
         viewer.layers.events.inserted.connect(self.update)
         viewer.layers.events.removed.connect(self.update)
         viewer.mouse_move_callbacks.append(self._mouse_moved)
+        viewer.canvas.grid.events.enabled.connect(self.update)
         self.update()
 
     @property
@@ -147,11 +148,15 @@ class ReadingAids:
         if viewer is None:
             return
         show = self.enabled and self.view is not None and reference_image(viewer) is not None
+        # in grid mode (side by side) the letters at the canvas edges would sit on the tiles' titles
+        # and label one tile's edge only; the slice line moves out of the first tile's title
+        gridded = bool(viewer.canvas.grid.enabled)
         markers = VIEWS[self.view][2] if self.view else ("",) * 4
         for position, letter in zip(MARKER_POSITIONS, markers):
             overlay = self.overlay(MARKER_KEY + position)
             overlay.text = letter
-            overlay.visible = show
+            overlay.visible = show and not gridded
+        self.overlay(SLICE_KEY).position = "bottom_right" if gridded else "top_left"
         self.update_slice()
         if not show:
             self.overlay(CURSOR_KEY).visible = False

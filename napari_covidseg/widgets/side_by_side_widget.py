@@ -170,10 +170,12 @@ def default_networks(weights: Dict[str, "WeightsCombo"]) -> List[str]:
 
 
 def tile_name(result: NetworkResult, cls: str) -> str:
-    name = f"{result.network} {cls}"
+    """The tile's title (its mask layer's name): the network and its Dice, or without a ground
+    truth the network and the class.  Short, to fit a tile a quarter of the canvas wide (every
+    tile shows the class chosen under Compare)."""
     if result.metrics is not None and math.isfinite(result.metrics.get("dice", float("nan"))):
-        name += f" — Dice {result.metrics['dice']:.2f}"
-    return name
+        return f"{result.network} — Dice {result.metrics['dice']:.2f}"
+    return f"{result.network} {cls}"
 
 
 class SideBySideWidget(QWidget):
@@ -412,7 +414,7 @@ class SideBySideWidget(QWidget):
         ref = self._ct_layer
         pairs = []
         if self._gt_layer is not None:
-            gt_name = f"ground truth ({self.class_name})"
+            gt_name = "ground truth"
             pairs.append((self._ct_copy(ref, f"CT · {gt_name}"),
                           # a copy: a stray brush stroke in the tile must not change the real ground truth
                           self._mask_layer(np.array(self._gt_layer.data, copy=True), gt_name,
