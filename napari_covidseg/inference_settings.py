@@ -63,12 +63,14 @@ GPU_BATCH_SIZE = 4
 
 
 #: per-network choices, measured on a shared 2-core CPU (benchmarks/results/speed.md); ONNX for
-#: the networks it exports correctly and speeds up (chs_net does not export: FFT; ms_unet exports,
-#: its adaptive pooling written as gathers, but its pipeline ran at 22.8 ms/GFLOP there against 21.0
-#: with folded BatchNorms in PyTorch)
+#: the networks it exports correctly and speeds up (chs_net does not export: FFT).  ms_unet's
+#: 1.5x -> 1x pooling was exported as gathers (a quarter of its ONNX Runtime time, slower than
+#: PyTorch with folded BatchNorms); written as 2x2 pooling and slices (``ms_unet.pool_three_to_two``)
+#: its forward takes 99 ms in ONNX Runtime against 117 (one thread, 256 x 256).  The folded
+#: PyTorch path stays its setting where ONNX Runtime is not installed.
 NETWORK_SETTINGS = {
     "unet": InferenceSettings(channels_last=False, onnx=True),
-    "ms_unet": InferenceSettings(channels_last=True, fold_batch_norm=True),
+    "ms_unet": InferenceSettings(channels_last=True, fold_batch_norm=True, onnx=True),
     "msa_cpp_unet": InferenceSettings(channels_last=True, onnx=True),
     "chs_net": InferenceSettings(channels_last=True),
     "qchc_unet3d": InferenceSettings(channels_last=False, onnx=True),

@@ -169,8 +169,9 @@ def test_onnx_graph_traced_on_a_small_crop_serves_every_size_without_a_full_size
 
 
 def test_a_graph_that_holds_a_size_as_a_constant_is_exported_per_shape():
-    """ms_unet's 1.5x -> 1x adaptive pooling is exported as gathers with fixed indices: the check at
-    a second size fails and the network is exported per input shape, still giving PyTorch's logits."""
+    """ms_unet's 0.5x and 1.5x inputs are resized to sizes computed in Python (``round(n * scale)``),
+    which the trace holds as constants: the check at a second size fails and the network is exported
+    per input shape, still giving PyTorch's logits."""
     pytest.importorskip("onnxruntime")
     from napari_covidseg.onnx_backend import OnnxRunner, _Logits
 

@@ -13,6 +13,7 @@ from napari_covidseg.models.ms_unet import (
     adaptive_pool_by_gathers,
     cosine_ramp,
     hybrid_pool,
+    pool_three_to_two,
     uncertainty_aware_loss,
 )
 from network_helpers import hard_dice_per_class
@@ -84,6 +85,22 @@ def test_pooling_by_gathers_equals_adaptive_pooling(size_in, size_out):
     assert torch.equal(adaptive_pool_by_gathers(x, size_out, "max"), torch.nn.functional.adaptive_max_pool2d(x, size_out))
     torch.testing.assert_close(adaptive_pool_by_gathers(x, size_out, "mean"),
                                torch.nn.functional.adaptive_avg_pool2d(x, size_out), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size_in", [(3, 3), (6, 12), (48, 96), (384, 384)])
+def test_three_to_two_pooling_equals_adaptive_pooling(size_in, monkeypatch):
+    """The ONNX form of the 1.5x branch's pooling (3k -> 2k: 2x2 pooling, every third row and column
+    left out) is adaptive max + mean pooling, and ``hybrid_pool`` takes it while exporting."""
+    def adaptive(t, size):
+        return torch.nn.functional.adaptive_max_pool2d(t, size) + torch.nn.functional.adaptive_avg_pool2d(t, size)
+
+    x = torch.randn((2, 3) + size_in, generator=torch.Generator().manual_seed(0))
+    size_out = tuple(n * 2 // 3 for n in size_in)
+    torch.testing.assert_close(pool_three_to_two(x), adaptive(x, size_out), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    torch.testing.assert_close(hybrid_pool(x, size_out), adaptive(x, size_out), rtol=1e-6, atol=1e-6)
+    odd = (size_out[0], size_out[1] - 1)  # not 3:2 along the columns: the gathers
+    torch.testing.assert_close(hybrid_pool(x[..., :-1], odd), adaptive(x[..., :-1], odd), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("groups", [2, 4])

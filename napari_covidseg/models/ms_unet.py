@@ -93,8 +93,21 @@ def hybrid_pool(x: torch.Tensor, size) -> torch.Tensor:
     ONNX export runs the same windows as gathers (:func:`adaptive_pool_by_gathers`).
     """
     if torch.onnx.is_in_onnx_export():
+        if all(int(n) * 2 == int(m) * 3 for n, m in zip(x.shape[2:], size)):
+            return pool_three_to_two(x)
         return adaptive_pool_by_gathers(x, size, "max") + adaptive_pool_by_gathers(x, size, "mean")
     return F.adaptive_max_pool2d(x, size) + F.adaptive_avg_pool2d(x, size)
+
+
+def pool_three_to_two(x: torch.Tensor) -> torch.Tensor:
+    """``hybrid_pool`` from ``3k`` to ``2k`` per axis (the 1.5x branch always is: the input is
+    padded to a multiple of 32) without gathers.  Every adaptive window is then the 2 x 2 block at
+    rows (and columns) ``3i, 3i+1`` or ``3i+1, 3i+2``: a 2 x 2 stride-1 max and average pooling,
+    keeping rows and columns ``3i`` and ``3i+1``.  The same values as adaptive pooling (the mean to
+    float rounding), as slices ONNX Runtime runs ~20x faster than the gathers."""
+    pooled = F.max_pool2d(x, 2, stride=1) + F.avg_pool2d(x, 2, stride=1)
+    rows = torch.stack([pooled[:, :, 0::3], pooled[:, :, 1::3]], dim=3).flatten(2, 3)
+    return torch.stack([rows[..., 0::3], rows[..., 1::3]], dim=4).flatten(3, 4)
 
 
 def adaptive_pool_by_gathers(x: torch.Tensor, size, reduce: str) -> torch.Tensor:
