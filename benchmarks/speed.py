@@ -82,9 +82,10 @@ class Pipeline:
 def describe(settings) -> str:
     from napari_covidseg import onnx_backend
 
-    backend = "ONNX Runtime" if settings.onnx and onnx_backend.available() else "PyTorch"
+    if settings.onnx and onnx_backend.available():  # its own layout, its own folding
+        return "ONNX Runtime"
     folded = ", BatchNorm folded" if getattr(settings, "fold_batch_norm", False) else ""
-    return f"{backend}, {'channels-last' if settings.channels_last else 'contiguous'}{folded}"
+    return f"PyTorch, {'channels-last' if settings.channels_last else 'contiguous'}{folded}"
 
 
 def project_pipeline(network: str, compile: bool = False, **overrides) -> Pipeline:
@@ -116,8 +117,8 @@ def project_pipeline(network: str, compile: bool = False, **overrides) -> Pipeli
 
 
 def alternatives(network: str) -> List[Pipeline]:
-    """The settings not chosen: the other memory format in PyTorch, PyTorch where ONNX Runtime is
-    chosen, and the BatchNorms unfolded where folding is chosen."""
+    """The settings not chosen: the other memory format in PyTorch, PyTorch (as set up without ONNX
+    Runtime) where ONNX Runtime is chosen, and the BatchNorms unfolded where folding is chosen."""
     from napari_covidseg import onnx_backend
     from napari_covidseg.inference_settings import NETWORK_SETTINGS
 
@@ -126,7 +127,7 @@ def alternatives(network: str) -> List[Pipeline]:
     out = [project_pipeline(network, channels_last=not chosen.channels_last, onnx=False, fold_batch_norm=False)]
     if uses_onnx:
         out.append(project_pipeline(network, channels_last=chosen.channels_last, onnx=False))
-    if chosen.fold_batch_norm:
+    if chosen.fold_batch_norm and not uses_onnx:
         out.append(project_pipeline(network, channels_last=chosen.channels_last, fold_batch_norm=False))
     return out
 

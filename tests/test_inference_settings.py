@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_covidseg import inference_settings
 from napari_covidseg.checkpoint import LoadedModel
@@ -168,22 +169,36 @@ def test_onnx_graph_traced_on_a_small_crop_serves_every_size_without_a_full_size
     assert len(runner.sessions) == 1
 
 
-def test_a_graph_that_holds_a_size_as_a_constant_is_exported_per_shape():
-    """ms_unet's 0.5x and 1.5x inputs are resized to sizes computed in Python (``round(n * scale)``),
-    which the trace holds as constants: the check at a second size fails and the network is exported
-    per input shape, still giving PyTorch's logits."""
+class _HoldsASize(torch.nn.Module):
+    """Resizes to sizes computed in Python: a trace holds them as constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        half = F.interpolate(self.conv(x), size=[int(n) // 2 for n in x.shape[2:]], mode="bilinear")
+        return {"logits": F.interpolate(half, size=[int(n) for n in x.shape[2:]], mode="bilinear")}
+
+
+@pytest.mark.parametrize("network", ["ms_unet", "holds_a_size"])
+def test_a_graph_that_holds_a_size_as_a_constant_is_exported_per_shape(network):
+    """A graph traced with a size as a constant fails the check at a second size and is exported
+    per input shape, still giving PyTorch's logits.  ms_unet did (its 0.5x and 1.5x inputs were
+    resized to sizes computed in Python, its 1.5x pooling exported as gathers) and no longer does."""
     pytest.importorskip("onnxruntime")
     from napari_covidseg.onnx_backend import OnnxRunner, _Logits
 
-    model = _loaded("ms_unet", base=4, mid=8).model
+    model = _loaded("ms_unet", base=4, mid=8).model if network == "ms_unet" else _HoldsASize().eval()
     runner = OnnxRunner(model, stride=32)
     for shape in [(1, 1, 160, 192), (1, 1, 224, 192)]:
         x = torch.randn(shape)
         with torch.no_grad():
             got, expected = runner(x), _Logits(model)(x)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert not runner.shape_free and not runner.failed
-    assert sorted(key[0] for key in runner.sessions) == [(1, 160, 192), (1, 224, 192)]
+    assert not runner.failed and runner.shape_free == (network == "ms_unet")
+    traced = [(1, 64, 64)] if network == "ms_unet" else [(1, 160, 192), (1, 224, 192)]
+    assert sorted(key[0] for key in runner.sessions) == traced
 
 
 def test_onnx_export_failure_falls_back_to_pytorch_with_one_warning(monkeypatch):

@@ -213,3 +213,18 @@ def test_tiny_network_overfits_one_phantom_slice():
         opt.step()
     assert dices[0] < 0.3
     assert max(dices[-5:]) > 0.7, dices[::10]
+
+
+def test_export_form_gives_the_plain_logits(monkeypatch):
+    """While exporting, the 0.5x / 1.5x inputs are resized by a scale factor and the 1.5x pooling is
+    written as 2x2 pooling and slices: the same logits (sizes that are not multiples of 32 too)."""
+    torch.manual_seed(0)
+    model = MSUNet(base=4, mid=8).eval()
+    for size in [(64, 96), (50, 70)]:
+        x = torch.rand(1, 1, *size)
+        with torch.no_grad():
+            plain = model(x)["logits"]
+            monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+            exported = model(x)["logits"]
+            monkeypatch.undo()
+        torch.testing.assert_close(exported, plain, rtol=1e-5, atol=1e-5)

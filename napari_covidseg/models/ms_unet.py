@@ -225,11 +225,9 @@ class MSUNet(nn.Module):
         self.head = nn.Conv2d(self.level_widths[0], out_channels, 1)
 
     def _features(self, x: torch.Tensor):
-        size = x.shape[2:]
         per_scale = []
         for scale in SCALES:
-            xs = x if scale == 1.0 else F.interpolate(
-                x, size=[round(int(s) * scale) for s in size], mode="bilinear", align_corners=False)
+            xs = x if scale == 1.0 else _rescaled(x, scale)
             per_scale.append([red(f) for red, f in zip(self.reduce, self.encoder(xs))])
         return per_scale  # [small, main, large], each a list of 5 levels
 
@@ -243,6 +241,15 @@ class MSUNet(nn.Module):
                                align_corners=False)
             y = self.hmms[level](fused[level] + up)
         return {"logits": crop_to(self.head(y), crop)}
+
+
+def _rescaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` resized bilinearly to ``round(n * scale)`` per axis.  An export states it as a scale
+    factor (the sizes then follow the input's in the graph, instead of being held as constants):
+    the same sizes and sampling for the padded input, whose sizes are multiples of 32."""
+    if torch.onnx.is_in_onnx_export():
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=True)
+    return F.interpolate(x, size=[round(int(s) * scale) for s in x.shape[2:]], mode="bilinear", align_corners=False)
 
 
 def cosine_ramp(progress: float, start: float, end: float) -> float:
