@@ -119,9 +119,13 @@ def test_summary_of_the_check_data_report():
     report = {"data": "/d", "layout": "pairs", "n_cases": 3, "n_groups": 3, "problems": ["case c: the lung mask is empty"],
               "cases": [{"id": "a", "shape": [10, 8, 8], "labels": ["lung", "infection"], "infection_voxels": 5},
                         {"id": "b", "shape": [12, 8, 8], "labels": ["lung", "infection"], "infection_voxels": 0},
-                        {"id": "c", "shape": [4, 8, 8], "labels": ["lung"]}]}
+                        {"id": "c", "shape": [4, 8, 8], "labels": ["lung"]}],
+              "domains": {"display8": {"cases": 2, "slices": 22, "spacing_known": 0},
+                          "hu": {"cases": 1, "slices": 4, "spacing_known": 1}}}
     text = summarise_data_report(report)
     assert text.startswith("3 cases found (pairs layout)")
+    assert ("8-bit display images: 2 cases, 22 slices, voxel size a placeholder; "
+            "CT in HU: 1 case, 4 slices, real voxel size.") in text
     assert "lung masks 3/3, infection masks 2/3 (1 with no infection); 26 slices" in text
     assert "1 problem(s): case c: the lung mask is empty" in text
 

@@ -360,7 +360,9 @@ def absent_label_warnings(cases: Sequence[Case], names: Sequence[str] = ("lung",
     for name in names:
         masks = [getattr(c, name) for c in cases if getattr(c, name) is not None]
         if not masks:
-            out.append(f"no {where} has a {name} mask: the {name} channel is neither learnt nor validated from this data")
+            article = "an" if name[0] in "aeiou" else "a"
+            out.append(f"no {where} has {article} {name} mask: the {name} channel is neither learnt nor validated "
+                       "from this data")
         elif not any(bool(np.any(m)) for m in masks):
             out.append(f"no {where} has any {name} voxel (all {len(masks)} {name} masks are empty): the network cannot "
                        f"learn {name} from this data, and no {name} Dice can be computed on it")

@@ -19,10 +19,22 @@ from qtpy.QtCore import QObject, QProcess, QProcessEnvironment, Signal
 from ..training_run import child_environment
 
 
+DOMAIN_LABELS = {"display8": "8-bit display images", "hu": "CT in HU"}
+
+
+def _domain_text(key: str, info: dict) -> str:
+    """``"8-bit display images: 14 cases, 1279 slices, voxel size a placeholder"``."""
+    cases, known = int(info.get("cases", 0)), int(info.get("spacing_known", 0))
+    spacing = ("real voxel size" if known == cases else "voxel size a placeholder" if known == 0
+               else f"real voxel size in {known}")
+    plural = "s" if cases != 1 else ""
+    return f"{DOMAIN_LABELS.get(key, key)}: {cases} case{plural}, {info.get('slices', '?')} slices, {spacing}"
+
+
 def summarise_data_report(report: dict) -> str:
     """A short text from ``python -m training check-data``'s JSON report (format of
     ``training.datasets.check_data``: ``layout``, ``n_cases``, ``n_groups``, ``cases`` with each
-    case's ``labels`` and ``infection_voxels``, ``problems``)."""
+    case's ``labels`` and ``infection_voxels``, ``domains``, ``problems``)."""
     layout = report.get("layout", "?")
     cases = report.get("cases") if isinstance(report.get("cases"), list) else []
     n = report.get("n_cases", len(cases))
@@ -42,6 +54,9 @@ def summarise_data_report(report: dict) -> str:
             slices = sum(int(s[0]) for s in shapes)
             text += f"; {slices} slices"
     text += "."
+    domains = report.get("domains") if isinstance(report.get("domains"), dict) else {}
+    if domains:
+        text += "\n" + "; ".join(_domain_text(key, info) for key, info in domains.items()) + "."
     problems = report.get("problems") or []
     if problems:
         text += f"\n{len(problems)} problem(s): " + "; ".join(map(str, problems[:3]))
