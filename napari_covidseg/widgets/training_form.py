@@ -116,6 +116,7 @@ class TrainingForm(QWidget):
         form.addRow("Folder", _row(self.data_browse, self.check_button))
         self.check_label = QLabel("")
         self.check_label.setWordWrap(True)
+        self.check_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)  # under its folder, not floating in its row
         self.check_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         form.addRow("", self.check_label)
         self.target_combo = QComboBox()
