@@ -41,7 +41,8 @@ FOLDERS = {
                    "U-Net on held-out infection; from real_gpu_ft2, 100 min), then in a later session chs_net (the "
                    "least trained network: 6 epochs on the GPU, its validation score still rising; from real_gpu, "
                    "75 min) and qchc_unet3d (the lowest validation score; from real_gpu_run1, lr 1e-4, a tenth of "
-                   "the recipe's, 85 min)",
+                   "the recipe's, 85 min); in a third session ms_unet (its validation score had risen with each GPU leg; "
+                   "from real_gpu_ft2, 110 min, 1 thread and no loader workers while the other core served other work)",
 }
 
 
