@@ -66,7 +66,7 @@ GPU_BATCH_SIZE = 4
 #: the networks it exports correctly and speeds up (chs_net does not export: FFT).  ms_unet's
 #: 1.5x -> 1x pooling was exported as gathers (a quarter of its ONNX Runtime time, slower than
 #: PyTorch with folded BatchNorms); written as 2x2 pooling and slices (``ms_unet.pool_three_to_two``)
-#: its forward takes 99 ms in ONNX Runtime against 117 (one thread, 256 x 256).  The folded
+#: its forward takes 0.099 s a slice in ONNX Runtime against 0.106 folded (speed.md).  The folded
 #: PyTorch path stays its setting where ONNX Runtime is not installed.
 NETWORK_SETTINGS = {
     "unet": InferenceSettings(channels_last=False, onnx=True),

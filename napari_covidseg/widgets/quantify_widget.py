@@ -117,8 +117,13 @@ class QuantifyWidget(QWidget):
         value = float(self.min_lesion_spin.value())
         return value / 1000.0 if self._lesion_in_voxels else value
 
+    def _geometry_layer(self):
+        """The layer whose voxel size the volumes use: the chosen CT, else the lung mask."""
+        ct = self.ct_combo.current_layer()
+        return ct if ct is not None else self.lung_combo.current_layer()
+
     def _follow_lesion_unit(self, *_):
-        source = self.ct_combo.current_layer() or self.lung_combo.current_layer()
+        source = self._geometry_layer()
         in_voxels = source is not None and not layer_spacing_known(source)
         if in_voxels != self._lesion_in_voxels:
             self._set_lesion_unit(in_voxels, self.min_lesion_ml())
@@ -184,7 +189,7 @@ class QuantifyWidget(QWidget):
                 f"The CT '{ct.name}' has shape {tuple(ct.data.shape)} but the masks have shape "
                 f"{lung.data.shape}: pick the CT the masks belong to (or none to use the masks' scale)."
             )
-        spacing = tuple(float(s) for s in (ct if ct is not None else lung).scale[-3:])
+        spacing = tuple(float(s) for s in self._geometry_layer().scale[-3:])
         return lung, infection, ct, spacing
 
     # --- compute -----------------------------------------------------------------------------
@@ -222,9 +227,9 @@ class QuantifyWidget(QWidget):
         self._pending = ((lung.name, infection.name), spacing)
         self.status.setText(message)
         ct = self.ct_combo.current_layer()
-        source = ct or lung
         ct_hu = np.asarray(ct.data) if ct is not None and layer_domain(ct) == HU else None  # GGO vs consolidation
-        return self.runner.start(run_quantify, lung_data, infection_data, spacing, layer_spacing_known(source),
+        spacing_known = layer_spacing_known(self._geometry_layer())
+        return self.runner.start(run_quantify, lung_data, infection_data, spacing, spacing_known,
                                  self.min_lesion_ml(), ct_hu, status=message)
 
     def _succeeded(self, result):
