@@ -18,6 +18,8 @@ Runtime's CPU provider instead of PyTorch.  Without ONNX Runtime nothing changes
   that differ by more than 1e-3 of their range (float rounding is far below) at full size make
   the model run in PyTorch from then on, with one warning; so does any export or session error
   (an op ONNX cannot express, e.g. FFTs).
+* A network with an ``export_form()`` method is exported as the module it returns (e.g.
+  ``msa_cpp_unet``'s zero-padded widths) and checked against the network itself.
 * The weights are exported as they are at that moment: a model whose parameters changed since
   (the trainer validating between epochs) is exported again.
 * ONNX Runtime uses as many threads as PyTorch (``torch.get_num_threads()``).
@@ -126,7 +128,10 @@ class OnnxRunner:
         buffer = io.BytesIO()
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes
-            torch.onnx.export(_Logits(self.model).eval(), (torch.zeros(tuple(x.shape)),), buffer, input_names=["x"],
+            model = self.model.eval()
+            form = getattr(model, "export_form", None)
+            exported = _Logits(form() if callable(form) else model).eval()
+            torch.onnx.export(exported, (torch.zeros(tuple(x.shape)),), buffer, input_names=["x"],
                               output_names=["logits"], dynamic_axes=dynamic, dynamo=False)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()

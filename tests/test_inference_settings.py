@@ -4,6 +4,7 @@ falls back cleanly, and the OpenMP wait policy the package sets."""
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -199,6 +200,41 @@ def test_a_graph_that_holds_a_size_as_a_constant_is_exported_per_shape(network):
     assert not runner.failed and runner.shape_free == (network == "ms_unet")
     traced = [(1, 64, 64)] if network == "ms_unet" else [(1, 160, 192), (1, 224, 192)]
     assert sorted(key[0] for key in runner.sessions) == traced
+
+
+class _ExportsAnotherForm(torch.nn.Module):
+    """A network whose ``export_form`` is honest (the same logits) or not."""
+
+    def __init__(self, honest: bool):
+        super().__init__()
+        self.conv, self.honest, self.exported = torch.nn.Conv2d(1, 2, 3, padding=1), honest, 0
+
+    def export_form(self):
+        self.exported += 1
+        return self if self.honest else torch.nn.Sequential(self.conv, torch.nn.ReLU())
+
+    def forward(self, x):
+        return {"logits": self.conv(x)}
+
+
+@pytest.mark.parametrize("honest", [True, False])
+def test_onnx_runtime_runs_a_network_s_export_form_checked_against_the_network(honest):
+    """msa_cpp_unet exports a zero-padded copy of itself: the runner exports what ``export_form``
+    returns, and a form whose logits differ from the network's is refused (PyTorch from then on)."""
+    pytest.importorskip("onnxruntime")
+    from napari_covidseg.onnx_backend import OnnxRunner
+
+    model = _ExportsAnotherForm(honest).eval()
+    runner = OnnxRunner(model, stride=4)
+    x = torch.randn(1, 1, 40, 36)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = runner(x)  # PyTorch's output (a dict) after a refusal, as the network's own call gives
+        got = got["logits"] if isinstance(got, dict) else got
+        torch.testing.assert_close(got, model(x)["logits"], atol=1e-5, rtol=1e-5)
+    # the dishonest form fails the small trace's check, then the per-shape export's
+    assert model.exported == (1 if honest else 2) and runner.failed == (not honest)
+    assert len([w for w in caught if "ONNX Runtime is not used" in str(w.message)]) == (0 if honest else 1)
 
 
 def test_onnx_export_failure_falls_back_to_pytorch_with_one_warning(monkeypatch):

@@ -211,13 +211,7 @@ def test_export_form_computes_what_the_plain_forward_does(monkeypatch):
     depthwise maps, BatchNorm folded into proj_in) give the plain forward's logits, on random
     weights and BatchNorm statistics, at an odd size."""
     torch.manual_seed(0)
-    model = MSACPPUNet(base=8).eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.3, 0.3)
+    model = _with_random_batch_norms(MSACPPUNet(base=8)).eval()
     x = torch.rand(2, 1, 70, 45)
     with torch.no_grad():
         plain = model(x)["logits"]
@@ -226,3 +220,39 @@ def test_export_form_computes_what_the_plain_forward_does(monkeypatch):
     assert exported.shape == plain.shape
     assert torch.allclose(exported, plain, atol=1e-4 * float(plain.abs().max()), rtol=0)
     assert not torch.equal(exported, plain)  # the other form ran (sums in another order round differently)
+
+
+def _with_random_batch_norms(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    return model
+
+
+def test_padded_export_form_keeps_the_logits_and_its_padding_zero(monkeypatch):
+    """The shipped width 12 is padded to 16 at full resolution for ONNX Runtime: the same logits
+    (plain and traced forms), and the padding channels are exactly zero where the skip is taken."""
+    torch.manual_seed(1)
+    model = _with_random_batch_norms(MSACPPUNet(base=12)).eval()
+    wide = model.export_form()
+    assert wide is not model and model.stem[0].out_channels == 12  # a copy; the network is untouched
+    assert [wide.stem[0].out_channels, wide.stages[0][0].proj_in.in_channels, wide.ups[-1].out_channels,
+            wide.decoders[-1][0][0].in_channels, wide.head.in_channels] == [16, 16, 16, 32, 16]
+    assert wide.stages[1][0].proj_in.in_channels == 24  # only the full-resolution width is padded
+    skips = []
+    wide.stages[0].register_forward_hook(lambda module, args, out: skips.append(out))
+    x = torch.rand(2, 1, 70, 45)
+    with torch.no_grad():
+        plain = model(x)["logits"]
+        padded = wide(x)["logits"]
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        traced_form = wide(x)["logits"]
+    tolerance = 1e-5 * float(plain.abs().max())
+    assert torch.allclose(padded, plain, atol=tolerance, rtol=0)
+    assert torch.allclose(traced_form, plain, atol=10 * tolerance, rtol=0)
+    assert skips[0].shape[1] == 16 and skips[0][:, 12:].abs().max() == 0 and skips[0][:, :12].abs().max() > 0
+    assert model.train().export_form() is model  # training runs the network itself
+    assert MSACPPUNet(base=16).eval().export_form().stem[0].out_channels == 16
