@@ -60,6 +60,14 @@ def test_batch_norm_maps_the_padding_to_zero_in_eval_mode():
     _check(norm, wide, torch.randn(2, 4, 5, 5), OUT_INDEX, 8, OUT_INDEX, 8)
 
 
+def test_the_channel_block_follows_the_cpu(monkeypatch):
+    from napari_covidseg.models import channel_padding
+
+    for capability, block in [("AVX512", 16), ("AVX512_BF16", 16), ("AVX2", 8), ("DEFAULT", 8)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert channel_padding.onnx_channel_block() == block
+
+
 def test_spread_refuses_a_narrower_block():
     assert spread(3, 4, offset=4).tolist() == [4, 5, 6]
     with pytest.raises(ValueError):

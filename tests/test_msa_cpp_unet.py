@@ -237,7 +237,7 @@ def test_padded_export_form_keeps_the_logits_and_its_padding_zero(monkeypatch):
     (plain and traced forms), and the padding channels are exactly zero where the skip is taken."""
     torch.manual_seed(1)
     model = _with_random_batch_norms(MSACPPUNet(base=12)).eval()
-    wide = model.export_form()
+    wide = model.export_form(block=16)
     assert wide is not model and model.stem[0].out_channels == 12  # a copy; the network is untouched
     assert [wide.stem[0].out_channels, wide.stages[0][0].proj_in.in_channels, wide.ups[-1].out_channels,
             wide.decoders[-1][0][0].in_channels, wide.head.in_channels] == [16, 16, 16, 32, 16]
@@ -255,4 +255,6 @@ def test_padded_export_form_keeps_the_logits_and_its_padding_zero(monkeypatch):
     assert torch.allclose(traced_form, plain, atol=10 * tolerance, rtol=0)
     assert skips[0].shape[1] == 16 and skips[0][:, 12:].abs().max() == 0 and skips[0][:, :12].abs().max() > 0
     assert model.train().export_form() is model  # training runs the network itself
-    assert MSACPPUNet(base=16).eval().export_form().stem[0].out_channels == 16
+    assert MSACPPUNet(base=16).eval().export_form(block=16).stem[0].out_channels == 16
+    assert MSACPPUNet(base=8).eval().export_form(block=8).stem[0].out_channels == 8  # AVX2's block
+    assert model.eval().export_form(block=8).stem[0].out_channels == 16  # 12 is no multiple of 8 either

@@ -58,7 +58,8 @@ the work here); each module's BatchNorm folded into the 1x1 convolution after it
 
 And the shipped variant's full-resolution width (12: stem, first stage, last decoder level) is
 zero-padded to 16 in the network ONNX Runtime runs (:meth:`MSACPPUNet.export_form`,
-:mod:`.channel_padding`): ONNX Runtime's convolutions work on blocks of 16 channels (AVX-512) and
+:mod:`.channel_padding`): ONNX Runtime's convolutions work on blocks of 16 channels (AVX-512; 8
+with AVX2, where 12 is padded to 16 as well) and
 reordered the 12-channel tensors between layouts around every depthwise convolution.  The extra
 channels stay exactly zero; CBAM's channel mean and max read the real channels only.  Measured
 (1 thread, 1 x 1 x 256 x 256, interleaved): 0.080 -> 0.077 s a forward, although the padded
@@ -75,7 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..preprocessing import Preprocessing
-from .channel_padding import padded_batch_norm, padded_conv, padded_transposed_conv, spread
+from .channel_padding import onnx_channel_block, padded_batch_norm, padded_conv, padded_transposed_conv, spread
 from .cpp_pooling import cpp_pool, exclusive_classes, kl_to_prediction
 from .losses import bce_loss, full_weight
 from .registry import NetworkSpec, Recipe, register
@@ -238,10 +239,11 @@ class MSACPPUNet(nn.Module):
         return {"logits": logits, "aux_logits": aux_logits, "aux": [torch.softmax(a, dim=1) for a in aux_logits]}
 
     @torch.no_grad()
-    def export_form(self, block: int = 16) -> "MSACPPUNet":
+    def export_form(self, block: Optional[int] = None) -> "MSACPPUNet":
         """The network ONNX Runtime runs: this one, or (in eval mode) a copy whose full-resolution
         width (stem, first stage, last decoder level) is zero-padded up to a multiple of ``block``
-        (module docstring); the same logits."""
+        (default: ONNX Runtime's channel block on this CPU; module docstring); the same logits."""
+        block = block or onnx_channel_block()
         c = self.head.in_channels
         width = -(-c // block) * block
         if width == c or self.training:
