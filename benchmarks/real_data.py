@@ -63,15 +63,22 @@ PAPERS = [
 
 def test_cases(root: Path = DATA_ROOT) -> Dict[str, List[Case]]:
     """The held-out cases of each test set, read as training reads them."""
+    return split_cases("test", root, with_cip_ct64=True)
+
+
+def split_cases(part: str, root: Path = DATA_ROOT, with_cip_ct64: bool = False) -> Dict[str, List[Case]]:
+    """The cases of one part of the split (``"val"`` or ``"test"``) per set, read as training reads them."""
     split = json.loads(SPLIT_PATH.read_text())
-    sources = [str(root / DSTAROFF), f"{root / INFNET},labels=infection", str(root / "cip_ct64")]
+    sources = [str(root / DSTAROFF), f"{root / INFNET},labels=infection"] + ([str(root / "cip_ct64")] if with_cip_ct64 else [])
     _, _, cases = load_sources(sources)
     by_id = {c.case_id: c for c in cases}
-    return {
-        "covid19ctseg": [by_id[i] for i in split["test"] if i.startswith(DSTAROFF + "/")],
-        "infnet": [by_id[i] for i in split["test"] if i.startswith(INFNET + "/")],
-        "cip_ct64": [c for c in cases if c.source == "cip_ct64"],
+    sets = {
+        "covid19ctseg": [by_id[i] for i in split[part] if i.startswith(DSTAROFF + "/")],
+        "infnet": [by_id[i] for i in split[part] if i.startswith(INFNET + "/")],
     }
+    if with_cip_ct64:
+        sets["cip_ct64"] = [c for c in cases if c.source == "cip_ct64"]
+    return sets
 
 
 def slice_hd95_px(pred: np.ndarray, gt: np.ndarray) -> float:
