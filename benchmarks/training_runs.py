@@ -43,6 +43,10 @@ FOLDERS = {
                    "75 min) and qchc_unet3d (the lowest validation score; from real_gpu_run1, lr 1e-4, a tenth of "
                    "the recipe's, 85 min); in a third session ms_unet (its validation score had risen with each GPU leg; "
                    "from real_gpu_ft2, 110 min, 1 thread and no loader workers while the other core served other work)",
+    "real_cpu_ft2": "a second CPU leg as real_cpu_ft, one thread per run, two runs side by side: chs_net (its "
+                    "validation score had still risen in its last epoch of real_cpu_ft; from real_cpu_ft, lr 2e-4, "
+                    "125 min) and qchc_unet3d with the low-resolution transform added to its augmentation (it had "
+                    "shrunk cip_ct64's blurred lungs; from real_gpu_run1, lr 5e-5, 80 min)",
 }
 
 
