@@ -58,6 +58,11 @@ def combinations(networks: Sequence[str]) -> List[Tuple[str, ...]]:
     return [c for r in range(1, len(networks) + 1) for c in itertools.combinations(networks, r)]
 
 
+def _best(validation: dict, single: bool) -> Tuple[str, ...]:
+    """The single network, or the combination of several, with the highest validation criterion."""
+    return max((m for m in validation if (len(m) == 1) == single), key=lambda m: validation[m]["criterion"])
+
+
 def _row(members, s: dict, label: str = "") -> str:
     return (f"| {' + '.join(members)}{label} | {s['covid19ctseg']:.3f} | {s['infnet']:.3f} | {s['infnet_mean_dice']:.3f} | "
             f"{s['criterion']:.3f} |")
@@ -88,9 +93,7 @@ def main(argv=None) -> int:
     val_probs = probabilities(networks, val_sets)
     validation = {m: scores(m, val_probs, val_sets) for m in combinations(networks)}
     del val_probs
-    best = lambda keys: max(keys, key=lambda m: validation[m]["criterion"])  # noqa: E731
-    picks = {"best single network": best([m for m in validation if len(m) == 1]),
-             "best combination": best([m for m in validation if len(m) > 1])}
+    picks = {"best single network": _best(validation, single=True), "best combination": _best(validation, single=False)}
     test_probs = probabilities(sorted(set().union(*picks.values())), test_sets)
     test = {k: scores(m, test_probs, test_sets) for k, m in picks.items()}
     Path(args.out).write_text(report(validation, picks, test, (time.perf_counter() - t0) / 60))

@@ -29,3 +29,9 @@ def test_combinations_and_averaged_scores():
     # averaged: every voxel is 0.5 at most, so nothing crosses the threshold (> 0.5)
     assert together["covid19ctseg"] == 0.0 and together["criterion"] == 0.0
     assert np.isclose(alone["criterion"], (alone["covid19ctseg"] + alone["infnet"]) / 2)
+
+
+def test_picks_are_made_among_singles_and_among_combinations():
+    validation = {("a",): {"criterion": 0.7}, ("b",): {"criterion": 0.8}, ("a", "b"): {"criterion": 0.75}}
+    assert ensembles._best(validation, single=True) == ("b",)
+    assert ensembles._best(validation, single=False) == ("a", "b")
