@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     networks = args.networks or available_shipped()
     t0 = time.perf_counter()
-    val_sets, test_sets = split_cases("val"), split_cases("test")
+    parts = split_cases(("val", "test"))
+    val_sets, test_sets = parts["val"], parts["test"]
     val_probs = probabilities(networks, val_sets)
     validation = {m: scores(m, val_probs, val_sets) for m in combinations(networks)}
     del val_probs

@@ -32,7 +32,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -63,22 +63,25 @@ PAPERS = [
 
 def test_cases(root: Path = DATA_ROOT) -> Dict[str, List[Case]]:
     """The held-out cases of each test set, read as training reads them."""
-    return split_cases("test", root, with_cip_ct64=True)
+    return split_cases(("test",), root, with_cip_ct64=True)["test"]
 
 
-def split_cases(part: str, root: Path = DATA_ROOT, with_cip_ct64: bool = False) -> Dict[str, List[Case]]:
-    """The cases of one part of the split (``"val"`` or ``"test"``) per set, read as training reads them."""
+def split_cases(parts: Sequence[str], root: Path = DATA_ROOT,
+                with_cip_ct64: bool = False) -> Dict[str, Dict[str, List[Case]]]:
+    """Per part of the split (``"val"``, ``"test"``), its cases per set, read once as training reads them."""
     split = json.loads(SPLIT_PATH.read_text())
-    sources = [str(root / DSTAROFF), f"{root / INFNET},labels=infection"] + ([str(root / "cip_ct64")] if with_cip_ct64 else [])
-    _, _, cases = load_sources(sources)
+    sources = [str(root / DSTAROFF), f"{root / INFNET},labels=infection"]
+    _, _, cases = load_sources(sources + ([str(root / "cip_ct64")] if with_cip_ct64 else []))
     by_id = {c.case_id: c for c in cases}
-    sets = {
-        "covid19ctseg": [by_id[i] for i in split[part] if i.startswith(DSTAROFF + "/")],
-        "infnet": [by_id[i] for i in split[part] if i.startswith(INFNET + "/")],
-    }
-    if with_cip_ct64:
-        sets["cip_ct64"] = [c for c in cases if c.source == "cip_ct64"]
-    return sets
+    out = {}
+    for part in parts:
+        out[part] = {
+            "covid19ctseg": [by_id[i] for i in split[part] if i.startswith(DSTAROFF + "/")],
+            "infnet": [by_id[i] for i in split[part] if i.startswith(INFNET + "/")],
+        }
+        if with_cip_ct64:
+            out[part]["cip_ct64"] = [c for c in cases if c.source == "cip_ct64"]
+    return out
 
 
 def slice_hd95_px(pred: np.ndarray, gt: np.ndarray) -> float:
