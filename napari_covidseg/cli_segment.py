@@ -151,7 +151,7 @@ def run(args) -> int:
 def _run(args) -> int:
     import numpy as np
 
-    from .inference import HandedOverCT, resolve_device, segment_masks
+    from .inference import HandedOverCT, prepare_network, resolve_device, segment_masks
     from .io.loader import load_any
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -176,6 +176,7 @@ def _run(args) -> int:
         raise InputError(f"output file(s) already exist: {', '.join(existing)}; pass --overwrite to replace them "
                          "or choose another --out-dir")
 
+    prepare_network(loaded, device)  # before the CT is read: an export's transient memory does not stack on it
     volume = load_any(ct_path, series=args.series)
     for note in volume.notes:
         say(f"note: {note}")

@@ -480,3 +480,24 @@ def segment_masks(loaded, ct_hu: np.ndarray, spacing: Sequence[float], threshold
     keep = _probability_dtype(probability_dtype) if probabilities else None
     return run_prediction(loaded.model, loaded.spec, ct_hu, spacing, loaded.preprocessing, threshold=float(threshold),
                           keep=keep, device=device, packed=packed, **kwargs)
+
+
+def prepare_network(loaded, device: DeviceLike = "auto", compile: Optional[bool] = None) -> bool:
+    """Build now what the first forward pass would build while the CT is in memory; True if it did.
+
+    That is the ONNX Runtime session of a 2D network whose graph is exported at its full input
+    size (``onnx_graph_per_size``: ``chs_net``, whose spectral maps are matrix products of one
+    size).  Tracing it holds every intermediate map of a forward pass (about 190 MB for the
+    shipped ``chs_net``), on top of the CT when done at the first slice; done before the CT is
+    read, it is not.  Other networks trace a small crop and have nothing worth preparing.
+    """
+    spec, prep = loaded.spec, loaded.preprocessing
+    dev = resolve_device(device)
+    settings = settings_for(spec.name, dev, compile)
+    if not (settings.onnx and spec.dims == 2 and prep.inplane_size and getattr(loaded.model, "onnx_graph_per_size", False)):
+        return False
+    dims, stride, _ = _spec_parts(spec)
+    runner = prepare_model(loaded.model, dev, settings, dims, stride)
+    with torch.inference_mode():
+        _forward_logits(runner, torch.zeros((1, 1) + tuple(int(v) for v in prep.inplane_size)), stride)
+    return True

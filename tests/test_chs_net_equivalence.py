@@ -9,6 +9,8 @@ mode (outputs at sizes padded as the inference pads them, gradients), float64 tr
 block; and the shipped weights' prediction on a phantom.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -220,20 +222,29 @@ def test_float64_cascade_matches_the_reference_in_train_and_eval_mode(size):
         assert_close(buffer.double(), old_buffers[name].double(), tol=1e-8, what=f"buffer {name}")
 
 
-def test_shipped_weights_give_the_reference_prediction():
+@pytest.mark.parametrize("onnx", [False, True])
+def test_shipped_weights_give_the_reference_prediction(onnx, monkeypatch):
+    """In PyTorch, and in ONNX Runtime (spectral maps as matrix products) where it is installed."""
+    from napari_covidseg import inference_settings
     from napari_covidseg.phantom import make_phantom
 
+    if onnx:
+        pytest.importorskip("onnxruntime")
+    settings = inference_settings.InferenceSettings(channels_last=True)
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "chs_net", settings)
     loaded = load_shipped("chs_net")
     old = reference.CHSNet(**loaded.network_kwargs)
     old.load_state_dict(loaded.model.state_dict(), strict=True)
     phantom = make_phantom(shape=(4, 128, 128))
     spacing = (5.0, 2.5, 2.5)
-    new_prob = predict_volume(loaded.model, loaded.spec, phantom.ct, spacing, loaded.preprocessing, device="cpu")
     old_prob = predict_volume(old, loaded.spec, phantom.ct, spacing, loaded.preprocessing, device="cpu")
-    assert float(np.abs(new_prob - old_prob).max()) < 1e-5
+    monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "chs_net", replace(settings, onnx=onnx))
+    new_prob = predict_volume(loaded.model, loaded.spec, phantom.ct, spacing, loaded.preprocessing, device="cpu")
+    assert float(np.abs(new_prob - old_prob).max()) < (1e-4 if onnx else 1e-5)
     undecided = np.abs(old_prob - 0.5) < 1e-4
     assert np.array_equal((new_prob > 0.5) | undecided, (old_prob > 0.5) | undecided)
     assert (old_prob[0] > 0.5).any(), "the shipped lung net finds lung on the phantom"
+    assert ("_covidseg_onnx" in loaded.model.__dict__) == onnx
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -92,6 +92,12 @@ BatchNorm statistics against a frozen copy of the plain formulation (``tests/chs
 * The 5x5 depthwise convolutions take their weight gradient from one forward depthwise
   convolution per image (:class:`.fast_layers.DepthwiseConv2d`); oneDNN's own falls back to a
   generic grouped kernel for 5x5.
+* Where ONNX Runtime is installed the network runs there (its measured setting): PyTorch's
+  exporter writes no real FFT, so while it traces, the spectral maps are matrix products
+  (:mod:`.spectral_matrices`), the 1x1 convolutions plain convolutions (which ONNX Runtime fuses
+  with their BatchNorm and ReLU) and the running maxima one max pool.  Same logits to float
+  rounding, checked against PyTorch at export; the graph holds its input size, so it is exported
+  per size (``onnx_graph_per_size``).
 * Tried and left out, no measurable gain: a 3x3 stride-1 max pool as 1x3 then 3x1 (exact, but
   slower in both layouts; channels-last makes PyTorch's own 3x3 kernel ~4x faster), one depthwise
   convolution for the 3x3 and 5x5 branches (5x5 kernels, 2 outputs per group: oneDNN runs it
@@ -279,6 +285,9 @@ class RAIUNet(nn.Module):
 
 class CHSNet(nn.Module):
     """Lung RAIU-Net, then infection RAIU-Net on ``cat(ct, lung probability)``; logits (B, 2, H, W)."""
+
+    #: its ONNX graph writes the spectral maps as matrix products of one size (:mod:`.spectral_matrices`)
+    onnx_graph_per_size = True
 
     def __init__(self, in_channels: int = 1, base: int = 58, depth: int = 4, growth: float = 1.5,
                  restrict_to_lung: bool = True, detach_lung_map: bool = True):

@@ -49,9 +49,10 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     back) for 1x1 kernels; ``F.linear`` on the ``(N, H, W, C)`` view reads it in place and writes a
     channels-last result.  Same sums, so the same numbers up to float rounding.  A single-channel
     map fits both layouts and takes the matrix product too, so that the network's first layers
-    (one input channel) already give channels-last maps.
+    (one input channel) already give channels-last maps.  While PyTorch exports a graph, the
+    convolution itself (ONNX Runtime fuses it with the BatchNorm and ReLU after it).
     """
-    if not x.is_contiguous(memory_format=torch.channels_last):  # also true for a single channel
+    if not x.is_contiguous(memory_format=torch.channels_last) or torch.onnx.is_in_onnx_export():
         return F.conv2d(x, weight, bias)
     # a contiguous weight (a slice of a split one is not) makes autograd compute the weight
     # gradient as grad^T @ x, which MKL runs about 10x faster than x^T @ grad for these shapes

@@ -44,6 +44,9 @@ with real FFTs of the input (half the spectrum, no shifts):
 * Spectral pooling: the kept rows and columns are read from ``rfft2`` by cached indices; only
   the output's Nyquist row and column (even output sizes) combine two input frequencies.
 
+In a graph exported for ONNX Runtime, which has no real FFT, both are the same linear maps written
+as matrix products (:mod:`.spectral_matrices`).
+
 ``tests/test_chs_net_equivalence.py`` checks all of this against a frozen copy of the
 complex-FFT code for even and odd sizes, outputs and gradients.
 """
@@ -57,23 +60,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import spectral_matrices
 from .fast_layers import PointwiseConv2d, like_layout, pointwise_conv
+from .spectral_matrices import kept_frequencies as _kept_frequencies
 
 
 def _fft_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` as float32 for the FFTs (half precision has no CPU FFT), float64 kept as it is."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _kept_frequencies(m: int) -> List[int]:
-    """Signed frequencies of the centre crop of length ``m``, in the (unshifted) order of a length-``m`` FFT axis.
-
-    ``fftshift``, keeping the ``m`` entries centred on DC and ``ifftshift`` keep the frequencies
-    ``-(m // 2) .. m - 1 - m // 2``; output index ``r`` holds frequency ``r`` for the non-negative
-    ones and ``r - m`` for the others.  For even ``m`` the most negative one, ``-m/2``, is the
-    Nyquist frequency of the output and has no positive partner.
-    """
-    return [r if r <= m - 1 - m // 2 else r - m for r in range(m)]
 
 
 def _with_nyquist_mirrored(freqs: List[int], m: int) -> List[int]:
@@ -124,12 +118,14 @@ def spectral_pool2d(x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None)
     that an unpaired ``-o/2`` becomes ``+o/2``.  Both terms are read from the half spectrum of
     ``rfft2``; the output's Nyquist column (even ``ow``) holds ``X(fy, -ow/2) = conj(X(-fy, ow/2))``.
     """
-    h, w = x.shape[-2:]
+    h, w = int(x.shape[-2]), int(x.shape[-1])
     if out_size is None:
         out_size = (max(1, h // 2), max(1, w // 2))
     oh, ow = int(out_size[0]), int(out_size[1])
     if not (1 <= oh <= h and 1 <= ow <= w):
         raise ValueError(f"spectral pooling can only shrink: input {h}x{w}, asked for {oh}x{ow}")
+    if torch.onnx.is_in_onnx_export():  # no FFT in the exported graph: the same map as matrix products
+        return spectral_matrices.apply(x, "pool", (oh, ow)).to(x.dtype)
     half = torch.fft.rfft2(_fft_input(x), norm="forward")[..., : ow // 2 + 1]
     kept, mirrored, negated = _pool_rows(h, oh, x.device)
     first = half.index_select(-2, kept)
@@ -182,8 +178,10 @@ def spectral_lowpass2d(x: torch.Tensor, keep: float = 0.5) -> torch.Tensor:
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], not {keep}")
-    h, w = x.shape[-2:]
+    h, w = int(x.shape[-2]), int(x.shape[-1])
     oh, ow = max(1, int(round(h * keep))), max(1, int(round(w * keep)))
+    if torch.onnx.is_in_onnx_export():  # no FFT in the exported graph: the same map as matrix products
+        return spectral_matrices.apply(x, "lowpass", (oh, ow)).to(x.dtype)
     half_mask = _lowpass_half_mask(h, w, oh, ow, x.device)
     return _SymmetricSpectralFilter.apply(x, half_mask).to(x.dtype)
 
@@ -230,9 +228,10 @@ def max_pool3x3_same(x: torch.Tensor) -> torch.Tensor:
     Without gradients, as two running maxima of three (along width, then height) on shifted
     views: a max is exact in any order, and PyTorch's CPU kernel for this pool was a quarter of
     CHS-Net's inference time (1.4 ms per call at 256 x 256 x 16 channels).  With gradients the
-    PyTorch pool runs, so training routes them to the same arg-max element as before.
+    PyTorch pool runs, so training routes them to the same arg-max element as before; while
+    PyTorch exports a graph, too (one ONNX ``MaxPool``).
     """
-    if (torch.is_grad_enabled() and x.requires_grad) or min(x.shape[-2:]) < 2:
+    if (torch.is_grad_enabled() and x.requires_grad) or min(x.shape[-2:]) < 2 or torch.onnx.is_in_onnx_export():
         return F.max_pool2d(x, 3, stride=1, padding=1)
     return _running_max3(_running_max3(x, -1), -2)
 
