@@ -95,5 +95,7 @@ def apply(x: torch.Tensor, kind: str, out_size: Tuple[int, int]) -> torch.Tensor
     """The ``kind`` ("lowpass": band of ``out_size`` frequencies kept at the input's size; "pool":
     resized to ``out_size``) of the last two dims of ``x``, as matrix products."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
-    left_y, right_y_t, mask, right_x, left_x_t = (t.to(x.device) for t in _products(kind, h, w, *map(int, out_size)))
-    return left_y @ (((right_y_t @ x.float()) @ right_x) * mask) @ left_x_t
+    # the constants take the map's dtype (a trace records no cast of the map)
+    products = (t.to(device=x.device, dtype=x.dtype) for t in _products(kind, h, w, *map(int, out_size)))
+    left_y, right_y_t, mask, right_x, left_x_t = products
+    return left_y @ (((right_y_t @ x) @ right_x) * mask) @ left_x_t

@@ -125,7 +125,7 @@ def spectral_pool2d(x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None)
     if not (1 <= oh <= h and 1 <= ow <= w):
         raise ValueError(f"spectral pooling can only shrink: input {h}x{w}, asked for {oh}x{ow}")
     if torch.onnx.is_in_onnx_export():  # no FFT in the exported graph: the same map as matrix products
-        return spectral_matrices.apply(x, "pool", (oh, ow)).to(x.dtype)
+        return spectral_matrices.apply(x, "pool", (oh, ow))
     half = torch.fft.rfft2(_fft_input(x), norm="forward")[..., : ow // 2 + 1]
     kept, mirrored, negated = _pool_rows(h, oh, x.device)
     first = half.index_select(-2, kept)
@@ -181,7 +181,7 @@ def spectral_lowpass2d(x: torch.Tensor, keep: float = 0.5) -> torch.Tensor:
     h, w = int(x.shape[-2]), int(x.shape[-1])
     oh, ow = max(1, int(round(h * keep))), max(1, int(round(w * keep)))
     if torch.onnx.is_in_onnx_export():  # no FFT in the exported graph: the same map as matrix products
-        return spectral_matrices.apply(x, "lowpass", (oh, ow)).to(x.dtype)
+        return spectral_matrices.apply(x, "lowpass", (oh, ow))
     half_mask = _lowpass_half_mask(h, w, oh, ow, x.device)
     return _SymmetricSpectralFilter.apply(x, half_mask).to(x.dtype)
 
