@@ -12,20 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from napari_covidseg import inference_settings
-from napari_covidseg.checkpoint import LoadedModel
 from napari_covidseg.inference import segment_volume
 from napari_covidseg.inference_settings import InferenceSettings, prepare_model, settings_for
 from napari_covidseg.models import get_network
 from napari_covidseg.preprocessing import Preprocessing
+from network_helpers import loaded_network
 
 PREP = Preprocessing(hu_min=-1250, hu_max=250, normalisation="minmax", inplane_size=(32, 32))
 
 
 def _loaded(network, **kwargs):
-    torch.manual_seed(0)
-    spec = get_network(network)
-    return LoadedModel(model=spec.create(**kwargs).eval(), spec=spec, network=network, network_kwargs=kwargs,
-                       preprocessing=PREP)
+    return loaded_network(network, PREP, **kwargs)
 
 
 def _ct():

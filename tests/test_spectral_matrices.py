@@ -7,7 +7,10 @@ import torch
 import chs_net_reference as reference
 from napari_covidseg.models import get_network, spectral_matrices
 from napari_covidseg.models.spectral_pooling import spectral_lowpass2d, spectral_pool2d
+from napari_covidseg.preprocessing import Preprocessing
+from network_helpers import loaded_network
 
+PREP = Preprocessing(hu_min=-1250, hu_max=250, normalisation="minmax", inplane_size=(48, 64))
 SIZES = [(16, 16), (15, 12), (7, 9), (2, 3), (64, 48)]
 
 
@@ -90,16 +93,10 @@ def test_chs_net_runs_in_onnx_runtime_with_one_graph_per_size():
 
 def _chs_net_loaded(monkeypatch, onnx: bool = True):
     from napari_covidseg import inference_settings
-    from napari_covidseg.checkpoint import LoadedModel
-    from napari_covidseg.preprocessing import Preprocessing
 
     monkeypatch.setitem(inference_settings.NETWORK_SETTINGS, "chs_net",
                         inference_settings.InferenceSettings(channels_last=True, onnx=onnx))
-    torch.manual_seed(0)
-    spec = get_network("chs_net")
-    prep = Preprocessing(hu_min=-1250, hu_max=250, normalisation="minmax", inplane_size=(48, 64))
-    return LoadedModel(model=spec.create(base=4).eval(), spec=spec, network="chs_net", network_kwargs={"base": 4},
-                       preprocessing=prep)
+    return loaded_network("chs_net", PREP, base=4)
 
 
 def test_prepare_network_builds_the_session_the_segmentation_then_uses(monkeypatch):
@@ -123,9 +120,5 @@ def test_prepare_network_does_nothing_where_nothing_is_exported_at_full_size(mon
     from napari_covidseg.inference import prepare_network
 
     assert not prepare_network(_chs_net_loaded(monkeypatch, onnx=False), "cpu")
-    unet = get_network("unet")
-    from napari_covidseg.checkpoint import LoadedModel
-
-    loaded = LoadedModel(model=unet.create(base=4, depth=2).eval(), spec=unet, network="unet", network_kwargs={},
-                         preprocessing=_chs_net_loaded(monkeypatch).preprocessing)
+    loaded = loaded_network("unet", PREP, base=4, depth=2)
     assert not prepare_network(loaded, "cpu") and "_covidseg_onnx" not in loaded.model.__dict__

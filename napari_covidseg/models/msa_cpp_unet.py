@@ -62,7 +62,8 @@ zero-padded to 16 in the network ONNX Runtime runs (:meth:`MSACPPUNet.export_for
 with AVX2, where 12 is padded to 16 as well) and reordered the 12-channel tensors between
 layouts around every depthwise convolution.  The extra channels stay exactly zero; CBAM's
 channel mean and max read the real channels only.  Measured (1 thread, 1 x 1 x 256 x 256,
-interleaved): 0.080 -> 0.077 s a forward, although the padded layers do a third more work.  Padding the 24-wide stage to 32 as well was slower.
+interleaved): 0.080 -> 0.077 s a forward, although the padded layers do a third more work.
+Padding the 24-wide stage to 32 as well was slower.
 """
 
 from __future__ import annotations
