@@ -67,7 +67,7 @@ GPU_BATCH_SIZE = 4
 #: ``models/spectral_matrices.py``: forward 0.164 s a slice in ONNX Runtime against 0.246-0.248 in
 #: PyTorch, speed.md; channels-last stays its setting where ONNX Runtime is not installed).  ms_unet's
 #: 1.5x -> 1x pooling was exported as gathers (a quarter of its ONNX Runtime time, slower than
-#: PyTorch with folded BatchNorms); written as 2x2 pooling and slices (``ms_unet.pool_three_to_two``)
+#: PyTorch with folded BatchNorms); written as pooling of pairs of slices (``ms_unet.pool_three_to_two``)
 #: its forward takes 0.099 s a slice in ONNX Runtime against 0.106 folded (speed.md).  The folded
 #: PyTorch path stays its setting where ONNX Runtime is not installed.
 NETWORK_SETTINGS = {

@@ -14,6 +14,7 @@ from napari_covidseg.models.ms_unet import (
     cosine_ramp,
     hybrid_pool,
     pool_three_to_two,
+    softmax_over_three,
     uncertainty_aware_loss,
 )
 from network_helpers import hard_dice_per_class
@@ -89,8 +90,8 @@ def test_pooling_by_gathers_equals_adaptive_pooling(size_in, size_out):
 
 @pytest.mark.parametrize("size_in", [(3, 3), (6, 12), (48, 96), (384, 384)])
 def test_three_to_two_pooling_equals_adaptive_pooling(size_in, monkeypatch):
-    """The ONNX form of the 1.5x branch's pooling (3k -> 2k: 2x2 pooling, every third row and column
-    left out) is adaptive max + mean pooling, and ``hybrid_pool`` takes it while exporting."""
+    """The ONNX form of the 1.5x branch's pooling (3k -> 2k: pairs of rows, then of columns, from
+    strided slices) is adaptive max + mean pooling, and ``hybrid_pool`` takes it while exporting."""
     def adaptive(t, size):
         return torch.nn.functional.adaptive_max_pool2d(t, size) + torch.nn.functional.adaptive_avg_pool2d(t, size)
 
@@ -101,6 +102,15 @@ def test_three_to_two_pooling_equals_adaptive_pooling(size_in, monkeypatch):
     torch.testing.assert_close(hybrid_pool(x, size_out), adaptive(x, size_out), rtol=1e-6, atol=1e-6)
     odd = (size_out[0], size_out[1] - 1)  # not 3:2 along the columns: the gathers
     torch.testing.assert_close(hybrid_pool(x[..., :-1], odd), adaptive(x[..., :-1], odd), rtol=1e-6, atol=1e-6)
+
+
+def test_softmax_over_three_is_the_channel_softmax_in_both_forms(monkeypatch):
+    """The written-out form an ONNX export takes (large logits included: it subtracts the maximum)."""
+    x = torch.randn((2, 3, 5, 7), generator=torch.Generator().manual_seed(0)) * 30
+    expected = torch.softmax(x, dim=1)
+    torch.testing.assert_close(softmax_over_three(x), expected)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    torch.testing.assert_close(softmax_over_three(x), expected)
 
 
 @pytest.mark.parametrize("groups", [2, 4])
