@@ -164,7 +164,9 @@ def test_onnx_graph_traced_on_a_small_crop_serves_every_size_without_a_full_size
         with torch.no_grad():
             got, expected = runner(x), _Logits(model)(x)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert len(runner.sessions) == 1
+    # one export for every size; a session per input shape, every dimension fixed (shapes folded)
+    assert len(runner.graphs) == 1 and sorted(key[0] for key in runner.sessions) == [(2, 1, 40, 36), (3, 1, 52, 44)]
+    assert [s.get_inputs()[0].shape for s in runner.sessions.values()] == [[2, 1, 40, 36], [3, 1, 52, 44]]
     # neither of ONNX Runtime's memory plans, which hold a forward pass's maps beyond their last use
     # (onnx_backend's docstring; chs_net's slice: +136 MB with buffer reuse, +51 MB without)
     options = next(iter(runner.sessions.values())).get_session_options()
@@ -200,7 +202,7 @@ def test_a_graph_that_holds_a_size_as_a_constant_is_exported_per_shape(network):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert not runner.failed and runner.shape_free == (network == "ms_unet")
     traced = [(1, 64, 64)] if network == "ms_unet" else [(1, 160, 192), (1, 224, 192)]
-    assert sorted(key[0] for key in runner.sessions) == traced
+    assert sorted(runner.graphs) == traced and len(runner.sessions) == 2
 
 
 class _ExportsAnotherForm(torch.nn.Module):

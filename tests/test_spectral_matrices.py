@@ -86,7 +86,8 @@ def test_chs_net_runs_in_onnx_runtime_with_one_graph_per_size():
             got, expected = runner(x), _Logits(model)(x)
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4)
     assert not runner.failed and not runner.shape_free
-    assert sorted(key[0] for key in runner.sessions) == [(1, 64, 48), (1, 80, 48)]
+    assert sorted(runner.graphs) == [(1, 64, 48), (1, 80, 48)]  # a batch of 2 and of 1 share the export
+    assert sorted(key[0] for key in runner.sessions) == [(1, 1, 64, 48), (1, 1, 80, 48), (2, 1, 64, 48)]
     # traced and checked at each full size, never on a small crop first
     assert {tuple(int(n) for n in s[2:]) for s in seen} == {(64, 48), (80, 48)}
 
