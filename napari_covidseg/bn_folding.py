@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .onnx_backend import weights_version
+from .onnx_backend import WeightsWatch
 
 _PAIRS = ((nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
 
@@ -51,10 +51,10 @@ class FoldedRunner:
 
     def __init__(self, model: nn.Module, layout: torch.memory_format = torch.contiguous_format):
         self.model, self.layout = model, layout
-        self.version, self.folded = None, None
+        self.weights, self.version, self.folded = WeightsWatch(model), None, None
 
     def __call__(self, x: torch.Tensor):
-        version = weights_version(self.model)
+        version = self.weights.version()
         if version != self.version or self.folded is None:
             device = next(self.model.parameters()).device
             self.folded = fold_batch_norms(self.model).to(device=device, memory_format=self.layout)

@@ -112,11 +112,13 @@ def prepare_model(model: nn.Module, device: torch.device, settings: InferenceSet
     if settings.onnx:
         if _ONNX not in model.__dict__:
             object.__setattr__(model, _ONNX, onnx_backend.OnnxRunner(model, stride))
+        model.__dict__[_ONNX].weights.relist()  # once per volume: a replaced parameter is seen too
         return model.__dict__[_ONNX]
     if settings.fold_batch_norm:
         if _FOLDED not in model.__dict__:
             layout = memory_format(dims) if settings.channels_last else torch.contiguous_format
             object.__setattr__(model, _FOLDED, FoldedRunner(model, layout))
+        model.__dict__[_FOLDED].weights.relist()
         return model.__dict__[_FOLDED]
     if not settings.compile or model.__dict__.get(_FAILED):
         return model

@@ -328,3 +328,19 @@ def test_batch_norms_are_folded_on_the_cpu_in_pytorch_only(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(folded(x), block(x), atol=1e-5, rtol=1e-5)
     assert isinstance(block[1], torch.nn.BatchNorm2d)
+
+
+def test_weights_watch_sees_in_place_changes_and_after_a_relist_replaced_parameters():
+    from napari_covidseg.onnx_backend import WeightsWatch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    watch = WeightsWatch(model)
+    before = watch.version()
+    assert watch.version() == before
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # a training step
+    changed = watch.version()
+    assert changed != before
+    model[0].bias = torch.nn.Parameter(torch.zeros(2))  # replaced: seen once the tensors are listed again
+    watch.relist()
+    assert watch.version() != changed
