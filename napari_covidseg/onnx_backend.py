@@ -17,7 +17,8 @@ Runtime's CPU provider instead of PyTorch.  Without ONNX Runtime nothing changes
   it on every call.  Measured: ``msa_cpp_unet`` 1 183 -> 521 nodes, forward 2-4 % faster;
   ``chs_net`` 1 390 -> 1 120 nodes, 3-7 % faster; memory at 300 slices: ``qchc_unet3d`` 439 ->
   411 MB, ``chs_net`` 373 -> 357 MB, ``unet`` 317 -> 323 MB (the export's bytes are now kept for
-  the next shape).  A 2D CT runs one shape (a slice at a time on the CPU), a 3D one its patch.
+  the next shape).  A 2D CT runs one shape (a slice at a time on the CPU), a 3D one its patch;
+  the runner keeps the sessions of the last :data:`MAX_SESSIONS` shapes (each has its own arena).
 * The export is checked at once against PyTorch on crops of the input at the traced size and at
   one stride more per traced side: a graph that holds a size as a constant (``ms_unet``'s
   adaptive pooling is written as gathers with fixed indices) fails there and the network is
@@ -55,6 +56,7 @@ import gc
 import importlib.util
 import io
 import warnings
+from collections import OrderedDict
 from typing import Dict, Tuple
 
 import numpy as np
@@ -62,6 +64,9 @@ import torch
 import torch.nn as nn
 
 TOLERANCE = 1e-3
+#: sessions kept per network, the most recently used: each holds its own memory arena (a 3D
+#: network's patch: ~300 MB), and a CT runs one shape (two with a batch size that leaves a remainder)
+MAX_SESSIONS = 3
 
 
 def available() -> bool:
@@ -113,17 +118,20 @@ class OnnxRunner:
         self.weights, self.version = WeightsWatch(model), None
         #: traced (channels, *sizes) -> (checked ONNX model, names of its dynamic dimensions)
         self.graphs: Dict[Tuple, Tuple[bytes, Tuple[str, ...]]] = {}
-        #: (input shape, threads) -> session of the graph with every dimension fixed to that shape
-        self.sessions: Dict[Tuple, object] = {}
+        #: (input shape, threads) -> session of the graph with every dimension fixed to that shape,
+        #: the last MAX_SESSIONS used (the oldest is let go, with its arena, when another is added)
+        self.sessions: "OrderedDict[Tuple, object]" = OrderedDict()
 
     def __call__(self, x: torch.Tensor):
         if self.failed:
             return self.model(x)
         version = self.weights.version()
         if version != self.version:
-            self.graphs, self.sessions, self.version = {}, {}, version
+            self.graphs, self.sessions, self.version = {}, OrderedDict(), version
         key = self._key(x)
         if key not in self.sessions:
+            while len(self.sessions) >= MAX_SESSIONS:
+                self.sessions.popitem(last=False)
             try:
                 self._add_session(x)
             except Exception as exc:  # export, session or agreement: PyTorch from now on
@@ -134,6 +142,7 @@ class OnnxRunner:
                 return self.model(x)
             finally:
                 return_freed_heap()
+        self.sessions.move_to_end(key)
         return torch.from_numpy(self.sessions[key].run(None, {"x": _numpy(x)})[0])
 
     def traced_shape(self, shape) -> Tuple[int, ...]:

@@ -344,3 +344,24 @@ def test_weights_watch_sees_in_place_changes_and_after_a_relist_replaced_paramet
     model[0].bias = torch.nn.Parameter(torch.zeros(2))  # replaced: seen once the tensors are listed again
     watch.relist()
     assert watch.version() != changed
+
+
+def test_onnx_runner_keeps_the_most_recent_sessions_and_one_export():
+    """Every session holds its own arena: the runner keeps the last MAX_SESSIONS shapes' sessions,
+    and a shape seen again gets a new session from the kept export, not a new export."""
+    pytest.importorskip("onnxruntime")
+    from napari_covidseg import onnx_backend
+    from napari_covidseg.onnx_backend import OnnxRunner, _Logits
+
+    model = _loaded("unet", base=4, depth=2).model
+    runner = OnnxRunner(model, stride=4)
+    exports = []
+    export = runner._export
+    runner._export = lambda *a, **k: exports.append(a[0].shape) or export(*a, **k)
+    shapes = [(1, 1, 40, 36), (1, 1, 44, 36), (1, 1, 48, 36), (1, 1, 52, 36), (1, 1, 40, 36)]
+    for shape in shapes:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(x), _Logits(model)(x), atol=1e-4, rtol=1e-4)
+    assert onnx_backend.MAX_SESSIONS == 3 and len(exports) == 1  # traced once, on a crop
+    assert [key[0] for key in runner.sessions] == shapes[-3:]
