@@ -42,11 +42,12 @@ Runtime's CPU provider instead of PyTorch.  Without ONNX Runtime nothing changes
   the CPU (same time per run, within noise).  The arena itself stays on: without it every run
   maps its memory afresh and runs 25-40 % slower.
 * Nor with ONNX Runtime's buffer reuse (``enable_mem_reuse``): its planner hands the buffers of
-  finished maps on to later maps, and the buffers it shares that way are held far beyond any map's
-  last use, so most of a forward pass's maps end up held at once.  Measured on one 256 x 256 slice of the shipped
-  ``chs_net`` (two cascaded U-Nets, 1 400 nodes), every buffer mapped and unmapped on its own so
-  that resident memory is what is held: 127 MB held with reuse, 43 MB without (the maps alive at
-  once by their last use: at most 23 MB); with the arena, +136 MB against +51 MB; same time per run.
+  finished maps on to later maps, and the buffers it shares that way are held far beyond any
+  map's last use, so most of a forward pass's maps end up held at once.  Measured on one 256 x
+  256 slice of the shipped ``chs_net`` (two cascaded U-Nets, 1 400 nodes), every buffer mapped
+  and unmapped on its own so that resident memory is what is held: 127 MB held with reuse, 43 MB
+  without (the maps alive at once by their last use: at most 23 MB); with the arena, +136 MB
+  against +51 MB; same time per run.
 """
 
 from __future__ import annotations
