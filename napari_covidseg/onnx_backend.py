@@ -117,8 +117,8 @@ class OnnxRunner:
         # its graph holds its size
         self.shape_free = not getattr(model, "onnx_graph_per_size", False)
         self.weights, self.version = WeightsWatch(model), None
-        #: traced (channels, *sizes) -> (checked ONNX model, names of its dynamic dimensions)
-        self.graphs: Dict[Tuple, Tuple[bytes, Tuple[str, ...]]] = {}
+        #: traced (channels, *sizes) -> (checked ONNX model, its dynamic input axes and their names)
+        self.graphs: Dict[Tuple, Tuple[bytes, Tuple[Tuple[int, str], ...]]] = {}
         #: (input shape, threads) -> session of the graph with every dimension fixed to that shape,
         #: the last MAX_SESSIONS used (the oldest is let go, with its arena, when another is added)
         self.sessions: "OrderedDict[Tuple, object]" = OrderedDict()
@@ -180,8 +180,8 @@ class OnnxRunner:
         _check(session, self.model, x)
         self.graphs[traced], self.sessions[self._key(x)] = graph, session
 
-    def _export(self, x: torch.Tensor, spatial_dynamic: bool) -> Tuple[bytes, Tuple[str, ...]]:
-        """The ONNX model of the network traced on ``x`` and the names of its dynamic dimensions
+    def _export(self, x: torch.Tensor, spatial_dynamic: bool) -> Tuple[bytes, Tuple[Tuple[int, str], ...]]:
+        """The ONNX model of the network traced on ``x`` and its dynamic input axes with their names
         (the batch; with ``spatial_dynamic``, the sizes too)."""
         axes = range(x.ndim) if spatial_dynamic else (0,)
         dynamic = {name: {a: f"{name}{a}" for a in axes if a != 1} for name in ("x", "logits")}
@@ -193,10 +193,10 @@ class OnnxRunner:
             exported = _Logits(form() if callable(form) else model).eval()
             torch.onnx.export(exported, (torch.zeros(tuple(x.shape)),), buffer, input_names=["x"],
                               output_names=["logits"], dynamic_axes=dynamic, dynamo=False)
-        return buffer.getvalue(), tuple(dynamic["x"].values())
+        return buffer.getvalue(), tuple(dynamic["x"].items())
 
 
-def _session(model: bytes, dynamic: Tuple[str, ...], shape=None):
+def _session(model: bytes, dynamic: Tuple[Tuple[int, str], ...], shape=None):
     """An ONNX Runtime session of ``model``; with ``shape``, its dynamic dimensions fixed to it
     (see the module docstring)."""
     import onnxruntime as ort
@@ -208,8 +208,8 @@ def _session(model: bytes, dynamic: Tuple[str, ...], shape=None):
     options.enable_mem_reuse = False  # see the module docstring: each map held while it is needed, no longer
     options.log_severity_level = 4  # its errors reach the caller as exceptions (a failed check is expected)
     if shape is not None:
-        for name in dynamic:
-            options.add_free_dimension_override_by_name(name, int(shape[int(name[1:])]))
+        for axis, name in dynamic:
+            options.add_free_dimension_override_by_name(name, int(shape[axis]))
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
