@@ -64,12 +64,12 @@ GPU_BATCH_SIZE = 4
 
 #: per-network choices, measured on a shared 2-core CPU (benchmarks/results/speed.md); ONNX for
 #: the networks it exports correctly and speeds up (chs_net's FFTs are exported as matrix products,
-#: ``models/spectral_matrices.py``: forward 0.164 s a slice in ONNX Runtime against 0.246-0.248 in
-#: PyTorch, speed.md; channels-last stays its setting where ONNX Runtime is not installed).  ms_unet's
-#: 1.5x -> 1x pooling was exported as gathers (a quarter of its ONNX Runtime time, slower than
-#: PyTorch with folded BatchNorms); written as pooling of pairs of slices (``ms_unet.pool_three_to_two``)
-#: its forward takes 0.099 s a slice in ONNX Runtime against 0.106 folded (speed.md).  The folded
-#: PyTorch path stays its setting where ONNX Runtime is not installed.
+#: ``models/spectral_matrices.py``: forward 0.145 s a slice in ONNX Runtime against 0.259 in
+#: PyTorch, speed.md of 2026-12-01 14:53 UTC; channels-last stays its setting where ONNX Runtime is
+#: not installed).  ms_unet's 1.5x -> 1x pooling was exported as gathers (a quarter of its ONNX
+#: Runtime time, slower than PyTorch with folded BatchNorms); written as pooling of pairs of slices
+#: (``ms_unet.pool_three_to_two``) its forward takes 0.097 s a slice in ONNX Runtime against 0.124
+#: folded (same run).  The folded PyTorch path stays its setting where ONNX Runtime is not installed.
 NETWORK_SETTINGS = {
     "unet": InferenceSettings(channels_last=False, onnx=True),
     "ms_unet": InferenceSettings(channels_last=True, fold_batch_norm=True, onnx=True),
