@@ -13,7 +13,9 @@ from napari_covidseg.models.msa_cpp_unet import (
     BCECPPLoss,
     MSACPPUNet,
     MultiScaleAttention,
+    conv_by_rows,
 )
+from napari_covidseg.models.unet import conv_bn_relu, decode_level
 from network_helpers import hard_dice_per_class
 
 TINY = dict(base=4)
@@ -220,6 +222,32 @@ def test_export_form_computes_what_the_plain_forward_does(monkeypatch):
     assert exported.shape == plain.shape
     assert torch.allclose(exported, plain, atol=1e-4 * float(plain.abs().max()), rtol=0)
     assert not torch.equal(exported, plain)  # the other form ran (sums in another order round differently)
+
+
+@pytest.mark.parametrize("k, shape", [(7, (2, 2, 19, 11)), (3, (1, 3, 5, 8)), (7, (1, 2, 4, 4))])
+def test_conv_by_rows_is_the_same_convolution(k, shape):
+    """CBAM's spatial convolution in its row form (export only) against ``F.conv2d``, including maps
+    smaller than the kernel."""
+    torch.manual_seed(0)
+    maps, weight, bias = torch.randn(shape), torch.randn(1, shape[1], k, k), torch.randn(1)
+    expected = F.conv2d(maps, weight, bias, padding=k // 2)
+    got = conv_by_rows(maps, weight, bias)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_decoder_level_split_for_export_is_the_same(monkeypatch):
+    """The decoder's convolution of [up-sampled, skip] as two convolutions added, BatchNorm folded
+    (export only), against the block on the concatenation; a training block runs as it is."""
+    torch.manual_seed(0)
+    block = _with_random_batch_norms(torch.nn.Sequential(conv_bn_relu(10, 6), conv_bn_relu(6, 6))).eval()
+    up, skip = torch.randn(2, 6, 9, 13), torch.randn(2, 4, 9, 13)
+    with torch.no_grad():
+        plain = block(torch.cat([up, skip], dim=1))
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        split = decode_level(block, up, skip)
+        assert torch.equal(decode_level(block.train(), up, skip), block(torch.cat([up, skip], dim=1)))
+    assert torch.allclose(split, plain, atol=1e-5, rtol=0) and not torch.equal(split, plain)
 
 
 def _with_random_batch_norms(model):

@@ -8,6 +8,11 @@ Readings chosen
   the inference code and cropped back (``forward`` also pads/crops itself so any size works).
 * Base width 64 as in the original (31 M parameters); the shipped variant uses ``base=16``.
 * Loss: BCE + soft Dice on the two sigmoid channels (lung, infection).
+
+Export form (ONNX Runtime, the CPU inference path): each decoder level's convolution of
+[up-sampled, skip] is traced as two convolutions added (:func:`decode_level`), the same values up
+to float rounding; 58.8 -> 56.3 ms a forward of the shipped variant (minimum of 90 interleaved
+runs, 1 thread, 1 x 1 x 256 x 256; first quartile 60.1 -> 57.5).
 """
 
 from __future__ import annotations
@@ -56,6 +61,27 @@ def unet_decoder(widths):
     return ups, decoders
 
 
+def decode_level(block: nn.Sequential, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """One level of :func:`unet_decoder`: ``block(cat([up, skip]))``.
+
+    While tracing for ONNX Runtime in eval mode, the first Conv-BN-ReLU's convolution of the
+    concatenation is written as two convolutions added (``W [u; s] = W_u u + W_s s``), BatchNorm
+    folded into both.  ONNX Runtime concatenated the maps in plain layout and reordered the result
+    into its blocked one (a full-resolution 32-channel map in msa_cpp_unet: 2.7 ms a slice of its
+    81); the two convolutions read the blocked maps directly and the addition is fused into the
+    second.  Same values up to float rounding (tested)."""
+    conv, norm, relu = block[0]
+    if not (torch.onnx.is_in_onnx_export() and not norm.training and norm.running_var is not None):
+        return block(torch.cat([up, skip], dim=1))
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = norm.running_mean if conv.bias is None else norm.running_mean - conv.bias
+    shift = norm.bias - bias * scale
+    n = up.shape[1]
+    first = F.conv2d(up, weight[:, :n], shift, padding=conv.padding) + F.conv2d(skip, weight[:, n:], padding=conv.padding)
+    return block[1:](relu(first))
+
+
 class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base: int = 64, depth: int = 4):
         super().__init__()
@@ -77,7 +103,7 @@ class UNet(nn.Module):
             skips.append(x)
         x = skips.pop()
         for up, dec in zip(self.ups, self.decoders):
-            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+            x = decode_level(dec, up(x), skips.pop())
         return {"logits": crop_to(self.head(x), crop)}
 
 
