@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..preprocessing import Preprocessing
 from .losses import BCEDiceLoss
@@ -73,12 +74,10 @@ def decode_level(block: nn.Sequential, up: torch.Tensor, skip: torch.Tensor) -> 
     conv, norm, relu = block[0]
     if not (torch.onnx.is_in_onnx_export() and not norm.training and norm.running_var is not None):
         return block(torch.cat([up, skip], dim=1))
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = norm.running_mean if conv.bias is None else norm.running_mean - conv.bias
-    shift = norm.bias - bias * scale
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                                        norm.weight, norm.bias)
     n = up.shape[1]
-    first = F.conv2d(up, weight[:, :n], shift, padding=conv.padding) + F.conv2d(skip, weight[:, n:], padding=conv.padding)
+    first = F.conv2d(up, weight[:, :n], bias, padding=conv.padding) + F.conv2d(skip, weight[:, n:], padding=conv.padding)
     return block[1:](relu(first))
 
 
