@@ -238,14 +238,18 @@ def test_conv_by_rows_is_the_same_convolution(k, shape):
 
 def test_decoder_level_split_for_export_is_the_same(monkeypatch):
     """The decoder's convolution of [up-sampled, skip] as two convolutions added, BatchNorm folded
-    (export only), against the block on the concatenation; a training block runs as it is."""
+    (export only, parts of whole channel blocks), against the block on the concatenation; parts
+    that are not whole blocks, and a training block, run as they are."""
     torch.manual_seed(0)
-    block = _with_random_batch_norms(torch.nn.Sequential(conv_bn_relu(10, 6), conv_bn_relu(6, 6))).eval()
-    up, skip = torch.randn(2, 6, 9, 13), torch.randn(2, 4, 9, 13)
+    block = _with_random_batch_norms(torch.nn.Sequential(conv_bn_relu(32, 6), conv_bn_relu(6, 6))).eval()
+    up, skip = torch.randn(2, 16, 9, 13), torch.randn(2, 16, 9, 13)  # whole blocks of 16 and of 8
+    unaligned = _with_random_batch_norms(torch.nn.Sequential(conv_bn_relu(20, 6), conv_bn_relu(6, 6))).eval()
     with torch.no_grad():
         plain = block(torch.cat([up, skip], dim=1))
         monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
         split = decode_level(block, up, skip)
+        up10, skip10 = up[:, :10], skip[:, :10]
+        assert torch.equal(decode_level(unaligned, up10, skip10), unaligned(torch.cat([up10, skip10], dim=1)))
         assert torch.equal(decode_level(block.train(), up, skip), block(torch.cat([up, skip], dim=1)))
     assert torch.allclose(split, plain, atol=1e-5, rtol=0) and not torch.equal(split, plain)
 
