@@ -59,8 +59,8 @@ resolution, against 0.7 in rows); each module's BatchNorm folded into the 1x1 co
 it; the decoder's convolution of [up-sampled, skip] as two convolutions added
 (:func:`.unet.decode_level`).  In every form, the module adds its strips onto ``a`` one by one
 (``a + s_7 + s_11 + s_21``), so that ONNX Runtime fuses each addition into a strip's last
-convolution.  Together, the last three: 72.9 -> 67.2 ms a forward (minimum of 90 interleaved runs,
-1 thread; first quartile 76.1 -> 71.4).
+convolution.  The row form, the decoder's two convolutions and this order together: 72.9 -> 67.2
+ms a forward (minimum of 90 interleaved runs, 1 thread; first quartile 76.1 -> 71.4).
 
 And the shipped variant's full-resolution width (12: stem, first stage, last decoder level) is
 zero-padded to 16 in the network ONNX Runtime runs (:meth:`MSACPPUNet.export_form`,
