@@ -86,7 +86,7 @@ from .channel_padding import onnx_channel_block, padded_batch_norm, padded_conv,
 from .cpp_pooling import cpp_pool, exclusive_classes, kl_to_prediction
 from .losses import bce_loss, full_weight
 from .registry import NetworkSpec, Recipe, register
-from .unet import conv_bn_relu, decode_level, unet_decoder
+from .unet import conv_bn_relu, decode_level, folds_for_export, unet_decoder
 
 AUX_STRIDES = (2, 4, 8, 16)
 AUX_CLASS_NAMES = ("background", "lung without infection", "infection")
@@ -167,7 +167,7 @@ class MultiScaleAttention(nn.Module):
     def normed_projection(self, x: torch.Tensor) -> torch.Tensor:
         """``proj_in(norm(x))``; in the export form (eval mode) one 1x1 convolution with the
         BatchNorm folded in: ``W (s x + t) + b = (W s) x + (W t + b)``."""
-        if not (torch.onnx.is_in_onnx_export() and not self.norm.training and self.norm.running_var is not None):
+        if not folds_for_export(self.norm):
             return self.proj_in(self.norm(x))
         scale = self.norm.weight / torch.sqrt(self.norm.running_var + self.norm.eps)
         shift = self.norm.bias - self.norm.running_mean * scale
