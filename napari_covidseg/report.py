@@ -144,11 +144,11 @@ def write_case_report(path, report: CaseReport) -> Path:
     return path
 
 
-def _csv_value(value) -> str:
+def csv_value(value) -> str:
     if isinstance(value, float):
         return "" if not math.isfinite(value) else f"{value:.6g}"
     if isinstance(value, (list, tuple)):
-        return ";".join(_csv_value(v) for v in value)
+        return ";".join(csv_value(v) for v in value)
     return "" if value is None else str(value)
 
 
@@ -163,7 +163,7 @@ def write_case_csv(path, report: CaseReport) -> Path:
             writer.writerow(["quantity", "value"])
             writer.writerow(["case", report.title])
             for key, value in report.quantities.items():
-                writer.writerow([key, _csv_value(value.tolist() if isinstance(value, np.ndarray) else value)])
+                writer.writerow([key, csv_value(value.tolist() if isinstance(value, np.ndarray) else value)])
             for i, line in enumerate(report.network_lines):
                 writer.writerow([f"segmentation_{i + 1}", line])
     return path
