@@ -40,22 +40,18 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from benchmarks.speed import PROJECT, RESULTS, conv_peak, machine
+from benchmarks.speed import PROJECT, RESULTS, TARGET_PCT_OF_PEAK, _first_shape, _timed, conv_peak, machine
 
 CONVOLUTIONS = ("Conv", "FusedConv", "ConvTranspose")
 DEFAULT_SHAPES = {"qchc_unet3d": (1, 1, 16, 128, 128)}
-#: targets of issue 13 (2D networks: % of the conv peak; every pipeline: ms / GFLOP against the line)
-TARGET_PCT_OF_PEAK = 45.0
 
 
 def benchmark_shape(network: str) -> tuple:
     """The input shape the speed benchmark's CT gives ``network`` (its recorded run), else the default."""
     path = RESULTS / "speed.json"
-    if path.exists():
-        rows = json.loads(path.read_text()).get("speed", {}).get("pipelines", [])
-        for row in rows:
-            if row.get("name") == network and row.get("input_shapes"):
-                return tuple(int(v) for v in row["input_shapes"][0].strip("()").split(",") if v.strip())
+    rows = json.loads(path.read_text()).get("speed", {}).get("pipelines", []) if path.exists() else []
+    if any(row.get("name") == network and row.get("input_shapes") for row in rows):
+        return _first_shape(rows, network)
     return DEFAULT_SHAPES.get(network, (1, 1, 256, 256))
 
 
@@ -90,17 +86,16 @@ def conv_kind(args: dict) -> tuple:
 
 
 def session(graph: bytes, axes, shape: tuple, profile_in: Optional[Path] = None):
-    """A one-thread session with the inference runner's options, profiling into ``profile_in``."""
+    """A session with the inference runner's own options (as many threads as PyTorch: ``main`` sets
+    one), profiling into ``profile_in``."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.enable_mem_pattern = options.enable_mem_reuse = False  # as the runner's sessions
+    from napari_covidseg.onnx_backend import session_options
+
+    options = session_options(axes, shape)
     if profile_in is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_in / "profile")
-    for axis, name in axes:
-        options.add_free_dimension_override_by_name(name, int(shape[axis]))
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
@@ -150,13 +145,8 @@ def spectral_maps(runs: int) -> List[dict]:
     from napari_covidseg.models.spectral_pooling import spectral_lowpass2d, spectral_pool2d
 
     def fastest(fn) -> float:
-        fn()
-        times = []
-        for _ in range(runs):
-            start = time.process_time()
-            fn()
-            times.append(time.process_time() - start)
-        return 1e3 * min(times)
+        fn()  # warm-up
+        return 1e3 * _timed(fn, runs)[1]
 
     rows = []
     with torch.inference_mode():

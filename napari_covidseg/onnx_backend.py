@@ -201,6 +201,13 @@ def _session(model: bytes, dynamic: Tuple[Tuple[int, str], ...], shape=None):
     (see the module docstring)."""
     import onnxruntime as ort
 
+    return ort.InferenceSession(model, session_options(dynamic, shape), providers=["CPUExecutionProvider"])
+
+
+def session_options(dynamic: Tuple[Tuple[int, str], ...], shape=None):
+    """The options of the runner's sessions (also for benchmarks that must run the same sessions)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -210,7 +217,7 @@ def _session(model: bytes, dynamic: Tuple[Tuple[int, str], ...], shape=None):
     if shape is not None:
         for axis, name in dynamic:
             options.add_free_dimension_override_by_name(name, int(shape[axis]))
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return options
 
 
 def return_freed_heap() -> None:
