@@ -172,6 +172,7 @@ class Case:
     """One CT of the run and the files it will write."""
 
     ct: Path
+    name: str  # as in the output file names
     outputs: dict
 
 
@@ -203,7 +204,8 @@ def _check_arguments(args) -> None:
 def plan_cases(args, network: str) -> List[Case]:
     """The CTs with their output files; InputError where two CTs would write the same files or
     where outputs exist (without --overwrite), all checked before the (long) inference starts."""
-    cases = [Case(Path(ct), output_paths(Path(ct), network, Path(args.out_dir), args.probabilities, args.series))
+    cases = [Case(Path(ct), case_name(Path(ct), args.series),
+                  output_paths(Path(ct), network, Path(args.out_dir), args.probabilities, args.series))
              for ct in args.ct]
     seen: dict = {}
     for case in cases:
@@ -241,7 +243,7 @@ def _run(args) -> int:
             if len(cases) == 1:
                 raise
             print(f"covidseg segment: error: {case.ct}: {_message(exc)}", file=sys.stderr)
-            rows.append({"ct": str(case.ct), "case": case_name(case.ct), "network": network, "status": _message(exc)})
+            rows.append({"ct": str(case.ct), "case": case.name, "network": network, "status": _message(exc)})
         except KeyboardInterrupt:
             if number == 1:
                 raise
@@ -296,7 +298,7 @@ def _segment_case(held: list, case: Case, args, device, say, last: bool) -> dict
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     counts = _write_outputs(case.outputs, output, geometry, args.overwrite, say)
     _say_volumes(counts, geometry, spacing_known, say)
-    row = {"ct": str(case.ct), "case": case_name(case.ct, args.series), "network": network, "status": "ok",
+    row = {"ct": str(case.ct), "case": case.name, "network": network, "status": "ok",
            "lung_file": str(case.outputs["lung"]), "infection_file": str(case.outputs["infection"])}
     if args.summary:
         row.update(summary_figures(output, geometry.spacing, spacing_known))
@@ -313,10 +315,12 @@ def _say_volumes(counts: dict, geometry, spacing_known: bool, say) -> None:
         say(f"lung {lung} voxels, infection {infection} voxels{share} (the file's voxel size is a placeholder: no mL)")
 
 
-#: the summary's columns after the CT's name, network and status: Quantify's figures
-SUMMARY_FIGURES = ("volume_unit", "lung", "infection", "infection_outside_lung", "left_lung", "right_lung",
-                   "total_involvement_pct", "left_involvement_pct", "right_involvement_pct", "severity_grade",
-                   "lung_score_total", "n_lesions")
+#: the summary's columns after the CT's name, network and status: Quantify's figures, volumes (its
+#: keys end in ``_ml``, or ``_voxels`` where the voxel size is a placeholder) and unit-free ones
+SUMMARY_VOLUMES = ("lung", "infection", "infection_outside_lung", "left_lung", "right_lung")
+SUMMARY_UNIT_FREE = ("total_involvement_pct", "left_involvement_pct", "right_involvement_pct", "severity_grade",
+                     "lung_score_total", "n_lesions")
+SUMMARY_FIGURES = ("volume_unit",) + SUMMARY_VOLUMES + SUMMARY_UNIT_FREE
 SUMMARY_COLUMNS = ("case", "ct", "network", "status") + SUMMARY_FIGURES + ("lung_file", "infection_file")
 
 
@@ -326,7 +330,8 @@ def summary_figures(output, spacing, spacing_known: bool) -> dict:
 
     figures = quantify(output.mask(0), output.mask(1), spacing, spacing_known=spacing_known)
     unit = "_ml" if spacing_known else "_voxels"
-    return {name: figures[name + unit] if name + unit in figures else figures.get(name) for name in SUMMARY_FIGURES}
+    return {"volume_unit": figures["volume_unit"], **{name: figures[name + unit] for name in SUMMARY_VOLUMES},
+            **{name: figures[name] for name in SUMMARY_UNIT_FREE}}
 
 
 def write_summary(path: Path, rows: List[dict]) -> Path:
